@@ -1,0 +1,37 @@
+"""autoqra: choose, per layer, the quantization bit-width and the LoRA rank under a memory budget."""
+
+from autoqra.analysis import analyze, min_feasible_bytes, uniform_costs
+from autoqra.budget import Budget
+from autoqra.config import SearchSpace
+from autoqra.errors import (
+    AutoQRAError,
+    BudgetError,
+    BudgetInfeasibleError,
+    CaptureError,
+    NoQuantizableLayersError,
+)
+from autoqra.ir.capture import CaptureConfig, capture
+from autoqra.ir.cost import CostModel
+from autoqra.ir.graph import LayerGraph
+from autoqra.ir.layer import LayerKind, LayerNode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoQRAError",
+    "Budget",
+    "BudgetError",
+    "BudgetInfeasibleError",
+    "CaptureConfig",
+    "CaptureError",
+    "CostModel",
+    "LayerGraph",
+    "LayerKind",
+    "LayerNode",
+    "NoQuantizableLayersError",
+    "SearchSpace",
+    "analyze",
+    "capture",
+    "min_feasible_bytes",
+    "uniform_costs",
+]

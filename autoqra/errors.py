@@ -1,0 +1,66 @@
+"""Typed exceptions. Every message names the fix."""
+
+from __future__ import annotations
+
+
+class AutoQRAError(Exception):
+    """Base class of every error autoqra raises on purpose."""
+
+
+class BudgetError(AutoQRAError, ValueError):
+    """A budget could not be parsed or is not positive."""
+
+
+class BudgetInfeasibleError(AutoQRAError):
+    """No plan fits the budget; ``min_bytes`` is the smallest feasible budget."""
+
+    def __init__(self, message: str, *, min_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.min_bytes = min_bytes
+
+
+class NoQuantizableLayersError(AutoQRAError):
+    """The model has no layer autoqra can quantize."""
+
+
+class CaptureError(AutoQRAError):
+    """A capture route failed (only raised when that route was requested explicitly)."""
+
+
+class PassOrderError(AutoQRAError):
+    """A pass reads a field no earlier pass writes."""
+
+
+class PassFailedError(AutoQRAError):
+    """A pass raised; the message names the pass and the passes before it."""
+
+
+class UnknownNameError(AutoQRAError, KeyError):
+    """An unknown registry name; the message lists the available ones."""
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(AutoQRAError, ValueError):
+    """An invalid configuration value."""
+
+
+class DataError(AutoQRAError):
+    """The embedded default model or text could not be fetched or read."""
+
+
+class MissingDependencyError(AutoQRAError, ImportError):
+    """An optional package is needed; the message names the pip extra that installs it."""
+
+
+class QuantizationError(AutoQRAError, ValueError):
+    """A weight cannot be quantized as asked (NaN/Inf values, bad importance vector, ...)."""
+
+
+class UnsupportedLayerError(AutoQRAError, ValueError):
+    """A backend or module cannot handle this layer / spec; the message says why."""
+
+
+class MergeError(AutoQRAError, RuntimeError):
+    """An adapter merge or unmerge is not possible in the current state."""

@@ -1,0 +1,1 @@
+"""Intermediate representation: layers, the layer graph, the captured program, the cost model."""

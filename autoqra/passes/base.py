@@ -1,0 +1,96 @@
+"""Pass contract and `PassManager`.
+
+A pass declares the program fields it ``reads`` and ``writes``; the manager checks, when it is
+built, that every field read is available initially or written by an earlier pass, times every
+pass, and wraps a failure with the pass name and the passes that ran before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from autoqra.errors import AutoQRAError, PassFailedError, PassOrderError
+from autoqra.ir.program import Program
+
+logger = logging.getLogger(__name__)
+
+#: fields a freshly captured `Program` provides.
+INITIAL_FIELDS: frozenset[str] = frozenset({"model", "fx"})
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it changed the program, and facts for the report."""
+
+    changed: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class PassBase(ABC):
+    """One step of the pipeline. Subclasses set ``reads`` / ``writes`` and implement `call`."""
+
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @abstractmethod
+    def call(self, program: Program) -> PassResult:
+        """Run on ``program`` (mutating its graph annotations / state)."""
+
+    def __call__(self, program: Program) -> PassResult:
+        return self.call(program)
+
+
+@dataclass
+class PassTiming:
+    name: str
+    seconds: float
+    info: dict[str, Any]
+
+
+class PassManager:
+    """Runs passes in order after checking that reads follow writes."""
+
+    def __init__(self, passes: list[PassBase], *, initial: frozenset[str] = INITIAL_FIELDS) -> None:
+        available = set(initial)
+        for index, p in enumerate(passes):
+            missing = [f for f in p.reads if f not in available]
+            if missing:
+                before = [q.name for q in passes[:index]] or ["(none)"]
+                raise PassOrderError(
+                    f"{p.name} reads {missing}, which no earlier pass writes (passes before it: "
+                    f"{', '.join(before)}); add the pass that writes them before {p.name}"
+                )
+            available.update(p.writes)
+        self.passes = list(passes)
+        self.timings: list[PassTiming] = []
+
+    def run(self, program: Program) -> Program:
+        for index, p in enumerate(self.passes):
+            start = time.perf_counter()
+            try:
+                result = p(program)
+            except AutoQRAError as exc:
+                if isinstance(exc, PassFailedError):
+                    raise
+                before = ", ".join(q.name for q in self.passes[:index]) or "(none)"
+                # keep the typed error the user can catch, with the pass named in front
+                exc.args = (f"{p.name} failed (after {before}): {exc}",) + exc.args[1:]
+                raise
+            except Exception as exc:
+                before = ", ".join(q.name for q in self.passes[:index]) or "(none)"
+                raise PassFailedError(f"{p.name} failed (after {before}): {type(exc).__name__}: {exc}") from exc
+            seconds = time.perf_counter() - start
+            self.timings.append(PassTiming(p.name, seconds, dict(result.info)))
+            logger.info("%s: %.3f s %s", p.name, seconds, result.info or "")
+        program.state.setdefault("timings", []).extend(
+            {"pass": t.name, "seconds": round(t.seconds, 4)} for t in self.timings
+        )
+        return program
