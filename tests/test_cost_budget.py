@@ -13,7 +13,14 @@ from autoqra import Budget, BudgetError, CostModel, analyze, min_feasible_bytes,
 from autoqra.config import SearchSpace
 from autoqra.errors import ConfigError, PassFailedError, PassOrderError
 from autoqra.ir.cost import packed_nbytes
-from autoqra.passes import AnnotateCostPass, AssignGroupsPass, BuildLayerGraphPass, PassBase, PassManager, PassResult
+from autoqra.passes import (
+    AnnotateCostPass,
+    AssignGroupsPass,
+    BuildLayerGraphPass,
+    PassBase,
+    PassManager,
+    PassResult,
+)
 
 COST_CASES = [
     # (in, out, bits, rank, g, expected)  hand-computed

@@ -1,0 +1,92 @@
+"""Solvers: exact == brute force, every solver respects the budget, stated gaps, determinism."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from autoqra.errors import BudgetInfeasibleError, UnknownNameError
+from autoqra.search import SearchProblem, available_solvers, get_solver
+from autoqra.search.pareto import pareto_front
+
+#: stated optimality gaps against `exact` (mean over random problems, relative error)
+STATED_MEAN_GAP = {"greedy": 0.02, "differentiable": 0.05}
+
+
+def random_problem(rng: np.random.Generator, groups: int, choices: int) -> SearchProblem:
+    ch, co, er = [], [], []
+    for _ in range(groups):
+        n = int(rng.integers(1, choices + 1))
+        k = rng.integers(10, 1000, size=n)
+        e = 1000.0 / (k + rng.random(n) * 300) * rng.random()
+        ch.append([(2 + i, 0) for i in range(n)])
+        co.append(k)
+        er.append(e)
+    lo, hi = sum(int(min(k)) for k in co), sum(int(max(k)) for k in co)
+    return SearchProblem.build([f"g{i}" for i in range(groups)], ch, co, er, int(lo + (hi - lo) * rng.random()))
+
+
+def brute_force(problem: SearchProblem) -> float:
+    best = np.inf
+    for index in itertools.product(*[range(len(c)) for c in problem.choices]):
+        cost, err = problem.evaluate(index)
+        if cost <= problem.budget:
+            best = min(best, err)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_exact_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    problem = random_problem(rng, int(rng.integers(1, 7)), 6)
+    result = get_solver("exact")(problem)
+    assert result.cost <= problem.budget
+    assert result.error == pytest.approx(brute_force(problem), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["exact", "greedy", "differentiable"])
+def test_every_solver_respects_budget_and_gap(solver):
+    rng = np.random.default_rng(123)
+    gaps = []
+    for _ in range(60):
+        problem = random_problem(rng, int(rng.integers(1, 30)), 8)
+        result = get_solver(solver)(problem, 0)
+        assert result.cost <= problem.budget
+        assert result.cost == problem.evaluate(result.index)[0]
+        best = get_solver("exact")(problem).error
+        assert result.error >= best - 1e-9 * max(1.0, best)
+        gaps.append(result.error / best - 1 if best > 0 else 0.0)
+    if solver in STATED_MEAN_GAP:
+        assert np.mean(gaps) <= STATED_MEAN_GAP[solver]
+
+
+def test_all_solvers_registered_and_unknown_name_lists_them():
+    assert {"exact", "greedy", "differentiable"} <= set(available_solvers())
+    with pytest.raises(UnknownNameError, match="available: .*differentiable.*exact.*greedy"):
+        get_solver("simulated_annealing")
+
+
+@pytest.mark.parametrize("solver", ["exact", "greedy", "differentiable"])
+def test_infeasible_budget_names_smallest(solver):
+    problem = SearchProblem.build(["a", "b"], [[(2, 0), (4, 0)], [(2, 0)]], [[10, 20], [5]], [[2.0, 1.0], [1.0]], 14)
+    with pytest.raises(BudgetInfeasibleError, match="at least") as info:
+        get_solver(solver)(problem)
+    assert info.value.min_bytes == 15
+
+
+@pytest.mark.parametrize("solver", ["exact", "greedy", "differentiable"])
+def test_solvers_are_deterministic(solver):
+    problem = random_problem(np.random.default_rng(7), 50, 10)
+    assert get_solver(solver)(problem, 3) == get_solver(solver)(problem, 3)
+
+
+def test_pareto_front_is_monotone():
+    problem = random_problem(np.random.default_rng(1), 20, 6)
+    front = pareto_front(problem, n_points=15)
+    assert len(front) >= 3
+    costs = [p.cost for p in front]
+    errors = [p.error for p in front]
+    assert costs == sorted(costs) and all(a > b for a, b in zip(errors, errors[1:], strict=False))
+    assert all(p.cost <= p.budget for p in front)
