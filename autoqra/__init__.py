@@ -1,6 +1,7 @@
 """autoqra: choose, per layer, the quantization bit-width and the LoRA rank under a memory budget."""
 
 from autoqra.analysis import analyze, min_feasible_bytes, uniform_costs
+from autoqra.api import CompileResult, compile, pareto
 from autoqra.budget import Budget
 from autoqra.config import SearchSpace
 from autoqra.errors import (
@@ -14,6 +15,7 @@ from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.graph import LayerGraph
 from autoqra.ir.layer import LayerKind, LayerNode
+from autoqra.plan import Plan
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,8 @@ __all__ = [
     "BudgetError",
     "BudgetInfeasibleError",
     "CaptureConfig",
+    "CompileResult",
+    "Plan",
     "CaptureError",
     "CostModel",
     "LayerGraph",
@@ -32,6 +36,8 @@ __all__ = [
     "SearchSpace",
     "analyze",
     "capture",
+    "compile",
+    "pareto",
     "min_feasible_bytes",
     "uniform_costs",
 ]

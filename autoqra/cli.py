@@ -92,14 +92,107 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def lee_windows(tokenizer, *, split: str, seq_len: int, n: int | None):
+    """Windows of the Lee corpus calibration ("calib") or evaluation ("eval") split."""
+    from autoqra.data import lee_corpus_text, split_tokens, window_bos_id, windows
+
+    splits = split_tokens(lee_corpus_text(), tokenizer)
+    tokens = splits.calibration if split == "calib" else splits.evaluation
+    return windows(tokens, seq_len=seq_len, max_windows=n, bos_token_id=window_bos_id(tokenizer))
+
+
+def _calib_windows(args: argparse.Namespace, tokenizer):
+    from autoqra.data import text_to_token_windows
+
+    if args.calib == "none":
+        return None
+    if args.calib == "lee":
+        return lee_windows(tokenizer, split="calib", seq_len=args.seq_len, n=args.calib_windows)
+    return text_to_token_windows(args.calib, tokenizer, seq_len=args.seq_len, max_windows=args.calib_windows)
+
+
+def _add_search(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="HF model directory or 'smollm2-135m'")
+    p.add_argument("--calib", default="lee", help="calibration text file, 'lee' (default: Lee training split) or 'none'")
+    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--bits", default="2,3,4,8,16", help="candidate bits (default 2,3,4,8,16)")
+    p.add_argument("--ranks", default="0,4,8,16,32", help="candidate ranks (default 0,4,8,16,32)")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
+    p.add_argument("--estimator", default=None, help="lora_residual, activation_weighted, fisher_weighted")
+    p.add_argument("--solver", default="exact", help="exact (default), greedy, differentiable")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--include", action="append", default=[], help="regex of extra layers to quantize")
+    p.add_argument("--exclude", action="append", default=[], help="regex of layers to leave untouched")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise AutoQRAError(f"expected comma-separated integers like 2,3,4, got {text!r}") from exc
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import autoqra
+    from autoqra.report import plan_table
+    from autoqra.zoo import load_model
+
+    model, tokenizer = load_model(args.model)
+    calib = _calib_windows(args, tokenizer)
+    result = autoqra.compile(
+        model, args.budget, calib=calib, bits=_ints(args.bits), ranks=_ints(args.ranks), group_size=args.group_size,
+        estimator=args.estimator, solver=args.solver, seed=args.seed, include=tuple(args.include),
+        exclude=tuple(args.exclude), materialize=not args.plan_only,
+    )
+    print(plan_table(result.plan))
+    print(f"capture route: {result.report['capture_route']}; {result.report['seconds']:.1f} s in all")
+    print(table(["pass", "seconds"], [[t["pass"], f"{t['seconds']:.2f}"] for t in result.report["timings"]]))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plan.json").write_text(result.plan.to_json() + "\n")
+        report = {k: v for k, v in result.report.items()}
+        (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+        if not args.plan_only:
+            from autoqra.io import save
+
+            save(result.model, out / "model")
+        print(f"wrote {out}/plan.json, report.json" + ("" if args.plan_only else ", model/"))
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    import autoqra
+    from autoqra.zoo import load_model
+
+    model, tokenizer = load_model(args.model)
+    calib = _calib_windows(args, tokenizer)
+    front = autoqra.pareto(
+        model, calib=calib, bits=_ints(args.bits), ranks=_ints(args.ranks), group_size=args.group_size,
+        estimator=args.estimator, solver=args.solver, n_points=args.points, seed=args.seed,
+    )
+    rows = [[fmt_bytes(p.cost), p.cost, f"{p.error:.6g}"] for p in front]
+    print(table(["bytes", "exact bytes", "predicted error"], rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "pareto.csv", "w") as fh:
+        fh.write("budget_bytes,bytes,predicted_error\n")
+        for p in front:
+            fh.write(f"{p.budget},{p.cost},{p.error!r}\n")
+    from autoqra.report import pareto_plot
+
+    pareto_plot(front, out / "pareto.png")
+    print(f"wrote {out}/pareto.csv and {out}/pareto.png")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from autoqra.data import lee_corpus_text, split_tokens, windows
     from autoqra.evaluate import perplexity
     from autoqra.zoo import load_model
 
     model, tokenizer = load_model(args.model)
-    splits = split_tokens(lee_corpus_text(), tokenizer)
-    eval_windows = windows(splits.eval, seq_len=args.seq_len, max_windows=args.windows, bos_token_id=tokenizer.bos_token_id)
+    eval_windows = lee_windows(tokenizer, split="eval", seq_len=args.seq_len, n=args.windows)
     ppl = perplexity(model, eval_windows)
     print(json.dumps({"model": args.model, "windows": int(eval_windows.shape[0]), "seq_len": args.seq_len, "perplexity": ppl}))
     return 0
@@ -123,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the annotated layer graph as JSON to this file")
     _add_common(p)
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("compile", help="choose bits and rank per layer under a budget; write plan, report, model")
+    _add_search(p)
+    p.add_argument("--budget", required=True, help="e.g. 3.25bits, 50MB, 48MiB, 52000000")
+    p.add_argument("--out", help="output directory (plan.json, report.json, model/)")
+    p.add_argument("--plan-only", action="store_true", help="search only; change no weights")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("pareto", help="front of bytes vs predicted error: CSV + PNG")
+    _add_search(p)
+    p.add_argument("--points", type=int, default=12, help="budgets to solve (default 12)")
+    p.add_argument("--out", default="pareto_out", help="output directory (default pareto_out)")
+    p.set_defaults(func=cmd_pareto)
 
     p = sub.add_parser("eval", help="perplexity on the Lee evaluation split")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="HF model directory or 'smollm2-135m'")

@@ -20,3 +20,38 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def plan_table(plan) -> str:  # autoqra.plan.Plan (imported lazily by callers)
+    """Per-layer table (bits, rank, bytes, predicted error) with totals against the budget."""
+    rows = [
+        [name, b, r, plan.layer_bytes.get(name, ""), f"{plan.layer_error.get(name, 0.0):.4g}"]
+        for name, (b, r) in plan.layers.items()
+    ]
+    text = table(["layer", "bits", "rank", "bytes", "pred. error"], rows)
+    avg = plan.average_bits
+    return (
+        f"{text}\n"
+        f"total {fmt_bytes(plan.total_bytes)} of budget {fmt_bytes(plan.budget_bytes)} "
+        f"({100 * plan.total_bytes / plan.budget_bytes:.1f}%), predicted error {plan.predicted_error:.5g}, "
+        f"mean bits {avg['bits']:.2f}, mean rank {avg['rank']:.2f}"
+    )
+
+
+def pareto_plot(front, path) -> None:
+    """Write the bytes-vs-predicted-error front as a PNG (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p.cost / 2**20 for p in front], [p.error for p in front], "o-")
+    ax.set_xlabel("plan bytes (MiB)")
+    ax.set_ylabel("predicted error")
+    ax.set_yscale("log")
+    ax.set_title("autoqra Pareto front")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

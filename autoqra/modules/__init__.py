@@ -1,0 +1,1 @@
+"""``nn.Module``s that autoqra swaps into models."""

@@ -1,0 +1,496 @@
+"""``QuantLoRALinear``: a packed-integer (or fp16) base weight plus a trainable LoRA adapter.
+
+``y = x W_q^T + scaling * (dropout(x) A^T) B^T + bias`` where ``W_q`` is stored in the common
+packed format of :mod:`autoqra.quant.base` (``qweight`` uint8 codes, fp16 ``scale`` / ``zero``
+per group: registered buffers, so they are in the state dict), or as an fp16 ``weight`` buffer
+at 16 bits. Only ``lora_A [r, in]`` and ``lora_B [out, r]`` are parameters that train; rank 0
+means no adapter. The bias is kept as is (a frozen parameter).
+
+Choices made here:
+
+* **Bytes.** ``lora_A`` / ``lora_B`` live in ``adapter_dtype`` (default float32, for
+  training), but the format counts and saves adapters at 2 bytes per parameter (bf16/fp16), as
+  the one cost model (:mod:`autoqra.ir.cost`) does: ``state_nbytes()`` equals
+  ``CostModel(group_size=...).layer_bytes(in, out, bits, rank)`` exactly (bias excluded).
+* **Scaling.** ``alpha=None`` means ``scaling = 1.0`` (``alpha = rank``): layers get different
+  ranks from the search, and a rank-independent scaling keeps ``B A`` meaning the same thing
+  everywhere. An explicit ``alpha`` gives ``scaling = alpha / rank``. The LoftQ init divides
+  ``B`` by ``scaling``, so ``W_q + scaling * B A`` absorbs the quantization error either way.
+* **Init.** Quantized bases: LoftQ (:func:`autoqra.quant.loftq.loftq_init`, weighted by
+  ``d`` / ``g`` when given). ``loftq_iters=0`` or 16 bits: plain quantization (or the fp16
+  weight) with the standard LoRA init (Kaiming-uniform ``A``, zero ``B``).
+* **Forward.** Packed storage is the source of truth. At 2/3/4 bits on CPU (torch's
+  ``_weight_int4pack_mm_for_cpu`` present, ``out % 16 == 0``, group size 32/64/128/256,
+  uniform grid, ``fast_path=True``) the base product runs in torch's int4 kernel, with the
+  activations and the group scales/offsets in bf16 (output within ~0.3% relative of the fp32
+  reference); the kernel layout is derived from the packed buffers once and cached (not in the
+  state dict; rebuilt when a buffer changes; it costs as much memory as ``qweight`` plus the
+  scales in bf16). Otherwise (8 bits, code books, GPU, ``fast_path=False``) the weight is
+  dequantized in row chunks of ~1 MB that stay in cache, each multiplied at once, in the
+  input's dtype. While tracing / exporting to ONNX / ``torch.compile``-ing, the forward is the
+  plain ``F.linear(x, dequantized_weight())``. Gradients reach the input on every path; the
+  backward recomputes the dequantized rows chunk by chunk instead of saving the weight.
+* **Merging.** :meth:`merge` folds ``scaling * B A`` into the base: at 16 bits by adding it
+  (undone by :meth:`unmerge`); on a quantized base by re-quantizing ``W_q + scaling * B A``,
+  which is lossy: it returns and logs the relative error it adds, and cannot be unmerged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoqra.errors import ConfigError, MergeError, QuantizationError, UnsupportedLayerError
+from autoqra.ir.cost import DENSE_BITS, PACKED_BITS, packed_nbytes
+from autoqra.quant.base import (
+    QuantBackend,
+    QuantizedWeight,
+    QuantSpec,
+    check_weight,
+    dequantize_weight,
+    get_backend,
+    optional_import,
+)
+from autoqra.quant.loftq import loftq_init
+from autoqra.quant.pack import unpack
+
+__all__ = ["QuantLoRALinear", "linear_weight"]
+
+logger = logging.getLogger(__name__)
+
+_INT4_GROUP_SIZES = (32, 64, 128, 256)
+#: weight elements dequantized at a time on the chunked path (~1 MB of float32)
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _int4_kernel_available() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _tracing() -> bool:
+    """Tracing, exporting or compiling: use plain differentiable ops (dequantize, then linear)."""
+    compiler = torch.compiler
+    exporting = getattr(compiler, "is_exporting", lambda: False)()
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiler.is_compiling() or exporting
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    pytorch_utils = optional_import("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None) if pytorch_utils is not None else None
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [out, in], bias or None)`` of an ``nn.Linear`` or a Hugging Face ``Conv1D``
+    (whose weight is stored ``[in, out]``)."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if _is_hf_conv1d(module):
+        return module.weight.T, module.bias
+    raise UnsupportedLayerError(
+        f"QuantLoRALinear.from_linear expects nn.Linear or transformers Conv1D, got {type(module).__name__}"
+    )
+
+
+class _PackedLinear(torch.autograd.Function):
+    """``x @ W_q^T`` from the packed base; the backward recomputes ``grad @ W_q`` chunk by chunk,
+    so no dequantized weight is kept alive between forward and backward (the base never trains)."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: QuantLoRALinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer._packed_mm(x2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return ctx.layer._packed_mm_t(grad), None
+
+
+class QuantLoRALinear(nn.Module):
+    """Quantized linear layer with a LoRA adapter (see the module docstring)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        group_size: int = 64,
+        backend: str = "packed",
+        bias: bool = True,
+        *,
+        adapter_dtype: torch.dtype = torch.float32,
+        fast_path: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for label, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"QuantLoRALinear.{label} must be a positive int, got {value!r}")
+        if bits not in PACKED_BITS and bits != DENSE_BITS:
+            raise ConfigError(
+                f"QuantLoRALinear.bits must be one of {PACKED_BITS + (DENSE_BITS,)}, got {bits!r}"
+            )
+        if not isinstance(rank, int) or not 0 <= rank <= min(in_features, out_features):
+            raise ConfigError(
+                f"QuantLoRALinear.rank must be an int in [0, {min(in_features, out_features)}], got {rank!r}"
+            )
+        if alpha is not None and not alpha > 0:
+            raise ConfigError(f"QuantLoRALinear.alpha must be > 0 or None, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"QuantLoRALinear.dropout must lie in [0, 1), got {dropout!r}")
+        if not adapter_dtype.is_floating_point:
+            raise ConfigError(f"QuantLoRALinear.adapter_dtype must be floating point, got {adapter_dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = 1.0 if alpha is None or rank == 0 else float(alpha) / rank
+        self.group_size = group_size
+        self.backend_name = backend.name if isinstance(backend, QuantBackend) else str(backend)
+        self.fast_path = fast_path
+        self.merged = False
+        self._kernel_cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+
+        codebook = None
+        if bits == DENSE_BITS:
+            self.register_buffer(
+                "weight", torch.zeros(out_features, in_features, dtype=torch.float16, device=device)
+            )
+        else:
+            spec = QuantSpec(bits=bits, group_size=group_size)
+            quantizer = get_backend(backend)
+            support = quantizer.supports(in_features, out_features, spec)
+            if not support.ok:
+                raise UnsupportedLayerError(support.reason)
+            n_groups = math.ceil(in_features / group_size)
+            n_bytes = packed_nbytes(out_features * n_groups * group_size, bits)
+            self.register_buffer("qweight", torch.zeros(n_bytes, dtype=torch.uint8, device=device))
+            self.register_buffer(
+                "scale", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device)
+            )
+            self.register_buffer(
+                "zero", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device)
+            )
+            codebook = quantizer.codebook(bits)
+        # a code book is a constant of the backend's format: kept with the module, not saved
+        self.register_buffer("codebook", None if codebook is None else codebook.to(device), persistent=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        )
+        if rank:
+            self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=adapter_dtype, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, device=device))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            self.lora_A = None
+            self.lora_B = None
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        bits: int,
+        rank: int,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        d: torch.Tensor | None = None,
+        g: torch.Tensor | None = None,
+        loftq_iters: int = 2,
+        backend: str | QuantBackend = "packed",
+        group_size: int = 64,
+        adapter_dtype: torch.dtype = torch.float32,
+        fast_path: bool = True,
+        name: str | None = None,
+    ) -> QuantLoRALinear:
+        """Build from an ``nn.Linear`` or HF ``Conv1D``; LoftQ-initialize the adapter (see the
+        module docstring). ``d`` / ``g``: per-input-channel RMS of the inputs and
+        per-output-channel RMS of the output gradient; a rank above ``min(in, out)`` is clamped."""
+        weight, bias = linear_weight(linear)
+        w = check_weight(weight, name)
+        out_f, in_f = w.shape
+        if not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"rank must be an int >= 0, got {rank!r}")
+        if rank > min(in_f, out_f):
+            logger.warning(
+                "layer %s: rank %d exceeds min(out, in) = %d; clamped", name or "?", rank, min(in_f, out_f)
+            )
+            rank = min(in_f, out_f)
+        if not isinstance(loftq_iters, int) or loftq_iters < 0:
+            raise ConfigError(f"loftq_iters must be an int >= 0, got {loftq_iters!r}")
+        module = cls(
+            in_f,
+            out_f,
+            bits,
+            rank,
+            alpha=alpha,
+            dropout=dropout,
+            group_size=group_size,
+            backend=backend.name if isinstance(backend, QuantBackend) else backend,
+            bias=bias is not None,
+            adapter_dtype=adapter_dtype,
+            fast_path=fast_path,
+            device=w.device,
+        )
+        with torch.no_grad():
+            if bias is not None:
+                module.bias.copy_(bias.detach().float())
+            if bits == DENSE_BITS:
+                module.weight.copy_(w.to(torch.float16))
+                return module
+            spec = QuantSpec(bits=bits, group_size=group_size)
+            if rank == 0 or loftq_iters == 0:
+                quantizer = get_backend(backend)
+                importance = None if d is None else d.detach().float().pow(2)
+                module.load_quantized(quantizer.quantize(w, spec, importance=importance, name=name))
+                return module
+            qw, a, b = loftq_init(w, bits, rank, backend, spec, iters=loftq_iters, d=d, g=g, name=name)
+            module.load_quantized(qw)
+            module.lora_A.copy_(a.to(adapter_dtype))
+            module.lora_B.copy_((b / module.scaling).to(adapter_dtype))
+        return module
+
+    def load_quantized(self, qw: QuantizedWeight) -> None:
+        """Copy a :class:`QuantizedWeight` of this layer's shape / bits / group size into the buffers."""
+        if self.bits == DENSE_BITS:
+            raise ConfigError("a 16-bit QuantLoRALinear keeps an fp16 weight, not a quantized one")
+        if (qw.shape, qw.bits, qw.group_size) != (
+            (self.out_features, self.in_features),
+            self.bits,
+            self.group_size,
+        ):
+            raise QuantizationError(
+                f"quantized weight {qw.shape} at {qw.bits} bits, group {qw.group_size} does not fit this layer "
+                f"({self.out_features}, {self.in_features}) at {self.bits} bits, group {self.group_size}"
+            )
+        with torch.no_grad():
+            self.qweight.copy_(qw.packed)
+            self.scale.copy_(qw.scale)
+            self.zero.copy_(qw.zero)
+        self._kernel_cache = None
+
+    # -- views ----------------------------------------------------------------------------------
+    @property
+    def spec(self) -> QuantSpec | None:
+        return None if self.bits == DENSE_BITS else QuantSpec(bits=self.bits, group_size=self.group_size)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The base as a :class:`QuantizedWeight` (sharing the buffers)."""
+        if self.bits == DENSE_BITS:
+            raise ConfigError("a 16-bit QuantLoRALinear has no quantized weight")
+        return QuantizedWeight(
+            packed=self.qweight,
+            scale=self.scale,
+            zero=self.zero,
+            shape=(self.out_features, self.in_features),
+            bits=self.bits,
+            group_size=self.group_size,
+            codebook=self.codebook,
+            backend=self.backend_name,
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight ``[out, in]`` (adapter not included)."""
+        if self.bits == DENSE_BITS:
+            return self.weight.to(dtype)
+        return dequantize_weight(
+            self.qweight,
+            self.scale,
+            self.zero,
+            (self.out_features, self.in_features),
+            self.bits,
+            self.group_size,
+            self.codebook,
+            dtype,
+        )
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters: ``[lora_A, lora_B]`` (empty at rank 0)."""
+        return [self.lora_A, self.lora_B] if self.rank else []
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` (float32 ``[out, in]``; zeros at rank 0)."""
+        if not self.rank:
+            return torch.zeros(self.out_features, self.in_features, device=self._device())
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def state_nbytes(self, adapter_bytes: int = 2) -> int:
+        """Bytes of base (codes + scales + zeros, or fp16 weight) + adapters at ``adapter_bytes``
+        per parameter; equals ``CostModel.layer_bytes`` (bias excluded)."""
+        if self.bits == DENSE_BITS:
+            base = [self.weight]
+        else:
+            base = [self.qweight, self.scale, self.zero]
+        return (
+            sum(t.numel() * t.element_size() for t in base)
+            + self.rank * (self.in_features + self.out_features) * adapter_bytes
+        )
+
+    def _device(self) -> torch.device:
+        return (self.weight if self.bits == DENSE_BITS else self.qweight).device
+
+    # -- forward --------------------------------------------------------------------------------
+    def _kernel_eligible(self, x: torch.Tensor) -> bool:
+        if not (
+            self.fast_path
+            and self.bits <= 4
+            and self.codebook is None
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and self.out_features % 16 == 0
+            and self.group_size in _INT4_GROUP_SIZES
+            and _int4_kernel_available()
+        ):
+            return False
+        return True
+
+    def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int4 kernel layout of the packed codes and bf16 (scale, offset), cached per buffer version."""
+        key = tuple(v for t in (self.qweight, self.scale, self.zero) for v in (t.data_ptr(), t._version))
+        if self._kernel_cache is not None and self._kernel_cache[0] == key:
+            return self._kernel_cache[1], self._kernel_cache[2]
+        n_groups = self.scale.shape[1]
+        k = n_groups * self.group_size
+        codes = unpack(self.qweight, self.bits, self.out_features * k).view(self.out_features, k)
+        # the kernel computes (c - 8) * s + o on 4-bit codes c. Shifting our codes q by
+        # shift = 8 - 2**(bits-1) (c = q + shift) centers them on 8, so o = (2**(bits-1) - z) * s is
+        # about the group's centre value: small, and its bf16 rounding costs little.
+        shift = 8 - (1 << (self.bits - 1))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + shift, 1)
+        scale = self.scale.float()
+        offset = (float(1 << (self.bits - 1)) - self.zero.float()) * scale
+        scale_offset = torch.stack([scale.T, offset.T], dim=-1).to(torch.bfloat16).contiguous()
+        self._kernel_cache = (key, packed, scale_offset)
+        return packed, scale_offset
+
+    def _kernel_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        packed, scale_offset = self._kernel_weights()
+        xb = x2.to(torch.bfloat16)
+        pad = self.scale.shape[1] * self.group_size - self.in_features
+        if pad:
+            xb = F.pad(xb, (0, pad))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, self.group_size, scale_offset)
+        return y.to(x2.dtype)
+
+    def _row_chunks(self) -> range:
+        rows = max(1, _CHUNK_ELEMENTS // (self.scale.shape[1] * self.group_size))
+        return range(0, self.out_features, rows)
+
+    def _dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``start:stop`` of the base weight (each packed row is a whole number of bytes,
+        since the group size is a multiple of 8)."""
+        row_bytes = self.qweight.numel() // self.out_features
+        return dequantize_weight(
+            self.qweight[start * row_bytes : stop * row_bytes],
+            self.scale[start:stop],
+            self.zero[start:stop],
+            (stop - start, self.in_features),
+            self.bits,
+            self.group_size,
+            self.codebook,
+            dtype,
+        )
+
+    def _packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 [n, in] @ W_q^T`` without autograd: the int4 kernel, or dequantization in row
+        chunks small enough to stay in cache (measured ~5x faster than dequantizing all at once)."""
+        if self._kernel_eligible(x2):
+            return self._kernel_mm(x2)
+        with torch.no_grad():
+            out = x2.new_empty(x2.shape[0], self.out_features)
+            step = self._row_chunks().step
+            for start in self._row_chunks():
+                stop = min(start + step, self.out_features)
+                torch.matmul(x2, self._dequantized_rows(start, stop, x2.dtype).T, out=out[:, start:stop])
+        return out
+
+    def _packed_mm_t(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad [n, out] @ W_q`` (the input gradient), dequantizing in row chunks."""
+        with torch.no_grad():
+            out = grad.new_zeros(grad.shape[0], self.in_features)
+            step = self._row_chunks().step
+            for start in self._row_chunks():
+                stop = min(start + step, self.out_features)
+                out.addmm_(grad[:, start:stop], self._dequantized_rows(start, stop, grad.dtype))
+        return out
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == DENSE_BITS:
+            return F.linear(x, self.weight.to(x.dtype))
+        if _tracing():
+            return F.linear(x, self.dequantized_weight(x.dtype))
+        x2 = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y2 = _PackedLinear.apply(x2, self)
+        else:
+            y2 = self._packed_mm(x2)
+        return y2.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._base_forward(x)
+        if self.rank and not self.merged:
+            xa = self.lora_dropout(x).to(self.lora_A.dtype)
+            y = y + (F.linear(F.linear(xa, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    # -- merging --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, importance: torch.Tensor | None = None) -> float:
+        """Fold ``scaling * B A`` into the base; return the relative Frobenius error it adds,
+        ``||W_merged - (W_base + scaling B A)|| / ||W_base + scaling B A||`` (also logged).
+        ``importance`` (per input channel) weights the re-quantization of a quantized base."""
+        if self.merged:
+            logger.warning("QuantLoRALinear already merged; nothing to do")
+            return 0.0
+        if not self.rank:
+            return 0.0
+        target = self.dequantized_weight(torch.float32) + self.delta_weight()
+        if self.bits == DENSE_BITS:
+            self.weight.copy_(target.to(torch.float16))
+            merged = self.weight.float()
+        else:
+            quantizer = get_backend(self.backend_name)
+            self.load_quantized(quantizer.quantize(target, self.spec, importance=importance))
+            merged = self.dequantized_weight(torch.float32)
+        error = float((merged - target).norm() / target.norm().clamp_min(1e-30))
+        self.merged = True
+        logger.info(
+            "merged adapter (bits=%d, rank=%d): relative weight error added %.3e", self.bits, self.rank, error
+        )
+        return error
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (16-bit bases only: a re-quantized base cannot be unmerged)."""
+        if not self.merged:
+            logger.warning("QuantLoRALinear is not merged; nothing to do")
+            return
+        if self.bits != DENSE_BITS:
+            raise MergeError(
+                f"cannot unmerge a {self.bits}-bit base: merging re-quantized it; "
+                "keep a copy of the state dict before merge() to go back"
+            )
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(torch.float16))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"rank={self.rank}, group_size={self.group_size}, backend={self.backend_name!r}, "
+            f"scaling={self.scaling:g}, bias={self.bias is not None}, merged={self.merged}"
+        )

@@ -1,0 +1,194 @@
+"""CalibratePass: per-layer statistics of the calibration data, through hooks.
+
+For every selected layer it collects
+* ``d2``: per-input-channel mean of x² over all calibration tokens (forward pre-hooks), and
+* ``g2``: per-output-channel mean of (∂L/∂y)² of the token-summed causal-LM loss at the layer's
+  output (tensor hooks on a few backward passes; no parameter gradient is computed).
+
+Statistics are O(channels) per layer, accumulated batch by batch, so memory stays bounded by
+one forward/backward of one batch. Without calibration data this pass records nothing and the
+estimators take their data-free path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from autoqra.errors import DataError
+from autoqra.ir.layer import LayerKind
+from autoqra.ir.program import Program
+from autoqra.passes.base import PassBase, PassResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one layer (float64 sums and counts)."""
+
+    x2_sum: torch.Tensor
+    x_count: int = 0
+    g2_sum: torch.Tensor | None = None
+    g_count: int = 0
+
+    @property
+    def d(self) -> torch.Tensor:
+        """Per-input-channel RMS of the inputs."""
+        return (self.x2_sum / max(self.x_count, 1)).sqrt()
+
+    @property
+    def g(self) -> torch.Tensor | None:
+        """Per-output-channel RMS of the loss gradient at the output (None without backward)."""
+        if self.g2_sum is None or self.g_count == 0:
+            return None
+        return (self.g2_sum / self.g_count).sqrt()
+
+
+def as_batches(calib: object, *, batch_size: int = 1) -> list[torch.Tensor]:
+    """Normalize calibration data to a list of LongTensor [batch, seq] token batches.
+
+    Accepts a LongTensor [n, seq] (or [seq]), a list of such tensors, or an iterable (e.g. a
+    DataLoader) yielding tensors or dicts with ``input_ids``.
+    """
+    if isinstance(calib, torch.Tensor):
+        tensors: list[torch.Tensor] = [calib.unsqueeze(0) if calib.dim() == 1 else calib]
+    elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes)):
+        tensors = []
+        for item in calib:
+            if isinstance(item, dict):
+                if "input_ids" not in item:
+                    raise DataError("calibration dicts need an 'input_ids' entry")
+                item = item["input_ids"]
+            if not isinstance(item, torch.Tensor):
+                raise DataError(f"calibration items must be tensors of token ids, got {type(item).__name__}")
+            tensors.append(item.unsqueeze(0) if item.dim() == 1 else item)
+    else:
+        raise DataError(
+            f"cannot read calibration data of type {type(calib).__name__}; pass a LongTensor [n, seq_len], "
+            "a list of them, or a DataLoader of token batches"
+        )
+    batches = []
+    for t in tensors:
+        if t.dim() != 2:
+            raise DataError(f"calibration batches must be [batch, seq_len], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            t = t.long()  # int32 / uint8 token ids → the LongTensor embeddings and losses need
+        batches.extend(t[i : i + batch_size] for i in range(0, t.shape[0], batch_size))
+    if not batches or sum(b.numel() for b in batches) == 0:
+        raise DataError("calibration data is empty; pass at least one batch of tokens, or calib=None (data-free)")
+    if all(b.shape[1] < 2 for b in batches):
+        raise DataError("calibration sequences are too short (need ≥ 2 tokens for a next-token loss)")
+    return batches
+
+
+def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Token-summed next-token cross-entropy of a causal LM (logits from ``model(input_ids)``)."""
+    out = model(input_ids=batch) if hasattr(model, "config") else model(batch)
+    logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
+    if logits.dim() != 3 or logits.shape[:2] != batch.shape:
+        raise DataError(
+            f"gradient statistics need a causal LM returning logits [batch, seq, vocab]; got {tuple(logits.shape)}. "
+            "Use gradients=False for other models"
+        )
+    return nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+    )
+
+
+class CalibratePass(PassBase):
+    """Writes ``stats``: {layer name: LayerStats} in ``program.state['stats']``."""
+
+    reads = ("graph",)
+    writes = ("stats",)
+
+    def __init__(self, calib: object | None, *, gradients: bool = True, max_batches: int | None = None,
+                 progress: bool = True) -> None:
+        self.batches: Sequence[torch.Tensor] | None = None if calib is None else as_batches(calib)
+        if self.batches is not None and max_batches is not None:
+            self.batches = self.batches[:max_batches]
+        self.gradients = gradients
+        self.progress = progress
+
+    def call(self, program: Program) -> PassResult:
+        if self.batches is None:
+            program.state["stats"] = {}
+            return PassResult(changed=False, info={"calibration": "none (data-free)"})
+        graph = program.require_graph()
+        model = program.model
+        modules = dict(model.named_modules(remove_duplicate=False))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if device.type == "meta":
+            raise DataError("cannot calibrate a model on the meta device; load its weights first")
+        stats: dict[str, LayerStats] = {}
+        handles = []
+
+        def make_hooks(name: str, kind: LayerKind):
+            def pre_hook(_mod, args):
+                x = args[0].detach()
+                if kind is LayerKind.EMBEDDING:
+                    return
+                flat = x.reshape(-1, x.shape[-1]).double()
+                st = stats.setdefault(name, LayerStats(torch.zeros(flat.shape[-1], dtype=torch.float64)))
+                st.x2_sum += (flat * flat).sum(0).cpu()
+                st.x_count += flat.shape[0]
+
+            def fwd_hook(_mod, _args, out):
+                if not (self.gradients and torch.is_grad_enabled()):
+                    return out
+                if not out.requires_grad:
+                    out.requires_grad_()
+
+                def grad_hook(grad):
+                    flat = grad.detach().reshape(-1, grad.shape[-1]).double()
+                    st = stats[name]
+                    if st.g2_sum is None:
+                        st.g2_sum = torch.zeros(flat.shape[-1], dtype=torch.float64)
+                    st.g2_sum += (flat * flat).sum(0).cpu()
+                    st.g_count += flat.shape[0]
+
+                out.register_hook(grad_hook)
+                return out
+
+            return pre_hook, fwd_hook
+
+        for name in graph.order():
+            layer = graph.layer(name)
+            pre, fwd = make_hooks(name, layer.kind)
+            for alias in (name, *layer.tied):
+                handles.append(modules[alias].register_forward_pre_hook(pre))
+                handles.append(modules[alias].register_forward_hook(fwd))
+        was_training = model.training
+        flags = {p: p.requires_grad for p in model.parameters()}
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        tokens = 0
+        try:
+            iterator = tqdm(self.batches, desc="calibrate", unit="batch", disable=not self.progress)
+            for batch in iterator:
+                batch = batch.to(device)
+                tokens += batch.numel()
+                if self.gradients:
+                    with torch.enable_grad():
+                        _lm_loss(model, batch).backward()
+                else:
+                    with torch.no_grad():
+                        model(input_ids=batch) if hasattr(model, "config") else model(batch)
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+            model.train(was_training)
+        missing = [n for n in graph.order() if n not in stats and graph.layer(n).kind is not LayerKind.EMBEDDING]
+        if missing:
+            logger.warning("calibration never reached %d layers (%s...): they get data-free errors", len(missing), missing[:3])
+        program.state["stats"] = stats
+        program.state["calib_tokens"] = tokens
+        return PassResult(info={"batches": len(self.batches), "tokens": tokens, "gradients": self.gradients})

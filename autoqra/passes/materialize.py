@@ -1,0 +1,59 @@
+"""MaterializePass: the only pass that mutates modules — swap every layer for a QuantLoRALinear.
+
+Each layer becomes a packed-integer base (or its fp16 weight at 16 bits) plus a LoRA adapter of
+the chosen rank, initialized LoftQ-style at that layer's own bits — in the same weighted norm as
+the estimator when calibration statistics exist (d, and g when gradients were collected).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tqdm.auto import tqdm
+
+from autoqra.ir.program import Program
+from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.passes.base import PassBase, PassResult
+from autoqra.search.estimators import clamp_weights
+
+logger = logging.getLogger(__name__)
+
+
+class MaterializePass(PassBase):
+    reads = ("graph", "bits", "rank", "validated")
+    writes = ("materialized",)
+
+    def __init__(self, *, backend: str = "packed", group_size: int = 64, alpha: float | None = None,
+                 loftq_iters: int = 2, weighted_init: bool = True, progress: bool = True) -> None:
+        self.backend = backend
+        self.group_size = group_size
+        self.alpha = alpha
+        self.loftq_iters = loftq_iters
+        self.weighted_init = weighted_init
+        self.progress = progress
+
+    def call(self, program: Program) -> PassResult:
+        graph = program.require_graph()
+        stats = program.state.get("stats", {}) if self.weighted_init else {}
+        model = program.model
+        modules = dict(model.named_modules(remove_duplicate=False))
+        swapped = 0
+        for name in tqdm(graph.order(), desc="materialize", unit="layer", disable=not self.progress):
+            ann, layer = graph.annotation(name), graph.layer(name)
+            st = stats.get(name)
+            d = clamp_weights(st.d).float() if st is not None else None
+            g = clamp_weights(st.g).float() if st is not None and st.g is not None else None
+            new = QuantLoRALinear.from_linear(
+                modules[name], ann.bits, ann.rank, alpha=self.alpha, d=d, g=g, loftq_iters=self.loftq_iters,
+                backend=self.backend, group_size=self.group_size, name=name,
+            )
+            for alias in (name, *layer.tied):
+                model.set_submodule(alias, new)
+            swapped += 1
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in model.modules():
+            if isinstance(m, QuantLoRALinear):
+                for p in m.adapter_parameters():
+                    p.requires_grad_(True)
+        return PassResult(info={"layers": swapped})

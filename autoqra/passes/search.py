@@ -1,0 +1,107 @@
+"""SearchPass: SearchProblem from the annotated graph → solver → ``bits`` / ``rank`` per layer.
+
+Pinning patterns (peft-style): ``{regex: {"bits": 16}}`` / ``{regex: {"rank": 0}}`` /
+``{regex: {"bits": (3, 4)}}``. A layer matching several patterns must satisfy all of them.
+A pattern that matches no layer is warned about, by name, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from autoqra.budget import Budget
+from autoqra.errors import ConfigError
+from autoqra.ir.program import Program
+from autoqra.passes.base import PassBase, PassResult
+from autoqra.search.problem import SearchProblem
+from autoqra.search.registry import get_solver
+
+logger = logging.getLogger(__name__)
+
+Patterns = Mapping[str, Mapping[str, int | tuple[int, ...] | list[int]]]
+
+
+def _allowed(values: int | tuple[int, ...] | list[int]) -> set[int]:
+    return {int(values)} if isinstance(values, (int, np.integer)) else {int(v) for v in values}
+
+
+def apply_patterns(names: list[str], patterns: Patterns | None) -> dict[str, dict[str, set[int]]]:
+    """{layer: {"bits": allowed, "rank": allowed}} for the layers any pattern matches."""
+    constraints: dict[str, dict[str, set[int]]] = {}
+    unmatched = []
+    for pattern, pin in (patterns or {}).items():
+        bad = set(pin) - {"bits", "rank"}
+        if bad:
+            raise ConfigError(f"pattern {pattern!r} pins unknown keys {sorted(bad)}; use 'bits' and/or 'rank'")
+        hits = [n for n in names if re.search(pattern, n)]
+        if not hits:
+            unmatched.append(pattern)
+        for n in hits:
+            c = constraints.setdefault(n, {})
+            for key, values in pin.items():
+                c[key] = c[key] & _allowed(values) if key in c else _allowed(values)
+    if unmatched:
+        logger.warning("patterns matched no layer and were not applied: %s", unmatched)
+    return constraints
+
+
+class SearchPass(PassBase):
+    """Writes ``bits`` and ``rank`` of every layer (members of a group share one choice)."""
+
+    reads = ("graph", "cost", "error")
+    writes = ("bits", "rank")
+
+    def __init__(self, budget: Budget, *, solver: str = "exact", seed: int = 0, patterns: Patterns | None = None) -> None:
+        self.budget = budget
+        self.solver_name = solver
+        self.solve = get_solver(solver)
+        self.seed = seed
+        self.patterns = patterns
+
+    def build_problem(self, program: Program) -> SearchProblem:
+        graph = program.require_graph()
+        constraints = apply_patterns(graph.order(), self.patterns)
+        budget_bytes = self.budget.resolve(graph.total_numel())
+        groups, choices, costs, errors = [], [], [], []
+        for group, members in graph.groups().items():
+            keys = None
+            for m in members:
+                ann = graph.annotation(m)
+                allowed = {k for k in ann.cost if k in ann.error}
+                c = constraints.get(m, {})
+                allowed = {k for k in allowed if k[0] in c.get("bits", {k[0]}) and k[1] in c.get("rank", {k[1]})}
+                keys = allowed if keys is None else keys & allowed
+            keys = sorted(keys or ())
+            if not keys:
+                raise ConfigError(
+                    f"no (bits, rank) choice is left for {members}: the pinning patterns exclude every choice "
+                    "in the search space; loosen them or add the pinned values to bits/ranks"
+                )
+            groups.append(group)
+            choices.append(keys)
+            costs.append([sum(graph.annotation(m).cost[k] for m in members) for k in keys])
+            errors.append([sum(graph.annotation(m).error[k] for m in members) for k in keys])
+        return SearchProblem.build(groups, choices, costs, errors, budget_bytes)
+
+    def call(self, program: Program) -> PassResult:
+        graph = program.require_graph()
+        problem = self.build_problem(program)
+        dense = sum(max(k) for k in problem.cost)
+        if problem.budget >= dense:
+            logger.warning(
+                "the budget (%s bytes) is at or above the largest plan (%s bytes): nothing needs compressing",
+                f"{problem.budget:,}", f"{dense:,}",
+            )
+        result = self.solve(problem, self.seed)
+        groups = graph.groups()
+        for group, choice in zip(problem.groups, result.choices, strict=True):
+            for m in groups[group]:
+                graph.set_choice(m, *choice)
+        program.state["problem"] = problem
+        program.state["assignment"] = result
+        return PassResult(info={"solver": self.solver_name, "groups": problem.n_groups,
+                                "bytes": result.cost, "budget": problem.budget, "error": result.error})

@@ -1,0 +1,74 @@
+"""EstimateSensitivityPass: error(bits, rank) per layer from a registered estimator."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from autoqra.ir.cost import DENSE_BITS
+from autoqra.ir.layer import LayerKind, LayerNode
+from autoqra.ir.program import Program
+from autoqra.passes.base import PassBase, PassResult
+from autoqra.quant.base import QuantSpec, get_backend
+from autoqra.search.estimators import ErrorCache, get_estimator
+
+logger = logging.getLogger(__name__)
+
+
+def weight_matrix(module: nn.Module, layer: LayerNode) -> torch.Tensor:
+    """The layer's weight as an [out, in] matrix (HF Conv1D stores [in, out])."""
+    w = module.weight.detach()
+    return w.t() if layer.kind is LayerKind.HF_CONV1D else w
+
+
+class EstimateSensitivityPass(PassBase):
+    """Writes the error table of every layer (same keys as its cost table)."""
+
+    reads = ("graph", "cost", "stats")
+    writes = ("error",)
+
+    def __init__(self, estimator: str, *, backend: str = "packed", group_size: int = 64,
+                 cache_dir: Path | None = None, progress: bool = True) -> None:
+        self.estimator = get_estimator(estimator)
+        self.backend = get_backend(backend)
+        self.group_size = group_size
+        self.cache = ErrorCache(cache_dir)
+        self.progress = progress
+
+    def call(self, program: Program) -> PassResult:
+        graph = program.require_graph()
+        stats = program.state.get("stats", {})
+        modules = dict(program.model.named_modules(remove_duplicate=False))
+        hits = 0
+        spec_cache: dict[int, QuantSpec] = {}
+
+        def quantize(w: torch.Tensor, bits: int, importance: torch.Tensor | None) -> torch.Tensor:
+            spec = spec_cache.setdefault(bits, QuantSpec(bits=bits, group_size=self.group_size))
+            return self.backend.dequantize(self.backend.quantize(w, spec, importance=importance))
+
+        for name in tqdm(graph.order(), desc=f"sensitivity ({self.estimator.name})", unit="layer",
+                         disable=not self.progress):
+            layer = graph.layer(name)
+            cost = graph.annotation(name).cost
+            bits = tuple(sorted({b for b, _ in cost}))
+            ranks = tuple(sorted({r for _, r in cost}))
+            weight = weight_matrix(modules[name], layer)
+            d, g = self.estimator.weights(stats.get(name))
+            key = self.cache.key(
+                {"estimator": self.estimator.name, "backend": repr(self.backend), "group_size": self.group_size,
+                 "bits": list(bits), "ranks": list(ranks), "version": 1},
+                [weight, d, g],
+            )
+            table = self.cache.get(key)
+            if table is None or set(table) != set(cost):
+                table = self.estimator.table(weight, tuple(b for b in bits if b != DENSE_BITS) + (
+                    (DENSE_BITS,) if DENSE_BITS in bits else ()), ranks, quantize, d, g)
+                self.cache.put(key, table)
+            else:
+                hits += 1
+            graph.set_error(name, {k: table[k] for k in cost})
+        return PassResult(info={"estimator": self.estimator.name, "cache_hits": hits, "layers": len(graph)})
