@@ -152,6 +152,8 @@ def compile(  # noqa: A001  (the product's verb)
         "seconds": round(time.perf_counter() - start, 3),
         "materialized": materialize,
     }
+    if materialize:
+        model.autoqra_plan = plan  # carried into autoqra.save
     return CompileResult(model=model, plan=plan, report=report, program=program)
 
 

@@ -63,6 +63,8 @@ __all__ = ["QuantLoRALinear", "linear_weight"]
 logger = logging.getLogger(__name__)
 
 _INT4_GROUP_SIZES = (32, 64, 128, 256)
+#: buffers whose dtype is part of the storage format (a module dtype cast must not touch them)
+_FORMAT_BUFFERS = ("scale", "zero", "weight")
 #: weight elements dequantized at a time on the chunked path (~1 MB of float32)
 _CHUNK_ELEMENTS = 1 << 18
 
@@ -281,6 +283,17 @@ class QuantLoRALinear(nn.Module):
             self.scale.copy_(qw.scale)
             self.zero.copy_(qw.zero)
         self._kernel_cache = None
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Device moves apply to every buffer, but a dtype cast (``model.to(torch.bfloat16)``)
+        leaves the stored format alone: scales, zeros and the 16-bit weight stay fp16."""
+        kept = {n: b for n, b in self._buffers.items() if n in _FORMAT_BUFFERS and b is not None}
+        result = super()._apply(fn, recurse)
+        for n, old in kept.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(new.device)
+        return result
 
     # -- views ----------------------------------------------------------------------------------
     @property

@@ -11,6 +11,8 @@ import logging
 
 from tqdm.auto import tqdm
 
+from autoqra.ir.discover import layer_kind
+from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.passes.base import PassBase, PassResult
@@ -40,6 +42,8 @@ class MaterializePass(PassBase):
         swapped = 0
         for name in tqdm(graph.order(), desc="materialize", unit="layer", disable=not self.progress):
             ann, layer = graph.annotation(name), graph.layer(name)
+            if layer.kind is LayerKind.EMBEDDING:
+                continue  # validated to stay at 16 bits, rank 0: kept as it is
             st = stats.get(name)
             d = clamp_weights(st.d).float() if st is not None else None
             g = clamp_weights(st.g).float() if st is not None and st.g is not None else None
@@ -48,7 +52,9 @@ class MaterializePass(PassBase):
                 backend=self.backend, group_size=self.group_size, name=name,
             )
             for alias in (name, *layer.tied):
-                model.set_submodule(alias, new)
+                # a tied sharer of another kind (an unselected embedding) keeps its own module
+                if alias == name or layer_kind(modules[alias]) is layer.kind:
+                    model.set_submodule(alias, new)
             swapped += 1
         for p in model.parameters():
             p.requires_grad_(False)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoqra.errors import ConfigError
 from autoqra.ir.cost import DENSE_BITS
 from autoqra.ir.layer import LayerKind, LayerNode
 from autoqra.ir.program import Program
@@ -41,6 +42,15 @@ class EstimateSensitivityPass(PassBase):
 
     def call(self, program: Program) -> PassResult:
         graph = program.require_graph()
+        space = program.state.get("space")
+        if space is not None:
+            unsupported = [b for b in space.bits if b != DENSE_BITS and b not in self.backend.supported_bits]
+            if unsupported:
+                ok = tuple(b for b in space.bits if b not in unsupported)
+                raise ConfigError(
+                    f"backend {self.backend.name!r} supports bits {self.backend.supported_bits}, not {unsupported}; "
+                    f"search bits={ok or self.backend.supported_bits} with this backend, or use backend='packed'"
+                )
         stats = program.state.get("stats", {})
         modules = dict(program.model.named_modules(remove_duplicate=False))
         hits = 0

@@ -11,13 +11,14 @@ Two ways to choose ``scale`` and ``zero`` per group:
 * ``method="minmax"``: the group's range, ``scale = (max - min) / qmax``, ``zero = -min / scale``.
 * ``method="mse"`` (default): minimize the (importance-weighted) squared error
   ``sum_j h_j (w_j - scale * (q_j - zero))**2`` per group. Candidates are the min/max range
-  shrunk by ``grid`` factors in ``[min_shrink, 1]``; for each, the codes are rounded, then
-  ``(scale, zero)`` is refit by exact weighted least squares given those codes, and rounding /
-  refit alternate ``refit_iters`` times. Every candidate's error is computed exactly from
-  per-group sums with ``scale`` / ``zero`` already rounded to fp16 (as they are stored), and the
-  best per group is kept. The final codes are re-rounded with the chosen ``(scale, zero)``,
-  which can only lower the error further. All groups are processed at once (loops run over the
-  grid only), in chunks of rows to bound memory.
+  shrunk by ``grid`` factors in ``[min_shrink, 1]``; each is rounded once, and its codes also
+  give an exact weighted least-squares refit of ``(scale, zero)`` (a second candidate, free:
+  it reuses the same per-group sums). The best per group is then polished ``refit_iters``
+  times (re-round with it, refit, keep what is better). Every candidate's error is computed
+  exactly from per-group sums with ``scale`` / ``zero`` already rounded to fp16 (as stored);
+  the final codes are re-rounded with the chosen pair, which can only lower the error. All
+  groups are processed at once (loops run over the grid only), in cache-sized chunks of rows.
+  Measured on one core here: ~0.2 s per SmolLM2 block (3.5M weights), ~6 s for all 30 blocks.
 
 ``h`` is the per-input-channel ``importance`` (e.g. the calibration second moment ``E[x_j**2]``),
 which makes the fit minimize the layer's expected output error instead of the weight error.

@@ -56,7 +56,22 @@ def solve_differentiable(problem: SearchProblem, seed: int = 0) -> Assignment:
         theta -= LR * (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step)) + 1e-8)
         over = float((p * c).sum() - 1.0)
         lam = max(0.0, lam + 0.05 * over * problem.n_groups / max(1, problem.n_groups) * 10)
-    index = [int(np.argmax(np.where(mask[g], theta[g], -np.inf))) for g in range(problem.n_groups)]
-    index = repair(problem, index)
-    index = fill(problem, index)
+    relaxed = [int(np.argmax(np.where(mask[g], theta[g], -np.inf))) for g in range(problem.n_groups)]
+    candidates = [fill(problem, repair(problem, relaxed))]
+    # Lagrangian rounding: the hard argmin of error + μ·cost for the smallest feasible μ, found by
+    # bisection around the multiplier the relaxation converged to.
+    big = np.where(mask, 0.0, np.inf)
+    def argmin_at(mu: float) -> list[int]:
+        return list(np.argmin(err + mu * cost + big, axis=1))
+    lo, hi = 0.0, max(1e-12, lam * problem.n_groups * err_scale / problem.budget) * 2
+    while sum(cost[g, i] for g, i in enumerate(argmin_at(hi))) > problem.budget and hi < 1e30:
+        hi *= 4
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if sum(cost[g, i] for g, i in enumerate(argmin_at(mid))) > problem.budget:
+            lo = mid
+        else:
+            hi = mid
+    candidates.append(fill(problem, repair(problem, argmin_at(hi))))
+    index = min(candidates, key=lambda ix: problem.evaluate(ix)[1])
     return problem.assignment(index, "differentiable")

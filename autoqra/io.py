@@ -1,0 +1,176 @@
+"""Save / load a compiled model: safetensors + JSON only (never unpickled).
+
+``save(model, dir)`` writes
+* ``model.safetensors``: the whole state dict (packed codes, scales, zeros, adapters, and the
+  untouched parameters), each shared tensor once;
+* ``autoqra_plan.json``: format version, autoqra/torch versions, every ``QuantLoRALinear``'s
+  constructor arguments, tied-parameter aliases, and the `Plan` when the model carries one.
+
+``load(dir, base)`` rebuilds the layers on ``base`` (an ``nn.Module`` of the same architecture,
+or a transformers config to instantiate) and loads the tensors. Everything is read and checked
+(format version, tensor file, every key and shape) before the first module is swapped: a missing
+or corrupt file, or a newer format, raises `SaveFormatError` and leaves ``base`` untouched.
+
+Adapters are stored in their training dtype (float32), so a loaded model's logits equal the
+saved model's exactly; the cost model counts adapters at 2 bytes/param, the deployed
+bf16/fp16 size (``QuantLoRALinear.state_nbytes``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoqra.errors import AutoQRAError
+from autoqra.modules.quant_lora_linear import QuantLoRALinear
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TENSORS = "model.safetensors"
+META = "autoqra_plan.json"
+PLAN_ATTR = "autoqra_plan"
+
+
+class SaveFormatError(AutoQRAError):
+    """A saved directory cannot be loaded; nothing was changed."""
+
+
+def _layer_config(module: QuantLoRALinear) -> dict[str, Any]:
+    return {
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bits": module.bits,
+        "rank": module.rank,
+        "alpha": module.alpha,
+        "dropout": float(getattr(module.lora_dropout, "p", 0.0)),
+        "group_size": module.group_size,
+        "backend": module.backend_name,
+        "bias": module.bias is not None,
+        "adapter_dtype": str(module.lora_A.dtype).removeprefix("torch.") if module.rank else "float32",
+        "merged": module.merged,
+    }
+
+
+def save(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model`` (compiled by `autoqra.compile`) to ``directory``; returns the directory."""
+    from safetensors.torch import save_file
+
+    import autoqra
+
+    out = Path(directory)
+    layers = {n: _layer_config(m) for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
+    if not layers:
+        raise AutoQRAError("the model has no QuantLoRALinear layer: call autoqra.compile(model, budget) first")
+    state = model.state_dict(keep_vars=False)
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, tensor in state.items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident in seen and tensor.numel() > 0:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = tensor.detach().contiguous().cpu()
+    plan = getattr(model, PLAN_ATTR, None)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "autoqra_version": autoqra.__version__,
+        "torch_version": torch.__version__,
+        "model_class": type(model).__name__,
+        "layers": layers,
+        "aliases": aliases,
+        "plan": None if plan is None else plan.to_dict(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / TENSORS), metadata={"format": "autoqra", "format_version": str(FORMAT_VERSION)})
+    (out / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    logger.info("saved %d quantized layers, %d tensors to %s", len(layers), len(tensors), out)
+    return out
+
+
+def _read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    meta_path, tensor_path = directory / META, directory / TENSORS
+    for path in (meta_path, tensor_path):
+        if not path.exists():
+            raise SaveFormatError(f"{path} is missing; is {directory} a directory written by autoqra.save?")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise SaveFormatError(f"{meta_path} is not valid JSON ({exc}); re-save the model") from exc
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SaveFormatError(
+            f"{meta_path} has format version {version!r}; this autoqra reads up to {FORMAT_VERSION}: upgrade autoqra"
+        )
+    try:
+        tensors = load_file(str(tensor_path))
+    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
+        raise SaveFormatError(f"{tensor_path} cannot be read ({type(exc).__name__}: {exc}); re-save the model") from exc
+    return meta, tensors
+
+
+def load(directory: str | Path, base: nn.Module | Any) -> nn.Module:
+    """Restore a model saved by `save` onto ``base`` (a module or a transformers config)."""
+    directory = Path(directory)
+    meta, tensors = _read(directory)
+    if not isinstance(base, nn.Module):
+        from transformers import AutoModelForCausalLM, PretrainedConfig
+
+        if not isinstance(base, PretrainedConfig):
+            raise SaveFormatError(f"base must be an nn.Module or a transformers config, got {type(base).__name__}")
+        base = AutoModelForCausalLM.from_config(base)
+    modules = dict(base.named_modules(remove_duplicate=False))
+    new_modules: dict[str, QuantLoRALinear] = {}
+    for name, cfg in meta["layers"].items():
+        if name not in modules:
+            raise SaveFormatError(f"layer {name!r} of the saved model does not exist in {type(base).__name__}")
+        layer = QuantLoRALinear(
+            cfg["in_features"], cfg["out_features"], cfg["bits"], cfg["rank"], alpha=cfg["alpha"],
+            dropout=cfg["dropout"], group_size=cfg["group_size"], backend=cfg["backend"], bias=cfg["bias"],
+            adapter_dtype=getattr(torch, cfg["adapter_dtype"]),
+        )
+        layer.merged = bool(cfg.get("merged", False))
+        new_modules[name] = layer
+    # expected state dict = base's, with the replaced layers' entries swapped for the new ones
+    expected: dict[str, tuple[int, ...]] = {}
+    for key, tensor in base.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner not in new_modules:
+            expected[key] = tuple(tensor.shape)
+    for name, layer in new_modules.items():
+        for key, tensor in layer.state_dict().items():
+            expected[f"{name}.{key}"] = tuple(tensor.shape)
+    present = set(tensors) | set(meta.get("aliases", {}))
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    wrong = sorted(k for k, t in tensors.items() if k in expected and tuple(t.shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise SaveFormatError(
+            f"{directory / TENSORS} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shape {wrong[:5]}; load onto the same architecture it was saved from"
+        )
+    for name, layer in new_modules.items():
+        base.set_submodule(name, layer)
+    state = dict(tensors)
+    for alias, target in meta.get("aliases", {}).items():
+        state[alias] = tensors[target]
+    base.load_state_dict(state, strict=False, assign=False)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for layer in new_modules.values():
+        for p in layer.adapter_parameters():
+            p.requires_grad_(True)
+    if meta.get("plan") is not None:
+        from autoqra.plan import Plan
+
+        setattr(base, PLAN_ATTR, Plan.from_dict(meta["plan"]))
+    return base

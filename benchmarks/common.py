@@ -1,0 +1,42 @@
+"""Shared helpers of the benchmark scripts: results folder, JSON writing, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=1, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def truncated_smollm2(n_layers: int):
+    """SmolLM2-135M with only its first ``n_layers`` decoder blocks (and the tokenizer)."""
+    from autoqra.zoo import load_default_model
+
+    model, tokenizer = load_default_model()
+    model.model.layers = model.model.layers[:n_layers]
+    model.config.num_hidden_layers = n_layers
+    return model, tokenizer
