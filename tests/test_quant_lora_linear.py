@@ -242,6 +242,13 @@ def test_dtype_cast_keeps_the_stored_format(bits: int) -> None:
     assert float((y_bf16.float() - y).norm() / y.norm()) < 2e-2
 
 
+def test_works_when_built_and_run_in_inference_mode() -> None:
+    with torch.inference_mode():
+        m = QuantLoRALinear.from_linear(nn.Linear(64, 32), 4, 4)
+        assert m(torch.randn(2, 64)).shape == (2, 32)
+        assert m(torch.randn(0, 64)).shape == (0, 32)
+
+
 def test_merge_on_quantized_base_reports_error_and_forbids_unmerge(caplog: pytest.LogCaptureFixture) -> None:
     m = QuantLoRALinear.from_linear(nn.Linear(128, 64), 4, 8)
     with torch.no_grad():

@@ -81,6 +81,14 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiler.is_compiling() or exporting
 
 
+def _version_of(t: torch.Tensor) -> int:
+    """A tensor's in-place version counter (-1 for inference tensors, which keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     pytorch_utils = optional_import("transformers.pytorch_utils")
     conv1d = getattr(pytorch_utils, "Conv1D", None) if pytorch_utils is not None else None
@@ -295,6 +303,10 @@ class QuantLoRALinear(nn.Module):
                 self._buffers[n] = old.to(new.device)
         return result
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._kernel_cache = None  # new buffer contents: the kernel layout is rebuilt on next use
+        super()._load_from_state_dict(*args, **kwargs)
+
     # -- views ----------------------------------------------------------------------------------
     @property
     def spec(self) -> QuantSpec | None:
@@ -357,22 +369,21 @@ class QuantLoRALinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def _kernel_eligible(self, x: torch.Tensor) -> bool:
-        if not (
+        return (
             self.fast_path
             and self.bits <= 4
             and self.codebook is None
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and x.shape[0] > 0
             and self.out_features % 16 == 0
             and self.group_size in _INT4_GROUP_SIZES
             and _int4_kernel_available()
-        ):
-            return False
-        return True
+        )
 
     def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """int4 kernel layout of the packed codes and bf16 (scale, offset), cached per buffer version."""
-        key = tuple(v for t in (self.qweight, self.scale, self.zero) for v in (t.data_ptr(), t._version))
+        key = tuple(v for t in (self.qweight, self.scale, self.zero) for v in (t.data_ptr(), _version_of(t)))
         if self._kernel_cache is not None and self._kernel_cache[0] == key:
             return self._kernel_cache[1], self._kernel_cache[2]
         n_groups = self.scale.shape[1]
