@@ -17,7 +17,7 @@ from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.program import Program
 from autoqra.passes import AnnotateCostPass, AssignGroupsPass, BuildLayerGraphPass, PassManager
-from autoqra.passes.calibrate import CalibratePass
+from autoqra.passes.calibrate import Calibration, CalibratePass
 from autoqra.passes.search import Patterns, SearchPass
 from autoqra.passes.sensitivity import EstimateSensitivityPass
 from autoqra.passes.validate import ValidatePlanPass
@@ -54,6 +54,8 @@ def _front_half(
 ) -> tuple[Program, PassManager, str]:
     program = capture(model, example_inputs, config=capture_config)
     calibrate = CalibratePass(calib, gradients=gradients, max_batches=calib_batches, progress=progress)
+    if isinstance(calib, Calibration):
+        gradients = calib.gradients
     name = estimator or default_estimator(calib is not None, gradients)
     check_estimator_inputs(name, calib is not None, calib is not None and gradients)
     manager = PassManager([
@@ -66,6 +68,23 @@ def _front_half(
     ])
     manager.run(program)
     return program, manager, name
+
+
+def calibrate(
+    model: nn.Module,
+    calib: object,
+    *,
+    gradients: bool = True,
+    calib_batches: int | None = None,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    progress: bool = True,
+) -> Calibration:
+    """Collect calibration statistics once; pass the result as ``calib=`` to several `compile` calls."""
+    program = capture(model, None, config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)))
+    PassManager([BuildLayerGraphPass(), CalibratePass(calib, gradients=gradients, max_batches=calib_batches,
+                                                      progress=progress)]).run(program)
+    return program.state["calibration"]
 
 
 def compile(  # noqa: A001  (the product's verb)
@@ -97,7 +116,8 @@ def compile(  # noqa: A001  (the product's verb)
     Args:
         model: a Hugging Face causal LM or any ``nn.Module`` (pass ``example_inputs`` then).
         budget: bytes (int), ``"50MB"``, ``"48MiB"``, ``"3.25bits"`` or a `Budget`.
-        calib: token batches (LongTensor [n, seq], list, DataLoader); None = data-free.
+        calib: token batches (LongTensor [n, seq], list, DataLoader), a `Calibration` from
+            `autoqra.calibrate`, or None (data-free).
         bits / ranks: the search space. group_size: quantization group (default 64).
         backend: quantization backend (``packed`` default). estimator: default
             ``fisher_weighted`` with calibration data, ``lora_residual`` without.

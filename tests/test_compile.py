@@ -203,3 +203,12 @@ def test_pareto_front_monotone(calib):
     assert costs == sorted(costs)
     assert all(a > b for a, b in zip(errors, errors[1:], strict=False))
     assert np.isfinite(errors).all()
+
+
+def test_calibration_reuse_gives_same_plan(calib):
+    cal = __import__("autoqra").calibrate(tiny_llama(), calib, progress=False)
+    direct = compile(tiny_llama(), "3.3bits", calib=calib, **PLAN).plan
+    reused = compile(tiny_llama(), "3.3bits", calib=cal, **PLAN).plan
+    assert direct.to_json() == reused.to_json()
+    with pytest.raises(DataError, match="another"):
+        compile(tiny_gpt2(), "4bits", calib=cal, **PLAN)

@@ -101,6 +101,15 @@ def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     )
 
 
+@dataclass
+class Calibration:
+    """Statistics collected once, reusable by several `autoqra.compile` calls on the same model."""
+
+    stats: dict[str, LayerStats]
+    tokens: int
+    gradients: bool
+
+
 class CalibratePass(PassBase):
     """Writes ``stats``: {layer name: LayerStats} in ``program.state['stats']``."""
 
@@ -109,13 +118,27 @@ class CalibratePass(PassBase):
 
     def __init__(self, calib: object | None, *, gradients: bool = True, max_batches: int | None = None,
                  progress: bool = True) -> None:
-        self.batches: Sequence[torch.Tensor] | None = None if calib is None else as_batches(calib)
+        self.reuse = calib if isinstance(calib, Calibration) else None
+        self.batches: Sequence[torch.Tensor] | None = None
+        if calib is not None and self.reuse is None:
+            self.batches = as_batches(calib)
         if self.batches is not None and max_batches is not None:
             self.batches = self.batches[:max_batches]
         self.gradients = gradients
         self.progress = progress
 
     def call(self, program: Program) -> PassResult:
+        if self.reuse is not None:
+            graph = program.require_graph()
+            missing = [n for n in graph.order() if n not in self.reuse.stats]
+            if missing:
+                raise DataError(
+                    f"the given Calibration has no statistics for {missing[:3]}...: it was collected on another "
+                    "model or layer selection; run autoqra.calibrate on this model"
+                )
+            program.state["stats"] = self.reuse.stats
+            program.state["calib_tokens"] = self.reuse.tokens
+            return PassResult(changed=False, info={"calibration": "reused", "tokens": self.reuse.tokens})
         if self.batches is None:
             program.state["stats"] = {}
             return PassResult(changed=False, info={"calibration": "none (data-free)"})
@@ -191,4 +214,5 @@ class CalibratePass(PassBase):
             logger.warning("calibration never reached %d layers (%s...): they get data-free errors", len(missing), missing[:3])
         program.state["stats"] = stats
         program.state["calib_tokens"] = tokens
+        program.state["calibration"] = Calibration(stats, tokens, self.gradients)
         return PassResult(info={"batches": len(self.batches), "tokens": tokens, "gradients": self.gradients})

@@ -90,8 +90,12 @@ class SearchPass(PassBase):
     def call(self, program: Program) -> PassResult:
         graph = program.require_graph()
         problem = self.build_problem(program)
-        dense = sum(max(k) for k in problem.cost)
-        if problem.budget >= dense:
+        dense_choice = [
+            min((k for c, k in zip(ch, cost, strict=True) if c[0] == 16), default=None)
+            for ch, cost in zip(problem.choices, problem.cost, strict=True)
+        ]
+        dense = None if None in dense_choice else sum(int(k) for k in dense_choice)
+        if dense is not None and problem.budget >= dense:
             logger.warning(
                 "the budget (%s bytes) is at or above the largest plan (%s bytes): nothing needs compressing",
                 f"{problem.budget:,}", f"{dense:,}",

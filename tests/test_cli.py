@@ -1,0 +1,86 @@
+"""The command line on a tiny local Hugging Face model folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_hf_dir import save_tiny_hf_model, write_text
+
+from autoqra.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_hf_model(tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    return write_text(tmp_path_factory.mktemp("text") / "calib.txt")
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("demo", "estimate", "compile", "pareto", "eval"):
+        assert command in out
+
+
+def test_estimate_prints_uniform_sizes_and_writes_graph(model_dir, tmp_path, capsys):
+    assert main(["estimate", str(model_dir), "--json", str(tmp_path / "g.json")]) == 0
+    out = capsys.readouterr().out
+    assert "capture route: export" in out and "quantizable layers: 14 in 2 blocks" in out
+    assert "uniform 3-bit" in out and "smallest feasible budget" in out
+    assert len(json.loads((tmp_path / "g.json").read_text())["nodes"]) == 14
+
+
+def test_compile_writes_plan_report_and_model(model_dir, text_file, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code = main(["compile", str(model_dir), "--budget", "5bits", "--calib", str(text_file), "--seq-len", "32",
+                 "--calib-windows", "4", "--out", str(out_dir)])
+    assert code == 0
+    plan = json.loads((out_dir / "plan.json").read_text())
+    assert len(plan["layers"]) == 14 and plan["total_bytes"] <= plan["budget_bytes"]
+    assert plan["settings"]["estimator"] == "fisher_weighted"
+    assert (out_dir / "model" / "model.safetensors").exists()
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["capture_route"] == "export"
+    assert "total" in capsys.readouterr().out
+
+
+def test_compile_plan_only_data_free(model_dir, tmp_path, capsys):
+    code = main(["compile", str(model_dir), "--budget", "4bits", "--calib", "none", "--plan-only",
+                 "--solver", "greedy", "--out", str(tmp_path)])
+    assert code == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["settings"]["estimator"] == "lora_residual" and plan["settings"]["solver"] == "greedy"
+    assert not (tmp_path / "model").exists()
+
+
+def test_pareto_writes_csv_and_png(model_dir, tmp_path):
+    assert main(["pareto", str(model_dir), "--calib", "none", "--points", "5", "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "pareto.csv").read_text().splitlines()
+    assert lines[0] == "budget_bytes,bytes,predicted_error" and len(lines) >= 4
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compile", "MODEL", "--budget", "lots", "--calib", "none"], "cannot parse budget"),
+        (["compile", "MODEL", "--budget", "1000", "--calib", "none", "--plan-only"], "infeasible"),
+        (["compile", "MODEL", "--budget", "4bits", "--calib", "none", "--solver", "magic"], "available"),
+        (["compile", "MODEL", "--budget", "4bits", "--calib", "none", "--bits", "2,x"], "comma-separated"),
+    ],
+)
+def test_bad_input_gives_error_and_exit_2(model_dir, argv, message, capsys):
+    argv = [str(model_dir) if a == "MODEL" else a for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parser_defaults():
+    args = build_parser().parse_args(["compile", "--budget", "3bits"])
+    assert args.model == "smollm2-135m" and args.calib == "lee" and args.solver == "exact"
