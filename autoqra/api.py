@@ -17,7 +17,7 @@ from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.program import Program
 from autoqra.passes import AnnotateCostPass, AssignGroupsPass, BuildLayerGraphPass, PassManager
-from autoqra.passes.calibrate import Calibration, CalibratePass
+from autoqra.passes.calibrate import CalibratePass, Calibration
 from autoqra.passes.search import Patterns, SearchPass
 from autoqra.passes.sensitivity import EstimateSensitivityPass
 from autoqra.passes.validate import ValidatePlanPass
