@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoqra.distributed import all_reduce_int, all_reduce_sum, is_distributed, shard
 from autoqra.errors import DataError
 from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
@@ -110,6 +111,26 @@ class Calibration:
     gradients: bool
 
 
+def _reduce_stats(graph, stats: dict[str, LayerStats], gradients: bool) -> dict[str, LayerStats]:
+    """Sum every layer's statistics over ranks (a rank may have seen no batch of a layer)."""
+    out: dict[str, LayerStats] = {}
+    for name in graph.order():
+        layer = graph.layer(name)
+        if layer.kind is LayerKind.EMBEDDING:
+            continue
+        st = stats.get(name) or LayerStats(torch.zeros(layer.in_features, dtype=torch.float64))
+        x2 = all_reduce_sum(st.x2_sum.clone())
+        x_count = all_reduce_int(st.x_count)
+        g2, g_count = None, 0
+        if gradients:
+            g2 = all_reduce_sum(st.g2_sum.clone() if st.g2_sum is not None else
+                                torch.zeros(layer.out_features, dtype=torch.float64))
+            g_count = all_reduce_int(st.g_count)
+        if x_count:
+            out[name] = LayerStats(x2, x_count, g2 if g_count else None, g_count)
+    return out
+
+
 class CalibratePass(PassBase):
     """Writes ``stats``: {layer name: LayerStats} in ``program.state['stats']``."""
 
@@ -192,8 +213,9 @@ class CalibratePass(PassBase):
         for p in model.parameters():
             p.requires_grad_(False)
         tokens = 0
+        batches = shard(self.batches)  # all of them in one process; a share under torch.distributed
         try:
-            iterator = tqdm(self.batches, desc="calibrate", unit="batch", disable=not self.progress)
+            iterator = tqdm(batches, desc="calibrate", unit="batch", disable=not self.progress)
             for batch in iterator:
                 batch = batch.to(device)
                 tokens += batch.numel()
@@ -209,6 +231,9 @@ class CalibratePass(PassBase):
             for p, flag in flags.items():
                 p.requires_grad_(flag)
             model.train(was_training)
+        if is_distributed():
+            stats = _reduce_stats(graph, stats, self.gradients)
+            tokens = all_reduce_int(tokens)
         missing = [n for n in graph.order() if n not in stats and graph.layer(n).kind is not LayerKind.EMBEDDING]
         if missing:
             logger.warning("calibration never reached %d layers (%s...): they get data-free errors", len(missing), missing[:3])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoqra.distributed import all_gather_dict, rank_and_world, shard
 from autoqra.errors import ConfigError
 from autoqra.ir.cost import DENSE_BITS
 from autoqra.ir.layer import LayerKind, LayerNode
@@ -60,7 +61,9 @@ class EstimateSensitivityPass(PassBase):
             spec = spec_cache.setdefault(bits, QuantSpec(bits=bits, group_size=self.group_size))
             return self.backend.dequantize(self.backend.quantize(w, spec, importance=importance))
 
-        for name in tqdm(graph.order(), desc=f"sensitivity ({self.estimator.name})", unit="layer",
+        tables: dict[str, dict[tuple[int, int], float]] = {}
+        mine = shard(graph.order())  # every layer in one process; a share of them under torch.distributed
+        for name in tqdm(mine, desc=f"sensitivity ({self.estimator.name})", unit="layer",
                          disable=not self.progress):
             layer = graph.layer(name)
             cost = graph.annotation(name).cost
@@ -80,5 +83,10 @@ class EstimateSensitivityPass(PassBase):
                 self.cache.put(key, table)
             else:
                 hits += 1
-            graph.set_error(name, {k: table[k] for k in cost})
-        return PassResult(info={"estimator": self.estimator.name, "cache_hits": hits, "layers": len(graph)})
+            tables[name] = {k: table[k] for k in cost}
+        tables = all_gather_dict(tables)
+        for name in graph.order():
+            graph.set_error(name, tables[name])
+        _, world = rank_and_world()
+        return PassResult(info={"estimator": self.estimator.name, "cache_hits": hits, "layers": len(graph),
+                                "processes": world})

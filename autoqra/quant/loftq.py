@@ -54,6 +54,26 @@ def clamp_stat(
     return s.clamp_min(1e-3 * mean)
 
 
+def _top_svd_gram(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of ``m`` from the eigen-decomposition of its smaller Gram
+    matrix in float64 (several times faster than a full SVD for the tall/wide layers of LLMs; the
+    top singular values are accurate to float32 precision)."""
+    m64 = m.double()
+    wide = m64.shape[0] <= m64.shape[1]
+    gram = m64 @ m64.T if wide else m64.T @ m64
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0)[:rank].clamp_min(0.0), evecs.flip(1)[:, :rank]
+    s = evals.sqrt()
+    inv = torch.where(s > s.max() * 1e-12, 1.0 / s, torch.zeros_like(s)) if rank else s
+    if wide:
+        u = evecs
+        vh = (m64.T @ u * inv).T
+    else:
+        vh = evecs.T
+        u = m64 @ evecs * inv
+    return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
+
+
 def lowrank_factors(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B [out, r], A [r, in])`` with ``B A`` the best rank-r approximation of ``m``; the singular
     values are split evenly (``B = U S^1/2``, ``A = S^1/2 V^T``)."""
@@ -64,8 +84,7 @@ def lowrank_factors(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
             u, s, v = torch.svd_lowrank(m, q=q, niter=2)
         u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
     else:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        u, s, vh = _top_svd_gram(m, rank)
     root = s.sqrt()
     return u * root, root.unsqueeze(1) * vh
 
