@@ -11,11 +11,14 @@ from autoqra.errors import (
     CaptureError,
     NoQuantizableLayersError,
 )
+from autoqra.io import load, save
 from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.graph import LayerGraph
 from autoqra.ir.layer import LayerKind, LayerNode
+from autoqra.peft_interop import save_peft_adapter, to_peft_config
 from autoqra.plan import Plan
+from autoqra.train import FinetuneResult, finetune
 
 __version__ = "0.1.0"
 
@@ -41,4 +44,10 @@ __all__ = [
     "pareto",
     "min_feasible_bytes",
     "uniform_costs",
+    "FinetuneResult",
+    "finetune",
+    "to_peft_config",
+    "save_peft_adapter",
+    "save",
+    "load",
 ]

@@ -200,6 +200,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from autoqra.data import text_to_token_windows
+    from autoqra.io import load, save
+    from autoqra.train import finetune
+    from autoqra.zoo import load_model
+
+    base, tokenizer = load_model(args.base)
+    model = load(args.compiled_dir, base)
+    if args.data == "lee":
+        train = lee_windows(tokenizer, split="calib", seq_len=args.seq_len, n=None)
+    else:
+        train = text_to_token_windows(args.data, tokenizer, seq_len=args.seq_len)
+    evaluation = None
+    if args.eval_data == "lee":
+        evaluation = lee_windows(tokenizer, split="eval", seq_len=args.eval_seq_len, n=args.eval_windows)
+    elif args.eval_data != "none":
+        evaluation = text_to_token_windows(args.eval_data, tokenizer, seq_len=args.eval_seq_len,
+                                           max_windows=args.eval_windows)
+    print(f"fine-tuning the adapters of {args.compiled_dir} on {args.base}: {train.shape[0]} windows of "
+          f"{args.seq_len} tokens, {args.steps} steps of {args.batch_size} x {args.grad_accum}")
+    result = finetune(
+        model, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+        grad_accum=args.grad_accum, scheduler=args.scheduler, warmup=args.warmup, seed=args.seed,
+        eval_data=evaluation, eval_every=args.eval_every, gradient_checkpointing=args.gradient_checkpointing,
+    )
+    print(f"loss: {result.losses[0]:.4f} (step 1) -> {result.losses[-1]:.4f} (step {result.steps}); "
+          f"{result.tokens_per_second:.0f} tokens/s over {result.seconds:.1f} s")
+    if result.eval_perplexities:
+        label = "Lee eval" if args.eval_data == "lee" else args.eval_data
+        (_, before), (_, after) = result.eval_perplexities[0], result.eval_perplexities[-1]
+        print(f"perplexity on {label} ({evaluation.shape[0]} x {evaluation.shape[1]} tokens): "
+              f"before {before:.3f}, after {after:.3f}")
+    out = save(model, args.out)
+    (out / "finetune.json").write_text(json.dumps(result.to_dict(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {out} (model.safetensors, autoqra_plan.json, finetune.json)")
+    if args.peft_out:
+        from autoqra.peft_interop import save_peft_adapter
+
+        save_peft_adapter(model, args.peft_out)
+        print(f"wrote a peft adapter to {args.peft_out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoqra",
@@ -241,6 +284,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=16, help="number of evaluation windows (default 16)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("finetune", help="fine-tune the adapters of a compiled model (autoqra compile --out DIR/model)")
+    p.add_argument("compiled_dir", help="directory written by autoqra.save / `autoqra compile --out` (its model/)")
+    p.add_argument("--base", default=DEFAULT_MODEL, help="the base model it was compiled from (default smollm2-135m)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default 1)")
+    p.add_argument("--seq-len", type=int, default=256, help="training window length (default 256)")
+    p.add_argument("--scheduler", default="constant", help="constant (default), cosine or linear")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="lee", help="training text file, or 'lee' (default: Lee training split)")
+    p.add_argument("--eval-data", default="lee", help="evaluation text file, 'lee' (default: Lee eval split) or 'none'")
+    p.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (default 16)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (default 512)")
+    p.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    p.add_argument("--out", required=True, help="output directory (the fine-tuned model, loadable by autoqra.load)")
+    p.add_argument("--peft-out", default=None, help="also write the adapters as a peft adapter to this directory")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

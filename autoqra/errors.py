@@ -64,3 +64,22 @@ class UnsupportedLayerError(AutoQRAError, ValueError):
 
 class MergeError(AutoQRAError, RuntimeError):
     """An adapter merge or unmerge is not possible in the current state."""
+
+
+class NotCompiledError(AutoQRAError, ValueError):
+    """A model without ``QuantLoRALinear`` layers was given where a compiled one is needed."""
+
+
+class NonFiniteLossError(AutoQRAError, FloatingPointError):
+    """Fine-tuning met a NaN/Inf loss or gradient; ``step`` is the step, the adapters were restored
+    to the last values that gave a finite loss (``restored_step``: the step they were used at, 0 =
+    before training)."""
+
+    def __init__(self, message: str, *, step: int, restored_step: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.restored_step = restored_step
+
+
+class PeftExportError(AutoQRAError, ValueError):
+    """A peft config / adapter cannot express the compiled model exactly; the message says why."""

@@ -1,0 +1,532 @@
+"""``autoqra.finetune``: a causal-LM training loop over the LoRA adapters of a compiled model.
+
+Only ``lora_A`` / ``lora_B`` of every :class:`~autoqra.modules.quant_lora_linear.QuantLoRALinear`
+train (AdamW); the packed bases never change. Choices made here:
+
+* **Data.** A LongTensor of tokens (1-D: cut into ``seq_len`` windows; 2-D ``[n, L]``: each row
+  cut into ``L // seq_len`` windows), ``(text, tokenizer)`` (tokenized, cut into windows that
+  start with BOS when the tokenizer prepends one, as :mod:`autoqra.data` does), or a DataLoader
+  / iterable yielding ``input_ids`` tensors or dicts (``input_ids``, optional ``attention_mask``
+  and ``labels`` with -100 for ignored targets); a DataLoader is re-iterated when exhausted and
+  keeps its own batch size, order and length.
+* **Determinism.** Window batches are drawn from a ``torch.Generator`` seeded with ``seed``
+  (a new permutation per pass over the windows); dropout runs under a forked global RNG seeded
+  with ``seed``, so the caller's RNG state is untouched and two runs give the same adapters.
+* **Loss.** Mean next-token cross-entropy in fp32 over the targets (position ``t`` predicts
+  token ``t + 1``; padding and -100 labels ignored), averaged over ``grad_accum`` micro-batches.
+* **Failure.** A NaN/Inf loss or gradient stops training with `NonFiniteLossError` naming the
+  step; the adapters are restored to the last values that gave a finite loss (a copy of the
+  adapters, which are small, is kept before every step).
+* **Distributed.** ``model`` may be wrapped by ``DistributedDataParallel`` (forward and
+  backward go through the wrapper, ``no_sync`` on the accumulation micro-steps); the adapters
+  are found on the wrapped module. Sharding the data across ranks is the caller's job for now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from autoqra.errors import ConfigError, DataError, NonFiniteLossError, NotCompiledError
+from autoqra.modules.quant_lora_linear import QuantLoRALinear
+
+__all__ = ["FinetuneResult", "StepInfo", "adapter_parameters", "finetune", "unwrap_model"]
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = ("constant", "cosine", "linear")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback sees after each optimizer step (``eval_perplexity`` only on eval steps).
+    A callback that returns ``True`` stops training after this step."""
+
+    step: int
+    loss: float
+    lr: float
+    tokens: int
+    tokens_per_second: float
+    eval_perplexity: float | None = None
+
+
+@dataclass
+class FinetuneResult:
+    """``losses[i]``: mean loss of step ``i + 1``; ``eval_perplexities``: ``(step, ppl)`` pairs,
+    step 0 being before training; ``tokens_per_second``: training tokens over training time
+    (evaluation excluded)."""
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    eval_perplexities: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["eval_perplexities"] = [list(p) for p in self.eval_perplexities]
+        return out
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (``model`` otherwise)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA parameters of every ``QuantLoRALinear`` in ``model`` (a wrapper is looked through).
+
+    Raises:
+        NotCompiledError: the model has no ``QuantLoRALinear`` (it was not compiled), or only
+            rank-0 ones (nothing to train).
+    """
+    layers = [m for m in unwrap_model(model).modules() if isinstance(m, QuantLoRALinear)]
+    if not layers:
+        raise NotCompiledError(
+            f"{type(unwrap_model(model)).__name__} has no QuantLoRALinear layer: call "
+            "autoqra.compile(model, budget, calib=...) first (or autoqra.io.load a compiled model)"
+        )
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for layer in layers:
+        for p in layer.adapter_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    if not params:
+        raise NotCompiledError(
+            "every QuantLoRALinear of the model has rank 0: there is no adapter to fine-tune; "
+            "compile with ranks above 0 (e.g. ranks=(8, 16)) or a larger budget"
+        )
+    return params
+
+
+# -- data ----------------------------------------------------------------------------------------
+def _tokens_from_text(data: tuple[Any, Any]) -> tuple[torch.Tensor, int | None]:
+    from autoqra.data import tokenize_text, window_bos_id
+
+    text, tokenizer = data
+    if isinstance(text, str):
+        texts = [text]
+    elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
+        texts = list(text)
+    else:
+        raise ConfigError(f"(text, tokenizer) data needs a str or a list of str, got {type(text).__name__}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    parts: list[torch.Tensor] = []
+    for i, t in enumerate(texts):
+        if i and eos is not None:
+            parts.append(torch.tensor([int(eos)], dtype=torch.long))  # documents joined by EOS
+        parts.append(tokenize_text(t, tokenizer))
+    tokens = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return tokens, window_bos_id(tokenizer)
+
+
+def token_windows(data: Any, seq_len: int, *, label: str = "data") -> torch.Tensor:
+    """Windows ``[n, seq_len]`` of a token tensor or ``(text, tokenizer)``.
+
+    Raises:
+        DataError: fewer tokens than one window (or 2-D rows shorter than ``seq_len``).
+        ConfigError: not token ids.
+    """
+    from autoqra.data import windows
+
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], torch.Tensor):
+        tokens, bos = _tokens_from_text(data)
+        if tokens.numel() + (bos is not None) < seq_len:
+            raise DataError(
+                f"{label}: the text has {tokens.numel()} tokens, fewer than one sequence of seq_len={seq_len}; "
+                "give more text or a smaller seq_len"
+            )
+        return windows(tokens, seq_len=seq_len, bos_token_id=bos)
+    if not isinstance(data, torch.Tensor) or data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+        raise ConfigError(
+            f"{label} must be a LongTensor of token ids, (text, tokenizer) or a DataLoader, got {type(data).__name__}"
+            + (f" of dtype {data.dtype}" if isinstance(data, torch.Tensor) else "")
+        )
+    data = data.long()
+    if data.dim() == 1:
+        if data.numel() < seq_len:
+            raise DataError(
+                f"{label} has {data.numel()} tokens, fewer than one sequence of seq_len={seq_len}; "
+                "give more tokens or a smaller seq_len"
+            )
+        return windows(data, seq_len=seq_len)
+    if data.dim() == 2:
+        n, length = data.shape
+        if n == 0 or length < seq_len:
+            raise DataError(
+                f"{label} rows have {length} tokens ({n} rows), fewer than one sequence of seq_len={seq_len}; "
+                f"pass seq_len={length} (or less) or longer rows"
+            )
+        per_row = length // seq_len
+        return data[:, : per_row * seq_len].reshape(n * per_row, seq_len).contiguous()
+    raise ConfigError(f"{label} token tensor must be 1-D or 2-D, got shape {tuple(data.shape)}")
+
+
+def _is_loader(data: Any) -> bool:
+    if isinstance(data, (torch.Tensor, str, bytes, dict)):
+        return False
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], torch.Tensor):
+        return False  # (text, tokenizer)
+    return isinstance(data, Iterable)
+
+
+def _window_batches(windows: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches of windows: a fresh seeded permutation per pass over the data."""
+    generator = torch.Generator().manual_seed(seed)
+    pending: list[int] = []
+    while True:
+        while len(pending) < batch_size:
+            pending.extend(torch.randperm(windows.shape[0], generator=generator).tolist())
+        idx, pending = pending[:batch_size], pending[batch_size:]
+        yield windows[idx]
+
+
+def _loader_batches(loader: Iterable[Any]) -> Iterator[Any]:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise DataError("the DataLoader yielded no batch; give it at least one sequence")
+
+
+def _as_batch(batch: Any) -> dict[str, torch.Tensor]:
+    """``{"input_ids", optional "attention_mask", optional "labels"}`` of one loader batch."""
+    if isinstance(batch, torch.Tensor):
+        out = {"input_ids": batch}
+    elif isinstance(batch, dict) or hasattr(batch, "keys"):
+        if "input_ids" not in batch:
+            raise ConfigError(f"a DataLoader batch dict needs 'input_ids', got keys {sorted(batch.keys())}")
+        out = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch and batch[k] is not None}
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        out = {"input_ids": batch[0]}
+    else:
+        raise ConfigError(
+            f"a DataLoader must yield input_ids tensors or dicts with 'input_ids', got {type(batch).__name__}"
+        )
+    ids = out["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+        raise ConfigError("input_ids must be an integer tensor")
+    if ids.dim() == 1:
+        out = {k: v.unsqueeze(0) for k, v in out.items()}
+    if out["input_ids"].dim() != 2 or out["input_ids"].shape[1] < 2:
+        raise DataError(
+            f"input_ids batches must be [batch, seq_len] with seq_len >= 2, got {tuple(out['input_ids'].shape)}"
+        )
+    return out
+
+
+# -- loss ----------------------------------------------------------------------------------------
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, use_cache_flag: bool) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy (fp32) of one batch and the number of targets it averages."""
+    ids = batch["input_ids"]
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    if use_cache_flag:
+        kwargs["use_cache"] = False
+    out = model(**kwargs)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+    labels = batch.get("labels")
+    if labels is None:
+        labels = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
+    target = labels[:, 1:]
+    pred = logits[:, :-1, :].float()
+    count = int((target != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss / max(count, 1), count
+
+
+# -- schedule ------------------------------------------------------------------------------------
+def lr_factor(step: int, *, steps: int, warmup: int, scheduler: str) -> float:
+    """Multiplier of the base learning rate for optimizer step ``step`` (0-based): linear warmup
+    over ``warmup`` steps, then constant / cosine to 0 / linear to 0 at ``steps``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if scheduler == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def _check_args(steps: int, lr: float, batch_size: int, seq_len: int, grad_accum: int, scheduler: str,
+                warmup: int, eval_every: int | None, max_grad_norm: float | None) -> None:
+    def positive_int(name: str, value: object, minimum: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"finetune: {name} must be an int >= {minimum}, got {value!r}")
+
+    positive_int("steps", steps)
+    positive_int("batch_size", batch_size)
+    positive_int("seq_len", seq_len, 2)
+    positive_int("grad_accum", grad_accum)
+    positive_int("warmup", warmup, 0)
+    if eval_every is not None:
+        positive_int("eval_every", eval_every)
+    if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise ConfigError(f"finetune: lr must be a positive number, got {lr!r} (e.g. lr=5e-4)")
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"finetune: scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ConfigError(f"finetune: max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm!r}")
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def _copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    for t, s in zip(targets, sources, strict=True):
+        t.copy_(s)
+
+
+def _restore(params: list[nn.Parameter], snapshot: list[torch.Tensor]) -> None:
+    _copy_into(params, snapshot)
+
+
+@contextlib.contextmanager
+def _gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Turn a Hugging Face model's activation checkpointing on for the loop (off again after,
+    when it was off): ``activation_checkpointing_enable`` (transformers >= 5) or the older
+    ``gradient_checkpointing_enable``."""
+    if not enabled:
+        yield
+        return
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    enable = getattr(model, "activation_checkpointing_enable" if new_api else "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", True):
+        raise ConfigError(
+            f"gradient_checkpointing=True needs a Hugging Face model that supports activation checkpointing; "
+            f"{type(model).__name__} does not: wrap its blocks in torch.utils.checkpoint yourself"
+        )
+    was_on = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
+    # non-reentrant: the frozen embeddings give inputs without grad, which the reentrant variant drops
+    kwargs = {"use_reentrant": False}
+    if new_api:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        yield
+    finally:
+        if not was_on:
+            getattr(model, "activation_checkpointing_disable" if new_api else "gradient_checkpointing_disable")()
+
+
+def finetune(
+    model: nn.Module,
+    data: Any,
+    *,
+    steps: int,
+    lr: float = 5e-4,
+    batch_size: int = 4,
+    seq_len: int = 256,
+    grad_accum: int = 1,
+    scheduler: str = "constant",
+    warmup: int = 0,
+    seed: int = 0,
+    eval_data: Any = None,
+    eval_every: int | None = None,
+    gradient_checkpointing: bool = False,
+    callbacks: Sequence[Callable[[StepInfo], Any]] = (),
+    progress: bool = True,
+    max_grad_norm: float | None = 1.0,
+    weight_decay: float = 0.0,
+) -> FinetuneResult:
+    """Fine-tune the LoRA adapters of a compiled model on a causal-LM objective, in place.
+
+    Args:
+        model: a model compiled by `autoqra.compile` (or loaded by `autoqra.io.load`), possibly
+            wrapped by ``DistributedDataParallel``.
+        data: token ids (1-D / 2-D LongTensor), ``(text or [texts], tokenizer)``, or a DataLoader
+            yielding ``input_ids`` (tensors or dicts); see the module docstring.
+        steps: optimizer steps; each sees ``grad_accum`` batches of ``batch_size`` windows of
+            ``seq_len`` tokens (a DataLoader's batches are taken as they come).
+        lr / scheduler / warmup: AdamW learning rate, ``constant`` | ``cosine`` | ``linear``
+            decay to 0 at ``steps``, after ``warmup`` steps of linear warmup.
+        seed: batch order and dropout.
+        eval_data: windows (2-D, used as given), tokens (1-D, cut at ``seq_len``) or
+            ``(text, tokenizer)`` whose perplexity (`autoqra.evaluate.perplexity`) is measured
+            before training, every ``eval_every`` steps and at the end.
+        gradient_checkpointing: recompute activations in the backward (Hugging Face models).
+        callbacks: called with a `StepInfo` after every step; returning ``True`` stops training.
+        max_grad_norm: clip the adapters' gradient norm (None: no clipping).
+
+    Raises:
+        NotCompiledError: no ``QuantLoRALinear`` in the model (call `autoqra.compile` first).
+        ConfigError: a bad argument (steps or batch_size < 1, unknown scheduler, ...).
+        DataError: less data than one sequence.
+        NonFiniteLossError: a NaN/Inf loss or gradient; the adapters are restored.
+    """
+    _check_args(steps, lr, batch_size, seq_len, grad_accum, scheduler, warmup, eval_every, max_grad_norm)
+    inner = unwrap_model(model)
+    params = adapter_parameters(inner)
+    trainable = {id(p) for p in params}
+    stray = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in trainable]
+    if stray:
+        logger.warning(
+            "finetune trains only the adapters; %d other parameters require grad and get gradients that are "
+            "never used (e.g. %s): freeze them to save memory", len(stray), stray[0]
+        )
+    for p in params:
+        p.requires_grad_(True)
+    device = _model_device(inner)
+
+    if _is_loader(data):
+        batches: Iterator[Any] = _loader_batches(data)
+        from_loader = True
+    else:
+        train_windows = token_windows(data, seq_len, label="data")
+        if train_windows.shape[0] < batch_size:
+            logger.warning("only %d windows for batch_size=%d: windows repeat within a batch",
+                           train_windows.shape[0], batch_size)
+        batches = _window_batches(train_windows, batch_size, seed)
+        from_loader = False
+    eval_windows = None
+    if isinstance(eval_data, torch.Tensor) and eval_data.dim() == 2:
+        eval_windows = eval_data.long()  # windows as given (any length >= 2)
+    elif eval_data is not None:
+        eval_windows = token_windows(eval_data, seq_len, label="eval_data")
+
+    use_cache_flag = getattr(getattr(inner, "config", None), "use_cache", None) is not None
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps=steps, warmup=warmup, scheduler=scheduler)
+    )
+    result = FinetuneResult(steps=0)
+
+    def evaluate(step: int) -> float:
+        from autoqra.evaluate import perplexity
+
+        ppl = perplexity(inner, eval_windows, batch_size=batch_size, progress=False)
+        result.eval_perplexities.append((step, ppl))
+        logger.info("step %d: eval perplexity %.4f", step, ppl)
+        return ppl
+
+    modes = [(m, m.training) for m in inner.modules()]
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    warned_shape = False
+    try:
+        if eval_windows is not None:
+            evaluate(0)
+        with (
+            torch.random.fork_rng(devices=rng_devices),
+            _gradient_checkpointing(inner, gradient_checkpointing),
+            tqdm(total=steps, desc="finetune", unit="step", disable=not progress) as bar,
+        ):
+            torch.manual_seed(seed)
+            model.train()
+            # two preallocated copies of the adapters: the last that gave a finite loss, and this step's
+            good, start = _snapshot(params), _snapshot(params)
+            good_step = 0
+            for step in range(1, steps + 1):
+                t0 = time.perf_counter()
+                _copy_into(start, params)
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                step_tokens = 0
+                for micro in range(grad_accum):
+                    raw = next(batches)
+                    batch = _as_batch(raw) if from_loader else {"input_ids": raw}
+                    if from_loader and not warned_shape:
+                        warned_shape = True
+                        shape = tuple(batch["input_ids"].shape)
+                        if shape != (batch_size, seq_len):
+                            logger.warning("finetune: the DataLoader's batches are %s; batch_size=%d and "
+                                           "seq_len=%d are not used", shape, batch_size, seq_len)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    sync = is_ddp and micro < grad_accum - 1
+                    with model.no_sync() if sync else contextlib.nullcontext():
+                        loss, _ = causal_lm_loss(model, batch, use_cache_flag=use_cache_flag)
+                        value = float(loss.detach())
+                        if not math.isfinite(value):
+                            _restore(params, good)
+                            raise NonFiniteLossError(
+                                f"the loss is {value} at step {step} (micro-batch {micro + 1}/{grad_accum}); the "
+                                f"adapters were restored to {_when(good_step)}, the last that gave a finite loss. "
+                                "Lower lr, check the data for bad token ids, or train in float32",
+                                step=step, restored_step=good_step,
+                            )
+                        (loss / grad_accum).backward()
+                    step_loss += value / grad_accum
+                    step_tokens += int(batch["input_ids"].numel())
+                good, start, good_step = start, good, step  # the adapters of this step gave a finite loss
+                norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+                if not math.isfinite(float(norm)):
+                    _restore(params, good)
+                    raise NonFiniteLossError(
+                        f"the adapters' gradient norm is {float(norm)} at step {step}; the adapters were restored "
+                        f"to {_when(good_step)}, the last that gave a finite loss. Lower lr or check the data",
+                        step=step, restored_step=good_step,
+                    )
+                current_lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                schedule.step()
+                seconds = time.perf_counter() - t0
+                result.steps = step
+                result.losses.append(step_loss)
+                result.lrs.append(current_lr)
+                result.tokens += step_tokens
+                result.seconds += seconds
+                result.tokens_per_second = result.tokens / max(result.seconds, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{result.tokens_per_second:.0f}")
+                ppl = None
+                if eval_windows is not None and step < steps and eval_every and step % eval_every == 0:
+                    ppl = evaluate(step)
+                    model.train()
+                info = StepInfo(step=step, loss=step_loss, lr=current_lr, tokens=result.tokens,
+                                tokens_per_second=result.tokens_per_second, eval_perplexity=ppl)
+                stop = [cb(info) is True for cb in callbacks]  # every callback sees every step
+                if any(stop) and step < steps:
+                    result.stopped_early = True
+                    logger.info("a callback stopped training after step %d", step)
+                    break
+    finally:
+        for module, training in modes:
+            module.training = training
+    if eval_windows is not None:
+        evaluate(result.steps)
+    logger.info("fine-tuned %d steps: loss %.4f -> %.4f, %.0f tokens/s", result.steps, result.losses[0],
+                result.losses[-1], result.tokens_per_second)
+    return result
+
+
+def _when(step: int) -> str:
+    return "their values before training" if step == 0 else f"their values at step {step}"

@@ -1,0 +1,64 @@
+"""Smoke test of the benchmark scripts in their ``--quick`` mode (what CI runs): exit code 0 and
+the JSON result written with the expected keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run_quick(script: str, result: str) -> dict:
+    path = RESULTS / f"{result}.json"
+    if path.exists():
+        path.unlink()
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert path.exists(), f"{script} --quick did not write {path}"
+    return json.loads(path.read_text())
+
+
+def test_layer_speed_quick() -> None:
+    data = run_quick("layer_speed.py", "layer_speed_quick")
+    for key in ("machine", "quick", "size", "torch_threads", "thread_counts", "layers", "results", "bnb",
+                "base_bytes", "rel_error_b32", "goal_packed4_le_2x"):
+        assert key in data, key
+    assert data["quick"] is True
+    assert data["size"] == 512
+    assert data["machine"]["torch_threads"] >= 1
+    for name in ("fp32", "packed-2", "packed-3", "packed-4", "packed-8"):
+        assert name in data["layers"]
+    assert set(data["bnb"]) == {"bnb-nf4", "bnb-nf4 train-mode"}
+    for results in data["results"].values():
+        assert set(results) == {"fwd_b1", "fwd_b32", "fwd+bwd_b1", "fwd+bwd_b32"}
+        for mode in results.values():
+            assert mode["fp32"]["ratio_to_fp32"] == pytest.approx(1.0)
+            for bits in (2, 3, 4, 8):
+                r = mode[f"packed-{bits}"]
+                assert r["seconds"] > 0 and r["ratio_to_fp32"] > 0
+
+
+def test_rounding_quick() -> None:
+    data = run_quick("rounding.py", "rounding_quick")
+    for key in ("machine", "quick", "fp32_perplexity", "rows", "perplexity", "ratio_to_minmax", "group_size"):
+        assert key in data, key
+    assert data["quick"] is True
+    assert data["group_size"] == 64
+    expected = {"fp32"} | {f"{m}-{b}" for m in ("minmax", "mse", "mse+imp") for b in (2, 3, 4)}
+    assert set(data["perplexity"]) == expected
+    assert all(v > 1.0 for v in data["perplexity"].values())
+    assert set(data["ratio_to_minmax"]) == {f"{m}-{b}" for m in ("mse", "mse+imp") for b in (2, 3, 4)}
