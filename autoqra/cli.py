@@ -90,7 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     del model
     print()
     run_demo(print, budget=args.budget, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
-             solver=args.solver, group_size=args.group_size)
+             solver=args.solver, group_size=args.group_size, finetune_steps=args.finetune_steps)
     return 0
 
 
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 512 tokens (default 8)")
     p.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 tokens (default 16)")
     p.add_argument("--solver", default="exact", help="solver for the joint plan (default exact)")
+    p.add_argument("--finetune-steps", type=int, default=10,
+                   help="adapter fine-tuning steps after compiling (default 10; 0 skips)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("estimate", help="will it fit: bytes of every uniform plan, no weights changed")

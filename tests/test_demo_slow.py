@@ -1,0 +1,21 @@
+"""The main job on the real SmolLM2 + Lee corpus, at a reduced size (slow: real model)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_the_real_model():
+    from autoqra.demo import run_demo
+
+    lines: list[str] = []
+    results = run_demo(lines.append, calib_windows=2, eval_windows=2, finetune_steps=1)
+    text = "\n".join(lines)
+    assert "capture route: export; 210 quantizable layers in 30 blocks" in text
+    for label in ("uniform 4-bit r8", "uniform 3-bit r8", "autoqra joint"):
+        assert results[label]["bytes"] == results[label]["plan_bytes"]  # real bytes == cost model
+        assert 25 < results[label]["ppl"] < 200
+    assert results["autoqra joint"]["bytes"] <= results["uniform 3-bit r8"]["bytes"]
+    assert results["fp32"]["ppl"] < results["uniform 4-bit r8"]["ppl"] < results["uniform 3-bit r8"]["ppl"]
+    assert "ppl_finetuned" in results["uniform 3-bit r8"]
