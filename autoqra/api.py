@@ -13,6 +13,7 @@ from torch import nn
 
 from autoqra.budget import Budget
 from autoqra.config import SearchSpace
+from autoqra.errors import ConfigError
 from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.program import Program
@@ -50,7 +51,7 @@ class CompileResult:
 def _front_half(
     model: nn.Module, *, calib: object | None, space: SearchSpace, cost_model: CostModel, backend: str,
     estimator: str | None, capture_config: CaptureConfig, example_inputs: object, gradients: bool,
-    calib_batches: int | None, cache_dir: Path | None, progress: bool,
+    calib_batches: int | None, cache_dir: Path | None, progress: bool, rounding: str = "rtn",
 ) -> tuple[Program, PassManager, str]:
     program = capture(model, example_inputs, config=capture_config)
     calibrate = CalibratePass(calib, gradients=gradients, max_batches=calib_batches, progress=progress)
@@ -64,10 +65,25 @@ def _front_half(
         AnnotateCostPass(cost_model, space),
         calibrate,
         EstimateSensitivityPass(name, backend=backend, group_size=cost_model.group_size,
-                                cache_dir=None if cache_dir is None else cache_dir / "errors", progress=progress),
+                                cache_dir=None if cache_dir is None else cache_dir / "errors", progress=progress,
+                                rounding=rounding),
     ])
     manager.run(program)
     return program, manager, name
+
+
+ROUNDINGS = ("auto", "gptq", "rtn")
+
+
+def resolve_rounding(rounding: str, calib: object | None, backend: str) -> str:
+    """``auto`` → ``gptq`` (error-compensating) with calibration data on the packed backend, else ``rtn``."""
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"unknown rounding {rounding!r}; available: {', '.join(ROUNDINGS)}")
+    if rounding == "auto":
+        return "gptq" if calib is not None and backend == "packed" else "rtn"
+    if rounding == "gptq" and (calib is None or backend != "packed"):
+        raise ConfigError("rounding='gptq' needs calibration data and backend='packed'; use rounding='rtn'")
+    return rounding
 
 
 def calibrate(
@@ -110,6 +126,7 @@ def compile(  # noqa: A001  (the product's verb)
     cache_dir: Path | str | None = "default",
     materialize: bool = True,
     progress: bool = True,
+    rounding: str = "auto",
 ) -> CompileResult:
     """Choose bits and LoRA rank for every layer under ``budget`` and rewrite ``model`` in place.
 
@@ -126,16 +143,21 @@ def compile(  # noqa: A001  (the product's verb)
         cache_dir: where error tables are cached (``"default"``: ``$AUTOQRA_CACHE`` or
             ``~/.cache/autoqra``; None: no cache).
         materialize: False plans only (no module is changed).
+        rounding: ``auto`` (default: ``gptq`` with calibration data on the packed backend, else
+            ``rtn``), ``gptq`` (error-compensating rounding under each layer's input second
+            moments; estimator and adapter init in the exact output-error norm) or ``rtn``
+            (per-group MSE-fitted rounding, input-weighted by the diagonal only).
     """
     start = time.perf_counter()
     budget = Budget.parse(budget)
     space = SearchSpace(bits=bits, ranks=ranks)
     cost_model = CostModel(group_size=group_size)
     cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+    rounding = resolve_rounding(rounding, calib, backend)
     program, front, est_name = _front_half(
         model, calib=calib, space=space, cost_model=cost_model, backend=backend, estimator=estimator,
         capture_config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)), example_inputs=example_inputs,
-        gradients=gradients, calib_batches=calib_batches, cache_dir=cache, progress=progress,
+        gradients=gradients, calib_batches=calib_batches, cache_dir=cache, progress=progress, rounding=rounding,
     )
     graph = program.require_graph()
     budget_bytes = budget.resolve(graph.total_numel())
@@ -147,7 +169,7 @@ def compile(  # noqa: A001  (the product's verb)
         from autoqra.passes.materialize import MaterializePass
 
         back.append(MaterializePass(backend=backend, group_size=group_size, alpha=alpha, loftq_iters=loftq_iters,
-                                    progress=progress))
+                                    progress=progress, rounding=rounding))
     PassManager(back, initial=frozenset({"model", "fx", "graph", "groups", "cost", "stats", "error"})).run(program)
     layers = {n: (graph.annotation(n).bits, graph.annotation(n).rank) for n in graph.order()}
     plan = Plan(
@@ -160,6 +182,7 @@ def compile(  # noqa: A001  (the product's verb)
         settings={
             "group_size": group_size, "backend": backend, "estimator": est_name, "solver": solver, "seed": seed,
             "bits": list(space.bits), "ranks": list(space.ranks), "alpha": alpha, "budget": budget.to_dict(),
+            "rounding": rounding,
         },
     )
     report = {
@@ -194,6 +217,7 @@ def pareto(
     calib_batches: int | None = None,
     cache_dir: Path | str | None = "default",
     progress: bool = True,
+    rounding: str = "auto",
 ) -> list[ParetoPoint]:
     """The front of bytes vs predicted error (one estimation, many solves). No module is changed."""
     space = SearchSpace(bits=bits, ranks=ranks)
@@ -202,7 +226,7 @@ def pareto(
     program, _, _ = _front_half(
         model, calib=calib, space=space, cost_model=cost_model, backend=backend, estimator=estimator,
         capture_config=CaptureConfig(), example_inputs=None, gradients=gradients, calib_batches=calib_batches,
-        cache_dir=cache, progress=progress,
+        cache_dir=cache, progress=progress, rounding=resolve_rounding(rounding, calib, backend),
     )
     graph = program.require_graph()
     numel = graph.total_numel()

@@ -83,3 +83,13 @@ class NonFiniteLossError(AutoQRAError, FloatingPointError):
 
 class PeftExportError(AutoQRAError, ValueError):
     """A peft config / adapter cannot express the compiled model exactly; the message says why."""
+
+
+class WorldSizeError(ConfigError):
+    """Distributed fine-tuning: the number of processes does not divide the global batch
+    (``batch_size``), so the ranks cannot take equal shares of it; the message names the fix."""
+
+    def __init__(self, message: str, *, batch_size: int, world_size: int) -> None:
+        super().__init__(message)
+        self.batch_size = batch_size
+        self.world_size = world_size

@@ -17,14 +17,25 @@ train (AdamW); the packed bases never change. Choices made here:
 * **Failure.** A NaN/Inf loss or gradient stops training with `NonFiniteLossError` naming the
   step; the adapters are restored to the last values that gave a finite loss (a copy of the
   adapters, which are small, is kept before every step).
-* **Distributed.** ``model`` may be wrapped by ``DistributedDataParallel`` (forward and
-  backward go through the wrapper, ``no_sync`` on the accumulation micro-steps); the adapters
-  are found on the wrapped module. Sharding the data across ranks is the caller's job for now.
+* **Distributed** (``torchrun`` / ``accelerate launch``, gloo or NCCL). ``batch_size`` is the
+  *global* batch: every rank draws the same seeded batch of ``batch_size`` windows and trains on
+  its slice of ``batch_size / world_size`` of them (`WorldSizeError` when the world size does not
+  divide it), so N processes see exactly the windows one process would. Gradients are averaged
+  over ranks, adapters only: a model wrapped by ``DistributedDataParallel`` (`wrap_ddp`) lets
+  DDP do it (bucketed all-reduce overlapping the backward, ``no_sync`` on accumulation
+  micro-steps); an unwrapped model in an initialized process group gets one explicit all-reduce
+  of the adapter gradients per step. Either way only ``requires_grad`` parameters (the adapters)
+  move; the packed bases are buffers and never travel during training. The step loss and token
+  count are all-reduced, so ``losses`` / ``tokens`` are global and identical on every rank, and a
+  NaN on one rank stops every rank at the same step. A DataLoader is used as given (give it a
+  ``DistributedSampler``). Dropout runs under ``seed + rank``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import logging
 import math
 import time
@@ -33,14 +44,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from autoqra.errors import ConfigError, DataError, NonFiniteLossError, NotCompiledError
+from autoqra.errors import ConfigError, DataError, NonFiniteLossError, NotCompiledError, WorldSizeError
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 
-__all__ = ["FinetuneResult", "StepInfo", "adapter_parameters", "finetune", "unwrap_model"]
+__all__ = ["FinetuneResult", "StepInfo", "adapter_parameters", "finetune", "unwrap_model", "wrap_ddp"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +128,111 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
             "compile with ranks above 0 (e.g. ranks=(8, 16)) or a larger budget"
         )
     return params
+
+
+# -- distributed ---------------------------------------------------------------------------------
+def _model_signature(model: nn.Module) -> str:
+    """Digest of every parameter's and buffer's name, shape and dtype (same plan <=> same digest)."""
+    h = hashlib.sha256()
+    for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
+        for name, t in items:
+            h.update(f"{kind}:{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()
+
+
+def wrap_ddp(model: nn.Module, *, device_ids: list[int] | None = None, **ddp_kwargs: Any) -> nn.Module:
+    """Wrap a compiled model in ``DistributedDataParallel`` for `finetune` under ``torchrun``.
+
+    Call after ``torch.distributed.init_process_group`` and after moving the model to this rank's
+    device. DDP registers only ``requires_grad`` parameters, i.e. the adapters, so its gradient
+    all-reduce carries the adapters only. Buffers (the packed bases) are broadcast from rank 0
+    once, at wrapping, and never again: ``forward_sync_buffers=False`` (torch >= 2.13) or
+    ``broadcast_buffers=False`` plus one explicit broadcast (older torch); DDP's default would
+    re-broadcast every base before every forward. ``ddp_kwargs`` go to DDP (they override these).
+
+    Raises:
+        ConfigError: no initialized process group, or the ranks hold different models (a
+            different plan): compile with the same budget, calibration data and seed everywhere,
+            or compile once, `autoqra.save`, and `autoqra.load` on every rank.
+        NotCompiledError: the model was not compiled.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(
+            "wrap_ddp needs an initialized process group: call torch.distributed.init_process_group"
+            '("nccl" on GPUs, "gloo" on CPU) first, in a script launched by torchrun or accelerate launch'
+        )
+    inner = unwrap_model(model)
+    adapter_parameters(inner)  # NotCompiledError before any collective
+    group = ddp_kwargs.get("process_group")
+    signatures: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(signatures, _model_signature(inner), group=group)
+    differ = [r for r, sig in enumerate(signatures) if sig != signatures[0]]
+    if differ:
+        raise ConfigError(
+            f"wrap_ddp: rank(s) {differ} hold a model with other parameter/buffer names or shapes than rank 0 "
+            "(another plan): compile with the same budget, bits, ranks, calibration data and seed on every rank, "
+            "or compile once, autoqra.save, and autoqra.load the folder on every rank"
+        )
+    device = _model_device(inner)
+    if device_ids is None and device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    ddp_cls = nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp_cls.__init__).parameters:
+        if "broadcast_buffers" not in ddp_kwargs:
+            ddp_kwargs.setdefault("forward_sync_buffers", False)
+    elif ddp_kwargs.setdefault("broadcast_buffers", False) is False:
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        with torch.no_grad():
+            for buffer in inner.buffers():
+                dist.broadcast(buffer, src=src, group=group)
+    return ddp_cls(model, device_ids=device_ids, **ddp_kwargs)
+
+
+def _distributed(model: nn.Module) -> tuple[str | None, Any, int, int]:
+    """(mode, group, rank, world): mode ``"ddp"`` (the wrapper averages gradients),
+    ``"all_reduce"`` (a plain model in a process group of more than one rank: `finetune` averages
+    the adapter gradients itself) or None (one process)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        group = model.process_group
+        world = dist.get_world_size(group)
+        if world > 1:
+            return "ddp", group, dist.get_rank(group), world
+        return None, None, 0, 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return "all_reduce", None, dist.get_rank(), dist.get_world_size()
+    return None, None, 0, 1
+
+
+def _check_world(batch_size: int, world: int) -> None:
+    if batch_size % world:
+        lower = batch_size // world * world
+        fix = f"batch_size={lower} or {lower + world}" if lower else f"batch_size={world}"
+        divisors = [n for n in range(1, batch_size + 1) if batch_size % n == 0]
+        raise WorldSizeError(
+            f"finetune: batch_size={batch_size} is the global batch, split evenly over the {world} processes, "
+            f"and {world} does not divide it: pass {fix} (a multiple of the world size), or launch a number of "
+            f"processes that divides {batch_size} ({', '.join(map(str, divisors))})",
+            batch_size=batch_size, world_size=world,
+        )
+
+
+@torch.no_grad()
+def _all_reduce_mean_grads(params: list[nn.Parameter], group: Any, world: int) -> None:
+    """Average the adapters' gradients over ranks: one all-reduce per dtype of a flat copy."""
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group_params in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group_params])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        offset = 0
+        for p in group_params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -372,11 +489,14 @@ def finetune(
 
     Args:
         model: a model compiled by `autoqra.compile` (or loaded by `autoqra.io.load`), possibly
-            wrapped by ``DistributedDataParallel``.
+            wrapped by ``DistributedDataParallel`` (`wrap_ddp`); see "Distributed" in the module
+            docstring for what changes under ``torchrun``.
         data: token ids (1-D / 2-D LongTensor), ``(text or [texts], tokenizer)``, or a DataLoader
             yielding ``input_ids`` (tensors or dicts); see the module docstring.
         steps: optimizer steps; each sees ``grad_accum`` batches of ``batch_size`` windows of
-            ``seq_len`` tokens (a DataLoader's batches are taken as they come).
+            ``seq_len`` tokens (a DataLoader's batches are taken as they come). Under
+            torch.distributed ``batch_size`` is the global batch; each rank trains on
+            ``batch_size / world_size`` windows of it.
         lr / scheduler / warmup: AdamW learning rate, ``constant`` | ``cosine`` | ``linear``
             decay to 0 at ``steps``, after ``warmup`` steps of linear warmup.
         seed: batch order and dropout.
@@ -391,6 +511,7 @@ def finetune(
         NotCompiledError: no ``QuantLoRALinear`` in the model (call `autoqra.compile` first).
         ConfigError: a bad argument (steps or batch_size < 1, unknown scheduler, ...).
         DataError: less data than one sequence.
+        WorldSizeError: under torch.distributed, the world size does not divide ``batch_size``.
         NonFiniteLossError: a NaN/Inf loss or gradient; the adapters are restored.
     """
     _check_args(steps, lr, batch_size, seq_len, grad_accum, scheduler, warmup, eval_every, max_grad_norm)
@@ -406,11 +527,20 @@ def finetune(
     for p in params:
         p.requires_grad_(True)
     device = _model_device(inner)
+    mode, group, rank, world = _distributed(model)
+    share: int | None = None  # this rank's slice of every global batch of windows
 
     if _is_loader(data):
         batches: Iterator[Any] = _loader_batches(data)
         from_loader = True
+        sampler = getattr(data, "sampler", None)
+        if mode and not isinstance(sampler, torch.utils.data.distributed.DistributedSampler):
+            logger.warning("finetune on %d processes takes a DataLoader's batches as they come: give it a "
+                           "DistributedSampler so every rank sees other data", world)
     else:
+        if mode:
+            _check_world(batch_size, world)
+            share = batch_size // world
         train_windows = token_windows(data, seq_len, label="data")
         if train_windows.shape[0] < batch_size:
             logger.warning("only %d windows for batch_size=%d: windows repeat within a batch",
@@ -448,9 +578,9 @@ def finetune(
         with (
             torch.random.fork_rng(devices=rng_devices),
             _gradient_checkpointing(inner, gradient_checkpointing),
-            tqdm(total=steps, desc="finetune", unit="step", disable=not progress) as bar,
+            tqdm(total=steps, desc="finetune", unit="step", disable=not progress or rank != 0) as bar,
         ):
-            torch.manual_seed(seed)
+            torch.manual_seed(seed + rank)
             model.train()
             # two preallocated copies of the adapters: the last that gave a finite loss, and this step's
             good, start = _snapshot(params), _snapshot(params)
@@ -463,6 +593,8 @@ def finetune(
                 step_tokens = 0
                 for micro in range(grad_accum):
                     raw = next(batches)
+                    if share is not None:  # every rank drew the same global batch: take this rank's slice
+                        raw = raw[rank * share : (rank + 1) * share]
                     batch = _as_batch(raw) if from_loader else {"input_ids": raw}
                     if from_loader and not warned_shape:
                         warned_shape = True
@@ -475,7 +607,8 @@ def finetune(
                     with model.no_sync() if sync else contextlib.nullcontext():
                         loss, _ = causal_lm_loss(model, batch, use_cache_flag=use_cache_flag)
                         value = float(loss.detach())
-                        if not math.isfinite(value):
+                        # distributed: checked after the step's all-reduce, so every rank stops together
+                        if not mode and not math.isfinite(value):
                             _restore(params, good)
                             raise NonFiniteLossError(
                                 f"the loss is {value} at step {step} (micro-batch {micro + 1}/{grad_accum}); the "
@@ -486,6 +619,20 @@ def finetune(
                         (loss / grad_accum).backward()
                     step_loss += value / grad_accum
                     step_tokens += int(batch["input_ids"].numel())
+                if mode:
+                    totals = torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=device)
+                    dist.all_reduce(totals, group=group)
+                    step_loss, step_tokens = float(totals[0]) / world, int(totals[1])
+                    if not math.isfinite(step_loss):
+                        _restore(params, good)
+                        raise NonFiniteLossError(
+                            f"the loss is {step_loss} at step {step} (on at least one of the {world} ranks); the "
+                            f"adapters were restored to {_when(good_step)}, the last that gave a finite loss. "
+                            "Lower lr, check the data for bad token ids, or train in float32",
+                            step=step, restored_step=good_step,
+                        )
+                    if mode == "all_reduce":
+                        _all_reduce_mean_grads(params, group, world)
                 good, start, good_step = start, good, step  # the adapters of this step gave a finite loss
                 norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
                 if not math.isfinite(float(norm)):

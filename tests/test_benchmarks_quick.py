@@ -62,3 +62,21 @@ def test_rounding_quick() -> None:
     assert set(data["perplexity"]) == expected
     assert all(v > 1.0 for v in data["perplexity"].values())
     assert set(data["ratio_to_minmax"]) == {f"{m}-{b}" for m in ("mse", "mse+imp") for b in (2, 3, 4)}
+
+
+def test_finetune_memory_quick() -> None:
+    data = run_quick("finetune_memory.py", "finetune_memory_quick")
+    for key in ("machine", "quick", "model", "rank", "steps", "batch_size", "seq_len", "runs", "ratio_peak_rss",
+                "goal_ratio", "meets_goal"):
+        assert key in data, key
+    assert data["quick"] is True and data["steps"] == 2
+    assert set(data["runs"]) == {"fp32", "autoqra"}
+    assert set(data["ratio_peak_rss"]) == {"autoqra"} and data["ratio_peak_rss"]["autoqra"] > 0
+    for kind, run in data["runs"].items():
+        assert run["worker"] == kind
+        for key in ("rss_fp32_loaded_mib", "rss_before_train_mib", "peak_rss_train_mib", "peak_rss_setup_mib",
+                    "tokens_per_second", "adapted_layers", "trainable_mib"):
+            assert run[key] > 0, (kind, key)
+        assert run["peak_rss_train_mib"] >= run["rss_before_train_mib"] * 0.9
+        assert len(run["losses"]) == 2
+    assert data["runs"]["fp32"]["adapted_layers"] == data["runs"]["autoqra"]["adapted_layers"]

@@ -212,3 +212,13 @@ def test_calibration_reuse_gives_same_plan(calib):
     assert direct.to_json() == reused.to_json()
     with pytest.raises(DataError, match="another"):
         compile(tiny_gpt2(), "4bits", calib=cal, **PLAN)
+
+
+def test_rounding_defaults_and_errors(calib):
+    assert compile(tiny_llama(), "4bits", calib=calib, **PLAN).plan.settings["rounding"] == "gptq"
+    assert compile(tiny_llama(), "4bits", **PLAN).plan.settings["rounding"] == "rtn"
+    assert compile(tiny_llama(), "4bits", calib=calib, rounding="rtn", **PLAN).plan.settings["rounding"] == "rtn"
+    with pytest.raises(ConfigError, match="needs calibration"):
+        compile(tiny_llama(), "4bits", rounding="gptq", **PLAN)
+    with pytest.raises(ConfigError, match="available: auto, gptq, rtn"):
+        compile(tiny_llama(), "4bits", rounding="best", **PLAN)

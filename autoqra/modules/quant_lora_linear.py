@@ -225,10 +225,13 @@ class QuantLoRALinear(nn.Module):
         adapter_dtype: torch.dtype = torch.float32,
         fast_path: bool = True,
         name: str | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> QuantLoRALinear:
         """Build from an ``nn.Linear`` or HF ``Conv1D``; LoftQ-initialize the adapter (see the
         module docstring). ``d`` / ``g``: per-input-channel RMS of the inputs and
-        per-output-channel RMS of the output gradient; a rank above ``min(in, out)`` is clamped."""
+        per-output-channel RMS of the output gradient; a rank above ``min(in, out)`` is clamped.
+        ``hessian``: the inputs' second-moment matrix ``[in, in]`` — error-compensating rounding
+        (`autoqra.quant.gptq`) and the adapter fitted in the exact output-error norm."""
         weight, bias = linear_weight(linear)
         w = check_weight(weight, name)
         out_f, in_f = w.shape
@@ -265,9 +268,15 @@ class QuantLoRALinear(nn.Module):
             if rank == 0 or loftq_iters == 0:
                 quantizer = get_backend(backend)
                 importance = None if d is None else d.detach().float().pow(2)
-                module.load_quantized(quantizer.quantize(w, spec, importance=importance, name=name))
+                if hessian is not None:
+                    from autoqra.quant.gptq import gptq_quantize
+
+                    module.load_quantized(gptq_quantize(w, spec, hessian, name=name))
+                else:
+                    module.load_quantized(quantizer.quantize(w, spec, importance=importance, name=name))
                 return module
-            qw, a, b = loftq_init(w, bits, rank, backend, spec, iters=loftq_iters, d=d, g=g, name=name)
+            qw, a, b = loftq_init(w, bits, rank, backend, spec, iters=loftq_iters, d=d, g=g, name=name,
+                                  hessian=hessian)
             module.load_quantized(qw)
             module.lora_A.copy_(a.to(adapter_dtype))
             module.lora_B.copy_((b / module.scaling).to(adapter_dtype))

@@ -2,6 +2,8 @@
 
 For every selected layer it collects
 * ``d2``: per-input-channel mean of x² over all calibration tokens (forward pre-hooks), and
+* ``xtx``: the full input second-moment matrix for layers with ``in_features ≤ covariance_max_dim``
+  (float32; it drives error-compensating rounding and the exact output-error norm), and
 * ``g2``: per-output-channel mean of (∂L/∂y)² of the token-summed causal-LM loss at the layer's
   output (tensor hooks on a few backward passes; no parameter gradient is computed).
 
@@ -37,11 +39,19 @@ class LayerStats:
     x_count: int = 0
     g2_sum: torch.Tensor | None = None
     g_count: int = 0
+    xtx_sum: torch.Tensor | None = None  # float32 [in, in] sum of x xᵀ (small layers only)
 
     @property
     def d(self) -> torch.Tensor:
         """Per-input-channel RMS of the inputs."""
         return (self.x2_sum / max(self.x_count, 1)).sqrt()
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        """The inputs' second-moment matrix E[x xᵀ] (None when not collected)."""
+        if self.xtx_sum is None or self.x_count == 0:
+            return None
+        return self.xtx_sum / self.x_count
 
     @property
     def g(self) -> torch.Tensor | None:
@@ -111,7 +121,7 @@ class Calibration:
     gradients: bool
 
 
-def _reduce_stats(graph, stats: dict[str, LayerStats], gradients: bool) -> dict[str, LayerStats]:
+def _reduce_stats(graph, stats: dict[str, LayerStats], gradients: bool, covariance_max_dim: int) -> dict[str, LayerStats]:
     """Sum every layer's statistics over ranks (a rank may have seen no batch of a layer)."""
     out: dict[str, LayerStats] = {}
     for name in graph.order():
@@ -126,8 +136,12 @@ def _reduce_stats(graph, stats: dict[str, LayerStats], gradients: bool) -> dict[
             g2 = all_reduce_sum(st.g2_sum.clone() if st.g2_sum is not None else
                                 torch.zeros(layer.out_features, dtype=torch.float64))
             g_count = all_reduce_int(st.g_count)
+        xtx = None
+        if layer.in_features <= covariance_max_dim:
+            xtx = all_reduce_sum(st.xtx_sum.clone() if st.xtx_sum is not None else
+                                 torch.zeros(layer.in_features, layer.in_features))
         if x_count:
-            out[name] = LayerStats(x2, x_count, g2 if g_count else None, g_count)
+            out[name] = LayerStats(x2, x_count, g2 if g_count else None, g_count, xtx)
     return out
 
 
@@ -138,7 +152,8 @@ class CalibratePass(PassBase):
     writes = ("stats",)
 
     def __init__(self, calib: object | None, *, gradients: bool = True, max_batches: int | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, covariance_max_dim: int = 2048) -> None:
+        self.covariance_max_dim = covariance_max_dim
         self.reuse = calib if isinstance(calib, Calibration) else None
         self.batches: Sequence[torch.Tensor] | None = None
         if calib is not None and self.reuse is None:
@@ -181,6 +196,10 @@ class CalibratePass(PassBase):
                 st = stats.setdefault(name, LayerStats(torch.zeros(flat.shape[-1], dtype=torch.float64)))
                 st.x2_sum += (flat * flat).sum(0).cpu()
                 st.x_count += flat.shape[0]
+                if flat.shape[-1] <= self.covariance_max_dim:
+                    x32 = x.reshape(-1, x.shape[-1]).float()
+                    xtx = (x32.T @ x32).cpu()
+                    st.xtx_sum = xtx if st.xtx_sum is None else st.xtx_sum.add_(xtx)
 
             def fwd_hook(_mod, _args, out):
                 if not (self.gradients and torch.is_grad_enabled()):
@@ -232,7 +251,7 @@ class CalibratePass(PassBase):
                 p.requires_grad_(flag)
             model.train(was_training)
         if is_distributed():
-            stats = _reduce_stats(graph, stats, self.gradients)
+            stats = _reduce_stats(graph, stats, self.gradients, self.covariance_max_dim)
             tokens = all_reduce_int(tokens)
         missing = [n for n in graph.order() if n not in stats and graph.layer(n).kind is not LayerKind.EMBEDDING]
         if missing:

@@ -26,7 +26,9 @@ class MaterializePass(PassBase):
     writes = ("materialized",)
 
     def __init__(self, *, backend: str = "packed", group_size: int = 64, alpha: float | None = None,
-                 loftq_iters: int = 2, weighted_init: bool = True, progress: bool = True) -> None:
+                 loftq_iters: int = 2, weighted_init: bool = True, progress: bool = True,
+                 rounding: str = "rtn") -> None:
+        self.rounding = rounding
         self.backend = backend
         self.group_size = group_size
         self.alpha = alpha
@@ -47,9 +49,10 @@ class MaterializePass(PassBase):
             st = stats.get(name)
             d = clamp_weights(st.d).float() if st is not None else None
             g = clamp_weights(st.g).float() if st is not None and st.g is not None else None
+            hessian = st.hessian if (self.rounding == "gptq" and st is not None) else None
             new = QuantLoRALinear.from_linear(
                 modules[name], ann.bits, ann.rank, alpha=self.alpha, d=d, g=g, loftq_iters=self.loftq_iters,
-                backend=self.backend, group_size=self.group_size, name=name,
+                backend=self.backend, group_size=self.group_size, name=name, hessian=hessian,
             )
             for alias in (name, *layer.tied):
                 # a tied sharer of another kind (an unselected embedding) keeps its own module

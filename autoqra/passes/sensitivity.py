@@ -16,6 +16,7 @@ from autoqra.ir.layer import LayerKind, LayerNode
 from autoqra.ir.program import Program
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.quant.base import QuantSpec, get_backend
+from autoqra.quant.gptq import damped_cholesky, gptq_quantize
 from autoqra.search.estimators import ErrorCache, get_estimator
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class EstimateSensitivityPass(PassBase):
     writes = ("error",)
 
     def __init__(self, estimator: str, *, backend: str = "packed", group_size: int = 64,
-                 cache_dir: Path | None = None, progress: bool = True) -> None:
+                 cache_dir: Path | None = None, progress: bool = True, rounding: str = "rtn") -> None:
+        self.rounding = rounding
         self.estimator = get_estimator(estimator)
         self.backend = get_backend(backend)
         self.group_size = group_size
@@ -57,8 +59,12 @@ class EstimateSensitivityPass(PassBase):
         hits = 0
         spec_cache: dict[int, QuantSpec] = {}
 
+        hessian: torch.Tensor | None = None
+
         def quantize(w: torch.Tensor, bits: int, importance: torch.Tensor | None) -> torch.Tensor:
             spec = spec_cache.setdefault(bits, QuantSpec(bits=bits, group_size=self.group_size))
+            if hessian is not None:
+                return self.backend.dequantize(gptq_quantize(w, spec, hessian, backend=self.backend))
             return self.backend.dequantize(self.backend.quantize(w, spec, importance=importance))
 
         tables: dict[str, dict[tuple[int, int], float]] = {}
@@ -71,15 +77,18 @@ class EstimateSensitivityPass(PassBase):
             ranks = tuple(sorted({r for _, r in cost}))
             weight = weight_matrix(modules[name], layer)
             d, g = self.estimator.weights(stats.get(name))
+            st = stats.get(name)
+            hessian = st.hessian if (self.rounding == "gptq" and self.estimator.use_d and st is not None) else None
+            right = damped_cholesky(hessian) if hessian is not None else None
             key = self.cache.key(
                 {"estimator": self.estimator.name, "backend": repr(self.backend), "group_size": self.group_size,
-                 "bits": list(bits), "ranks": list(ranks), "version": 1},
-                [weight, d, g],
+                 "bits": list(bits), "ranks": list(ranks), "rounding": self.rounding, "version": 2},
+                [weight, d, g, hessian],
             )
             table = self.cache.get(key)
             if table is None or set(table) != set(cost):
                 table = self.estimator.table(weight, tuple(b for b in bits if b != DENSE_BITS) + (
-                    (DENSE_BITS,) if DENSE_BITS in bits else ()), ranks, quantize, d, g)
+                    (DENSE_BITS,) if DENSE_BITS in bits else ()), ranks, quantize, d, g, right)
                 self.cache.put(key, table)
             else:
                 hits += 1

@@ -100,12 +100,17 @@ def loftq_init(
     d: torch.Tensor | None = None,
     g: torch.Tensor | None = None,
     name: str | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
     """Quantize ``weight [out, in]`` and return ``(Q, A [r, in], B [out, r])`` with
     ``deq(Q) + B @ A ~= weight`` (float32 factors; see the module docstring).
 
     ``spec`` defaults to ``QuantSpec(bits=bits)`` (group size 64); when given, its bits must
     equal ``bits``. A rank above ``min(out, in)`` is clamped (logged warning).
+
+    ``hessian`` (the inputs' second-moment matrix ``[in, in]``, packed backend only): quantize
+    with error compensation (`autoqra.quant.gptq`) and take the SVD in the exact output-error
+    norm ``diag(g)·R·L`` (``H = L Lᵀ``) instead of ``diag(g)·R·diag(d)``; ``A`` is unscaled by ``L⁻¹``.
     """
     if spec is None:
         spec = QuantSpec(bits=bits)
@@ -127,22 +132,41 @@ def loftq_init(
     g = clamp_stat(g, out_f, "g (output-gradient RMS)", name)
     importance = None if d is None else d * d
 
+    chol = None
+    if hessian is not None:
+        from autoqra.quant.gptq import damped_cholesky, gptq_quantize
+
+        if quantizer.name != "packed":
+            raise ConfigError(f"error-compensating rounding (hessian=...) needs the packed backend, not {quantizer.name!r}")
+        chol = damped_cholesky(hessian).float()
+
+        def quant(x: torch.Tensor) -> QuantizedWeight:
+            return gptq_quantize(x, spec, hessian, backend=quantizer, name=name)
+    else:
+
+        def quant(x: torch.Tensor) -> QuantizedWeight:
+            return quantizer.quantize(x, spec, importance=importance, name=name)
+
     a = w.new_zeros(rank, in_f)
     b = w.new_zeros(out_f, rank)
-    qw = quantizer.quantize(w, spec, importance=importance, name=name)
+    qw = quant(w)
     for step in range(iters):
         if step:
-            qw = quantizer.quantize(w - b @ a, spec, importance=importance, name=name)
+            qw = quant(w - b @ a)
         if rank == 0:
             break
         residual = w - quantizer.dequantize(qw).to(w.device)
         if g is not None:
             residual = residual * g.unsqueeze(1)
-        if d is not None:
+        if chol is not None:
+            residual = residual @ chol
+        elif d is not None:
             residual = residual * d.unsqueeze(0)
         b, a = lowrank_factors(residual, rank)
         if g is not None:
             b = b / g.unsqueeze(1)
-        if d is not None:
+        if chol is not None:
+            a = torch.linalg.solve_triangular(chol, a, upper=False, left=False)
+        elif d is not None:
             a = a / d.unsqueeze(0)
     return qw, a.contiguous(), b.contiguous()

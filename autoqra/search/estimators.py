@@ -70,8 +70,12 @@ class Estimator(ABC):
         quantize: Callable[[torch.Tensor, int, torch.Tensor | None], torch.Tensor],
         d: torch.Tensor | None,
         g: torch.Tensor | None,
+        right: torch.Tensor | None = None,
     ) -> dict[tuple[int, int], float]:
-        """{(bits, rank): error} for one layer; ``quantize(W, bits, importance) -> deq(Q(W))``."""
+        """{(bits, rank): error} for one layer; ``quantize(W, bits, importance) -> deq(Q(W))``.
+
+        ``right`` (a lower Cholesky factor L of the input second moments, H = L Lᵀ) replaces
+        diag(d): the norm ‖diag(g)·E·L‖² is then the exact output error tr(diag(g)² E H Eᵀ)."""
         w = weight.detach().float()
         max_rank = min(w.shape)
         out: dict[tuple[int, int], float] = {}
@@ -85,7 +89,9 @@ class Estimator(ABC):
             err = (w - quantize(w, b, importance)).double()
             if g is not None:
                 err = err * g[:, None]
-            if d is not None:
+            if right is not None:
+                err = err @ right.double()
+            elif d is not None:
                 err = err * d[None, :]
             gram = err @ err.T if err.shape[0] <= err.shape[1] else err.T @ err
             eig = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)

@@ -1,0 +1,230 @@
+"""Memory of LoRA fine-tuning: the autoqra-compiled SmolLM2 (uniform 4-bit bases, rank 8) against
+peft LoRA (r=8, every linear layer of the blocks) on the fp32 model: peak RSS and tokens/s.
+
+Each side runs in its own subprocess (``--worker fp32|autoqra``, one JSON line on stdout), one
+after the other, so neither sees the other's memory:
+
+* fp32: load SmolLM2 in fp32, ``peft.get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))``.
+* autoqra: load SmolLM2 in fp32, ``autoqra.compile(model, ..., bits=(4,), ranks=(8,))`` in place
+  (the fp32 weights of the replaced layers are freed), drop the compile result, ``gc.collect()``.
+
+Then, in both: ``gc.collect()`` and ``malloc_trim(0)``, RSS after setup is read, the peak RSS
+(``VmHWM``) is reset (``/proc/self/clear_refs`` = 5), and the same loop trains ``--steps`` steps on
+the same global batch stream (``--batch-size`` windows of ``--seq-len`` tokens of the Lee
+calibration split, seeded order): AdamW (lr 5e-4) over the trainable parameters, fp32 next-token
+cross-entropy, gradient-norm clip 1.0. The training peak is ``VmHWM`` after the loop; tokens/s
+leaves out the first step (warm-up). ``--gradient-checkpointing`` adds rows with activation
+checkpointing on for both.
+
+    python benchmarks/finetune_memory.py            # SmolLM2-135M, 4 x 256 tokens, 5 steps (~5 min on 2 cores)
+    python benchmarks/finetune_memory.py --quick    # a tiny Llama, 2 steps (seconds; CI smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from autoqra.report import table  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
+
+GOAL = 0.6
+RANK = 8
+
+
+# -- memory --------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return int(match.group(1))
+
+
+def rss_mib() -> float:
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib() -> float:
+    return _status_kib("VmHWM") / 1024
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False when the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back (glibc)
+    except (OSError, AttributeError):
+        pass
+
+
+def tensor_mib(model: torch.nn.Module) -> dict[str, float]:
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return {"params_mib": params / 2**20, "trainable_mib": trainable / 2**20, "buffers_mib": buffers / 2**20}
+
+
+# -- worker --------------------------------------------------------------------------------------
+def load(quick: bool, seq_len: int):
+    """(fp32 model, training windows [n, seq_len])."""
+    if quick:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_models import tiny_llama
+
+        tokens = torch.randperm(125, generator=torch.Generator().manual_seed(2))[:40].add(3).repeat(64)
+        windows = tokens[: tokens.numel() // seq_len * seq_len].view(-1, seq_len)
+        return tiny_llama(), windows
+    from autoqra.cli import lee_windows
+    from autoqra.zoo import load_default_model
+
+    model, tokenizer = load_default_model()
+    return model, lee_windows(tokenizer, split="calib", seq_len=seq_len, n=None)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    from autoqra.train import _window_batches, causal_lm_loss
+
+    start = time.perf_counter()
+    model, windows = load(args.quick, args.seq_len)
+    rss_loaded = rss_mib()
+    info: dict = {"worker": args.worker, "rss_fp32_loaded_mib": rss_loaded}
+    if args.worker == "fp32":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules="all-linear")
+        model = get_peft_model(model, config)
+        info["adapted_layers"] = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+    else:
+        import autoqra
+        from autoqra.modules.quant_lora_linear import QuantLoRALinear
+
+        result = autoqra.compile(model, "16bits", bits=(4,), ranks=(RANK,), calib=None, cache_dir=None,
+                                 progress=False)
+        info["plan_mib"] = result.plan.total_bytes / 2**20
+        del result  # the capture graph holds the replaced fp32 layers
+        info["adapted_layers"] = sum(1 for m in model.modules() if isinstance(m, QuantLoRALinear) and m.rank)
+    release_memory()
+    info.update(tensor_mib(model))
+    info["setup_seconds"] = time.perf_counter() - start
+    info["peak_rss_setup_mib"] = peak_rss_mib()
+    info["rss_before_train_mib"] = rss_mib()
+    info["peak_reset"] = reset_peak()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    batches = _window_batches(windows, args.batch_size, seed=0)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    torch.manual_seed(0)
+    losses, seconds = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = causal_lm_loss(model, {"input_ids": next(batches)}, use_cache_flag=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        seconds.append(time.perf_counter() - t0)
+    timed = seconds[1:] or seconds
+    info.update({
+        "peak_rss_train_mib": peak_rss_mib(),
+        "rss_after_train_mib": rss_mib(),
+        "losses": losses,
+        "step_seconds": seconds,
+        "tokens_per_second": args.batch_size * args.seq_len * len(timed) / sum(timed),
+    })
+    return info
+
+
+# -- driver --------------------------------------------------------------------------------------
+def run_worker(kind: str, args: argparse.Namespace, checkpointing: bool) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--gradient-checkpointing"] if checkpointing else []
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {kind} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny Llama and 2 steps (CI smoke)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 5; 2 with --quick)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 256; 32 with --quick)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="worker: train with activation checkpointing; driver: also measure that setting")
+    parser.add_argument("--worker", choices=("fp32", "autoqra"), default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.steps = args.steps or (2 if args.quick else 5)
+    args.seq_len = args.seq_len or (32 if args.quick else 256)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    settings = [False, True] if args.gradient_checkpointing else [False]
+    runs: dict[str, dict] = {}
+    for checkpointing in settings:
+        suffix = "+ckpt" if checkpointing else ""
+        for kind in ("fp32", "autoqra"):
+            runs[kind + suffix] = run_worker(kind, args, checkpointing)
+    ratios = {
+        ("autoqra" + s): runs["autoqra" + s]["peak_rss_train_mib"] / runs["fp32" + s]["peak_rss_train_mib"]
+        for s in (["", "+ckpt"] if args.gradient_checkpointing else [""])
+    }
+    model = "tiny Llama" if args.quick else "SmolLM2-135M"
+    print(f"{model}, LoRA r={RANK}, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps, "
+          f"{args.threads} thread(s)")
+    rows = []
+    for name, r in runs.items():
+        base = "fp32" + ("+ckpt" if name.endswith("+ckpt") else "")
+        rows.append([
+            name, r["adapted_layers"], f"{r['params_mib'] + r['buffers_mib']:.1f}", f"{r['trainable_mib']:.2f}",
+            f"{r['rss_before_train_mib']:.0f}", f"{r['peak_rss_train_mib']:.0f}",
+            f"{r['peak_rss_train_mib'] / runs[base]['peak_rss_train_mib']:.2f}x", f"{r['tokens_per_second']:.0f}",
+        ])
+    print(table(["run", "LoRA layers", "weights MiB", "adapters MiB", "RSS before train MiB",
+                 "peak RSS train MiB", "vs fp32", "tokens/s"], rows))
+    for name, ratio in ratios.items():
+        verdict = "meets" if ratio <= GOAL else "misses"
+        goal = "a smoke run: no goal for the tiny model" if args.quick else f"{verdict} the goal <= {GOAL}x"
+        print(f"{name}: peak RSS {ratio:.2f}x the fp32 LoRA run ({goal})")
+    path = write_json("finetune_memory_quick" if args.quick else "finetune_memory", {
+        "quick": args.quick, "model": model, "rank": RANK, "steps": args.steps, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "threads": args.threads, "runs": runs, "ratio_peak_rss": ratios, "goal_ratio": GOAL,
+        "meets_goal": {k: v <= GOAL for k, v in ratios.items()},
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
