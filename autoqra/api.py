@@ -126,7 +126,7 @@ def compile(  # noqa: A001  (the product's verb)
     cache_dir: Path | str | None = "default",
     materialize: bool = True,
     progress: bool = True,
-    rounding: str = "auto",
+    rounding: str = "rtn",
 ) -> CompileResult:
     """Choose bits and LoRA rank for every layer under ``budget`` and rewrite ``model`` in place.
 
@@ -143,10 +143,11 @@ def compile(  # noqa: A001  (the product's verb)
         cache_dir: where error tables are cached (``"default"``: ``$AUTOQRA_CACHE`` or
             ``~/.cache/autoqra``; None: no cache).
         materialize: False plans only (no module is changed).
-        rounding: ``auto`` (default: ``gptq`` with calibration data on the packed backend, else
-            ``rtn``), ``gptq`` (error-compensating rounding under each layer's input second
-            moments; estimator and adapter init in the exact output-error norm) or ``rtn``
-            (per-group MSE-fitted rounding, input-weighted by the diagonal only).
+        rounding: ``rtn`` (default: per-group MSE-fitted rounding, input-weighted by the
+            diagonal of the calibration second moments), ``gptq`` (error-compensating rounding
+            under each layer's full input second moments; estimator and adapter init in the exact
+            output-error norm; several times slower: a Python loop over columns), or ``auto``
+            (``gptq`` when calibration data is given on the packed backend, else ``rtn``).
     """
     start = time.perf_counter()
     budget = Budget.parse(budget)
@@ -217,7 +218,7 @@ def pareto(
     calib_batches: int | None = None,
     cache_dir: Path | str | None = "default",
     progress: bool = True,
-    rounding: str = "auto",
+    rounding: str = "rtn",
 ) -> list[ParetoPoint]:
     """The front of bytes vs predicted error (one estimation, many solves). No module is changed."""
     space = SearchSpace(bits=bits, ranks=ranks)

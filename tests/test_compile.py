@@ -215,9 +215,11 @@ def test_calibration_reuse_gives_same_plan(calib):
 
 
 def test_rounding_defaults_and_errors(calib):
-    assert compile(tiny_llama(), "4bits", calib=calib, **PLAN).plan.settings["rounding"] == "gptq"
-    assert compile(tiny_llama(), "4bits", **PLAN).plan.settings["rounding"] == "rtn"
-    assert compile(tiny_llama(), "4bits", calib=calib, rounding="rtn", **PLAN).plan.settings["rounding"] == "rtn"
+    assert compile(tiny_llama(), "4bits", calib=calib, **PLAN).plan.settings["rounding"] == "rtn"
+    assert compile(tiny_llama(), "4bits", calib=calib, rounding="auto", **PLAN).plan.settings["rounding"] == "gptq"
+    assert compile(tiny_llama(), "4bits", rounding="auto", **PLAN).plan.settings["rounding"] == "rtn"
+    gptq = compile(tiny_llama(), "4bits", calib=calib, rounding="gptq", **PLAN)
+    assert gptq.plan.settings["rounding"] == "gptq" and gptq.plan.total_bytes <= gptq.plan.budget_bytes
     with pytest.raises(ConfigError, match="needs calibration"):
         compile(tiny_llama(), "4bits", rounding="gptq", **PLAN)
     with pytest.raises(ConfigError, match="available: auto, gptq, rtn"):
