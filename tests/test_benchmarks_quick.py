@@ -80,3 +80,14 @@ def test_finetune_memory_quick() -> None:
         assert run["peak_rss_train_mib"] >= run["rss_before_train_mib"] * 0.9
         assert len(run["losses"]) == 2
     assert data["runs"]["fp32"]["adapted_layers"] == data["runs"]["autoqra"]["adapted_layers"]
+
+
+def test_compile_cost_quick() -> None:
+    data = run_quick("compile_cost.py", "compile_cost_quick")
+    assert data["quick"] is True
+    assert [m["blocks"] for m in data["models"]] == [1, 2]
+    assert all(m["capture_route"] == "export" for m in data["models"])
+    solvers = {(r["groups"], r["solver"]) for r in data["solvers"]}
+    assert {(10, "exact"), (10, "greedy"), (10, "differentiable")} <= solvers
+    assert all(r["within_budget"] for r in data["solvers"])
+    assert all(r["gap_vs_exact"] >= -1e-9 for r in data["solvers"])
