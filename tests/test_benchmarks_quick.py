@@ -72,10 +72,12 @@ def test_finetune_memory_quick() -> None:
     assert data["quick"] is True and data["steps"] == 2
     assert set(data["runs"]) == {"fp32", "autoqra"}
     assert set(data["ratio_peak_rss"]) == {"autoqra"} and data["ratio_peak_rss"]["autoqra"] > 0
+    assert set(data["ratio_peak_above_baseline"]) == {"autoqra"}
     for kind, run in data["runs"].items():
         assert run["worker"] == kind
-        for key in ("rss_fp32_loaded_mib", "rss_before_train_mib", "peak_rss_train_mib", "peak_rss_setup_mib",
-                    "tokens_per_second", "adapted_layers", "trainable_mib"):
+        for key in ("rss_baseline_mib", "rss_fp32_loaded_mib", "rss_before_train_mib", "peak_rss_train_mib",
+                    "peak_rss_setup_mib", "peak_above_baseline_mib", "tokens_per_second", "adapted_layers",
+                    "trainable_mib"):
             assert run[key] > 0, (kind, key)
         assert run["peak_rss_train_mib"] >= run["rss_before_train_mib"] * 0.9
         assert len(run["losses"]) == 2
