@@ -195,6 +195,14 @@ def compile(  # noqa: A001  (the product's verb)
         "timings": program.state.get("timings", []),
         "seconds": round(time.perf_counter() - start, 3),
         "materialized": materialize,
+        "total_bytes": plan.total_bytes,
+        "budget_bytes": plan.budget_bytes,
+        "budget_used": plan.total_bytes / plan.budget_bytes if plan.budget_bytes else None,
+        "predicted_error": plan.predicted_error,
+        "per_layer": [
+            {"layer": n, "bits": b, "rank": r, "bytes": plan.layer_bytes[n], "predicted_error": plan.layer_error[n]}
+            for n, (b, r) in plan.layers.items()
+        ],
     }
     if materialize:
         model.autoqra_plan = plan  # carried into autoqra.save

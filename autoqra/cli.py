@@ -156,11 +156,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         (out / "plan.json").write_text(result.plan.to_json() + "\n")
         report = {k: v for k, v in result.report.items()}
         (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+        (out / "report.txt").write_text(plan_table(result.plan) + "\n")
         if not args.plan_only:
             from autoqra.io import save
 
             save(result.model, out / "model")
-        print(f"wrote {out}/plan.json, report.json" + ("" if args.plan_only else ", model/"))
+        print(f"wrote {out}/plan.json, report.json, report.txt" + ("" if args.plan_only else ", model/"))
     return 0
 
 

@@ -26,8 +26,8 @@ train (AdamW); the packed bases never change. Choices made here:
   micro-steps); an unwrapped model in an initialized process group gets one explicit all-reduce
   of the adapter gradients per step. Either way only ``requires_grad`` parameters (the adapters)
   move; the packed bases are buffers and never travel during training. The step loss and token
-  count are all-reduced, so ``losses`` / ``tokens`` are global and identical on every rank, and a
-  NaN on one rank stops every rank at the same step. A DataLoader is used as given (give it a
+  count are all-reduced, so ``losses`` / ``tokens`` (and the `StepInfo` callbacks get) are global
+  and identical on every rank, and a NaN on one rank stops every rank at the same step. A DataLoader is used as given (give it a
   ``DistributedSampler``). Dropout runs under ``seed + rank``.
 """
 
@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from autoqra.errors import ConfigError, DataError, NonFiniteLossError, NotCompiledError, WorldSizeError
+from autoqra.loss import auto_chunk_tokens, causal_lm_loss
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 
 __all__ = ["FinetuneResult", "StepInfo", "adapter_parameters", "finetune", "unwrap_model", "wrap_ddp"]
@@ -57,7 +57,6 @@ __all__ = ["FinetuneResult", "StepInfo", "adapter_parameters", "finetune", "unwr
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("constant", "cosine", "linear")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -362,30 +361,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, use_cache_flag: bool) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy (fp32) of one batch and the number of targets it averages."""
-    ids = batch["input_ids"]
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        kwargs["attention_mask"] = mask
-    if use_cache_flag:
-        kwargs["use_cache"] = False
-    out = model(**kwargs)
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-    labels = batch.get("labels")
-    if labels is None:
-        labels = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
-    target = labels[:, 1:]
-    pred = logits[:, :-1, :].float()
-    count = int((target != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss / max(count, 1), count
-
-
 # -- schedule ------------------------------------------------------------------------------------
 def lr_factor(step: int, *, steps: int, warmup: int, scheduler: str) -> float:
     """Multiplier of the base learning rate for optimizer step ``step`` (0-based): linear warmup
@@ -484,6 +459,7 @@ def finetune(
     progress: bool = True,
     max_grad_norm: float | None = 1.0,
     weight_decay: float = 0.0,
+    loss_chunk_tokens: int | str | None = "auto",
 ) -> FinetuneResult:
     """Fine-tune the LoRA adapters of a compiled model on a causal-LM objective, in place.
 
@@ -506,6 +482,10 @@ def finetune(
         gradient_checkpointing: recompute activations in the backward (Hugging Face models).
         callbacks: called with a `StepInfo` after every step; returning ``True`` stops training.
         max_grad_norm: clip the adapters' gradient norm (None: no clipping).
+        loss_chunk_tokens: ``"auto"`` (default): the output module and the cross-entropy run in
+            chunks of tokens whose fp32 logits take ~32 MiB, so the full logits never exist (see
+            `autoqra.loss`; the full logits when the model cannot be chunked); an int: that many
+            tokens per chunk; None: full logits.
 
     Raises:
         NotCompiledError: no ``QuantLoRALinear`` in the model (call `autoqra.compile` first).
@@ -554,6 +534,14 @@ def finetune(
         eval_windows = token_windows(eval_data, seq_len, label="eval_data")
 
     use_cache_flag = getattr(getattr(inner, "config", None), "use_cache", None) is not None
+    if loss_chunk_tokens == "auto":
+        chunk_tokens = auto_chunk_tokens(inner)
+    elif loss_chunk_tokens is None or (isinstance(loss_chunk_tokens, int) and not isinstance(loss_chunk_tokens, bool)
+                                       and loss_chunk_tokens >= 1):
+        chunk_tokens = loss_chunk_tokens
+    else:
+        raise ConfigError(f"finetune: loss_chunk_tokens must be 'auto', None (full logits) or an int >= 1, "
+                          f"got {loss_chunk_tokens!r}")
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -605,7 +593,8 @@ def finetune(
                     batch = {k: v.to(device) for k, v in batch.items()}
                     sync = is_ddp and micro < grad_accum - 1
                     with model.no_sync() if sync else contextlib.nullcontext():
-                        loss, _ = causal_lm_loss(model, batch, use_cache_flag=use_cache_flag)
+                        loss, _ = causal_lm_loss(model, batch, use_cache_flag=use_cache_flag,
+                                                 chunk_tokens=chunk_tokens)
                         value = float(loss.detach())
                         # distributed: checked after the step's all-reduce, so every rank stops together
                         if not mode and not math.isfinite(value):

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+#: where the JSON results go; ``AUTOQRA_BENCH_RESULTS`` overrides it (the CI smoke tests write to a
+#: temporary folder, so running the tests leaves the committed results untouched)
+RESULTS = Path(os.environ.get("AUTOQRA_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def machine() -> dict[str, Any]:

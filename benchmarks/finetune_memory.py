@@ -1,7 +1,7 @@
 """Memory of LoRA fine-tuning: the autoqra-compiled SmolLM2 (uniform 4-bit bases, rank 8) against
 peft LoRA (r=8, every linear layer of the blocks) on the fp32 model: peak RSS and tokens/s.
 
-Each side runs in its own subprocess (``--worker fp32|autoqra``, one JSON line on stdout), one
+Each side runs in its own subprocess (``--worker fp32|autoqra|autoqra-load``, one JSON line on stdout), one
 after the other, so neither sees the other's memory. Both import the same libraries, read the
 baseline RSS (interpreter + torch + transformers + peft + autoqra), load SmolLM2 in fp32 and copy
 its weights into process memory (transformers maps the checkpoint file; see `own_weights`), then:
@@ -9,7 +9,10 @@ its weights into process memory (transformers maps the checkpoint file; see `own
 * fp32: ``peft.get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))``.
 * autoqra: ``autoqra.compile(model, "16bits", bits=(4,), ranks=(8,))`` (data-free, uniform 4-bit
   bases, rank 8) in place: the fp32 weights of the replaced layers are freed; the compile
-  result is dropped.
+  result is dropped. After training it saves the model (``autoqra.save``, a temporary folder).
+* autoqra-load: ``autoqra.load(folder, model)``, the model the autoqra worker compiled, in a process
+  that never compiled (what ``autoqra finetune`` does): compiling leaves glibc's heap fragmented,
+  which the training peak of the same process shows.
 
 Then, in both: ``gc.collect()`` and ``malloc_trim(0)``, RSS after setup is read, the peak RSS
 (``VmHWM``) is reset (``/proc/self/clear_refs`` = 5), and the same loop trains ``--steps`` steps on
@@ -17,7 +20,10 @@ the same global batch stream (``--batch-size`` windows of ``--seq-len`` tokens o
 calibration split, seeded order): AdamW (lr 5e-4) over the trainable parameters, fp32 next-token
 cross-entropy, gradient-norm clip 1.0. The training peak is ``VmHWM`` after the loop (also shown
 above the baseline); tokens/s leaves out the first step (warm-up). ``--gradient-checkpointing``
-adds rows with activation checkpointing on for both.
+adds rows with activation checkpointing on for both; ``--malloc-mmap-threshold 1048576`` adds rows
+with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``): by default glibc raises the threshold
+as large blocks are freed and then serves activations from its heap, whose freed pages it keeps,
+so RSS also measures fragmentation.
 
     python benchmarks/finetune_memory.py            # SmolLM2-135M, 4 x 256 tokens, 5 steps (~30-60 min on 2 shared cores: compile)
     python benchmarks/finetune_memory.py --quick    # a tiny Llama, 2 steps (seconds; CI smoke)
@@ -33,6 +39,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +52,7 @@ from autoqra.report import table  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 
 GOAL = 0.6
+KINDS = ("fp32", "autoqra", "autoqra-load")
 RANK = 8
 
 
@@ -145,11 +153,14 @@ def worker(args: argparse.Namespace) -> dict:
         import autoqra
         from autoqra.modules.quant_lora_linear import QuantLoRALinear
 
-        # data-free; the error tables are cached ($AUTOQRA_CACHE), so a second run skips the estimation
-        result = autoqra.compile(model, "16bits", bits=(4,), ranks=(RANK,), calib=None,
-                                 cache_dir=None if args.quick else "default", progress=False)
-        info["plan_mib"] = result.plan.total_bytes / 2**20
-        del result  # the capture graph holds the replaced fp32 layers
+        if args.worker == "autoqra":
+            # data-free; the error tables are cached ($AUTOQRA_CACHE), so a second run skips the estimation
+            result = autoqra.compile(model, "16bits", bits=(4,), ranks=(RANK,), calib=None,
+                                     cache_dir=None if args.quick else "default", progress=False)
+            info["plan_mib"] = result.plan.total_bytes / 2**20
+            del result  # the capture graph holds the replaced fp32 layers
+        else:  # autoqra-load: what `autoqra finetune` does with a model compiled by another process
+            model = autoqra.load(args.compiled_dir, model)
         info["adapted_layers"] = sum(1 for m in model.modules() if isinstance(m, QuantLoRALinear) and m.rank)
     release_memory()
     info.update(tensor_mib(model))
@@ -186,17 +197,25 @@ def worker(args: argparse.Namespace) -> dict:
         "step_seconds": seconds,
         "tokens_per_second": args.batch_size * args.seq_len * len(timed) / sum(timed),
     })
+    if args.worker == "autoqra" and args.compiled_dir and not (Path(args.compiled_dir) / "model.safetensors").exists():
+        import autoqra
+
+        autoqra.save(model, args.compiled_dir)  # for the autoqra-load worker (after the measurement)
     return info
 
 
 # -- driver --------------------------------------------------------------------------------------
-def run_worker(kind: str, args: argparse.Namespace, checkpointing: bool) -> dict:
+def run_worker(kind: str, args: argparse.Namespace, checkpointing: bool, mmap_threshold: int | None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
     cmd += ["--quick"] if args.quick else []
+    cmd += ["--compiled-dir", args.compiled_dir] if args.compiled_dir else []
     cmd += ["--gradient-checkpointing"] if checkpointing else []
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if mmap_threshold is not None:  # glibc: a fixed threshold (the default one grows as blocks are freed)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {kind} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -211,7 +230,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="worker: train with activation checkpointing; driver: also measure that setting")
-    parser.add_argument("--worker", choices=("fp32", "autoqra"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="also measure every setting with glibc's MALLOC_MMAP_THRESHOLD_ fixed to BYTES")
+    parser.add_argument("--worker", choices=KINDS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compiled-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps or (2 if args.quick else 5)
     args.seq_len = args.seq_len or (32 if args.quick else 256)
@@ -219,22 +241,30 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    settings = [False, True] if args.gradient_checkpointing else [False]
+    thresholds = [None] + ([args.malloc_mmap_threshold] if args.malloc_mmap_threshold else [])
+    checkpointing_settings = [False, True] if args.gradient_checkpointing else [False]
     runs: dict[str, dict] = {}
-    for checkpointing in settings:
-        suffix = "+ckpt" if checkpointing else ""
-        for kind in ("fp32", "autoqra"):
-            runs[kind + suffix] = run_worker(kind, args, checkpointing)
-    ratios = {
-        ("autoqra" + s): runs["autoqra" + s]["peak_rss_train_mib"] / runs["fp32" + s]["peak_rss_train_mib"]
-        for s in (["", "+ckpt"] if args.gradient_checkpointing else [""])
-    }
+    with tempfile.TemporaryDirectory(prefix="autoqra-finetune-memory-") as tmp:
+        args.compiled_dir = tmp  # the first autoqra worker saves its compiled model here
+        for threshold in thresholds:
+            for checkpointing in checkpointing_settings:
+                suffix = ("+ckpt" if checkpointing else "") + (f"+mmap{threshold // 1024}K" if threshold else "")
+                for kind in KINDS:
+                    run = run_worker(kind, args, checkpointing, threshold)
+                    run.update(kind=kind, setting=suffix, malloc_mmap_threshold=threshold,
+                               gradient_checkpointing=checkpointing)
+                    runs[kind + suffix] = run
+
+    def vs_fp32(name: str, key: str) -> float:
+        return runs[name][key] / runs["fp32" + runs[name]["setting"]][key]
+
+    ratios = {name: vs_fp32(name, "peak_rss_train_mib") for name in runs if runs[name]["kind"] != "fp32"}
     model = "tiny Llama" if args.quick else "SmolLM2-135M"
     print(f"{model}, LoRA r={RANK}, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps, "
           f"{args.threads} thread(s)")
     rows = []
     for name, r in runs.items():
-        base = runs["fp32" + ("+ckpt" if name.endswith("+ckpt") else "")]
+        base = runs["fp32" + r["setting"]]
         rows.append([
             name, r["adapted_layers"], f"{r['params_mib'] + r['buffers_mib']:.1f}", f"{r['trainable_mib']:.2f}",
             f"{r['rss_baseline_mib']:.0f}", f"{r['rss_before_train_mib']:.0f}", f"{r['peak_rss_train_mib']:.0f}",
@@ -250,10 +280,7 @@ def main() -> None:
     path = write_json("finetune_memory_quick" if args.quick else "finetune_memory", {
         "quick": args.quick, "model": model, "rank": RANK, "steps": args.steps, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "threads": args.threads, "runs": runs, "ratio_peak_rss": ratios, "goal_ratio": GOAL,
-        "ratio_peak_above_baseline": {
-            k: runs[k]["peak_above_baseline_mib"] / runs[k.replace("autoqra", "fp32")]["peak_above_baseline_mib"]
-            for k in ratios
-        },
+        "ratio_peak_above_baseline": {name: vs_fp32(name, "peak_above_baseline_mib") for name in ratios},
         "meets_goal": {k: v <= GOAL for k, v in ratios.items()},
     })
     print(f"wrote {path}")

@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+
+
+@pytest.fixture(autouse=True)
+def _results_dir(tmp_path, monkeypatch):
+    """The scripts write their JSON to a temporary folder, not over the committed results."""
+    monkeypatch.setenv("AUTOQRA_BENCH_RESULTS", str(tmp_path))
 
 
 def run_quick(script: str, result: str) -> dict:
-    path = RESULTS / f"{result}.json"
-    if path.exists():
-        path.unlink()
+    path = Path(os.environ["AUTOQRA_BENCH_RESULTS"]) / f"{result}.json"
     proc = subprocess.run(
         [sys.executable, f"benchmarks/{script}", "--quick"],
         cwd=ROOT,
@@ -70,18 +73,20 @@ def test_finetune_memory_quick() -> None:
                 "goal_ratio", "meets_goal"):
         assert key in data, key
     assert data["quick"] is True and data["steps"] == 2
-    assert set(data["runs"]) == {"fp32", "autoqra"}
-    assert set(data["ratio_peak_rss"]) == {"autoqra"} and data["ratio_peak_rss"]["autoqra"] > 0
-    assert set(data["ratio_peak_above_baseline"]) == {"autoqra"}
+    assert set(data["runs"]) == {"fp32", "autoqra", "autoqra-load"}
+    assert set(data["ratio_peak_rss"]) == {"autoqra", "autoqra-load"}
+    assert all(v > 0 for v in data["ratio_peak_rss"].values())
+    assert set(data["ratio_peak_above_baseline"]) == {"autoqra", "autoqra-load"}
     for kind, run in data["runs"].items():
-        assert run["worker"] == kind
+        assert run["worker"] == run["kind"] == kind and run["setting"] == ""
         for key in ("rss_baseline_mib", "rss_fp32_loaded_mib", "rss_before_train_mib", "peak_rss_train_mib",
                     "peak_rss_setup_mib", "peak_above_baseline_mib", "tokens_per_second", "adapted_layers",
                     "trainable_mib"):
             assert run[key] > 0, (kind, key)
         assert run["peak_rss_train_mib"] >= run["rss_before_train_mib"] * 0.9
         assert len(run["losses"]) == 2
-    assert data["runs"]["fp32"]["adapted_layers"] == data["runs"]["autoqra"]["adapted_layers"]
+    assert data["runs"]["fp32"]["adapted_layers"] == data["runs"]["autoqra"]["adapted_layers"] == 14
+    assert data["runs"]["autoqra-load"]["adapted_layers"] == 14
 
 
 def test_compile_cost_quick() -> None:

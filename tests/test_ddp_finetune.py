@@ -1,7 +1,7 @@
 """Distributed fine-tuning over 2 processes (gloo, CPU): both ranks end with identical adapters,
 equal to one process trained on the same global batches, through DDP (`wrap_ddp`) and through
 the explicit all-reduce of an unwrapped model; a world size that does not divide the batch
-raises `WorldSizeError`."""
+raises `WorldSizeError`; `wrap_ddp` refuses ranks that hold different plans."""
 
 from __future__ import annotations
 
@@ -42,13 +42,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from tiny_models import tiny_llama
 
     import autoqra
-    from autoqra.errors import WorldSizeError
+    from autoqra.errors import ConfigError, WorldSizeError
     from autoqra.train import finetune, wrap_ddp
 
     # compiled identically on each rank (before the process group: no sharded estimation)
     model = tiny_llama()
     autoqra.compile(model, "6bits", calib=CALIB, ranks=(4, 8), cache_dir=None, progress=False)
     plain = copy.deepcopy(model)
+    other = tiny_llama()  # another plan on rank 1: wrap_ddp must refuse it
+    autoqra.compile(other, "6bits" if rank == 0 else "4.5bits", calib=CALIB, ranks=(4, 8), cache_dir=None,
+                    progress=False)
     out: dict = {}
     if rank == 0:  # the single-process reference, same global batches
         reference = copy.deepcopy(model)
@@ -67,6 +70,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             finetune(ddp, TOKENS, **{**FIT, "batch_size": 3})
         except WorldSizeError as exc:
             out["error"] = (str(exc), exc.batch_size, exc.world_size)
+        try:
+            wrap_ddp(other)
+        except ConfigError as exc:
+            out["plan_error"] = str(exc)
     finally:
         dist.destroy_process_group()
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
@@ -94,3 +101,4 @@ def test_ddp_finetune_matches_single_process(tmp_path):
         message, batch_size, world_size = rank["error"]
         assert (batch_size, world_size) == (3, 2)
         assert "batch_size=2 or 4" in message and "world size" in message
+        assert "rank(s) [1]" in rank["plan_error"] and "autoqra.load" in rank["plan_error"]
