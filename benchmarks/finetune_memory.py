@@ -23,7 +23,10 @@ above the baseline); tokens/s leaves out the first step (warm-up). ``--gradient-
 adds rows with activation checkpointing on for both; ``--malloc-mmap-threshold 1048576`` adds rows
 with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``): by default glibc raises the threshold
 as large blocks are freed and then serves activations from its heap, whose freed pages it keeps,
-so RSS also measures fragmentation.
+so RSS also measures fragmentation. ``--chunked-loss`` adds rows where both sides compute the
+loss with `autoqra.loss` in token chunks (what ``autoqra.finetune`` does by default), so the full
+logits never exist; those rows are compared with fp32 in the same setting and with fp32 using the
+usual full logits. ``--kinds`` runs a subset of the workers.
 
     python benchmarks/finetune_memory.py            # SmolLM2-135M, 4 x 256 tokens, 5 steps (~30-60 min on 2 shared cores: compile)
     python benchmarks/finetune_memory.py --quick    # a tiny Llama, 2 steps (seconds; CI smoke)
@@ -35,6 +38,7 @@ import argparse
 import ctypes
 import gc
 import json
+import logging
 import os
 import re
 import subprocess
@@ -135,7 +139,8 @@ def worker(args: argparse.Namespace) -> dict:
     import peft  # noqa: F401  (both sides import the same libraries before the baseline)
     import transformers  # noqa: F401
 
-    from autoqra.train import _window_batches, causal_lm_loss
+    from autoqra.loss import auto_chunk_tokens, causal_lm_loss
+    from autoqra.train import _window_batches
 
     info: dict = {"worker": args.worker, "rss_baseline_mib": rss_mib()}  # interpreter + libraries
     start = time.perf_counter()
@@ -173,6 +178,8 @@ def worker(args: argparse.Namespace) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
     batches = _window_batches(windows, args.batch_size, seed=0)
+    chunk = auto_chunk_tokens(model) if args.chunked_loss else None
+    info["loss_chunk_tokens"] = chunk
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -181,7 +188,7 @@ def worker(args: argparse.Namespace) -> dict:
     for _ in range(args.steps):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = causal_lm_loss(model, {"input_ids": next(batches)}, use_cache_flag=True)
+        loss, _ = causal_lm_loss(model, {"input_ids": next(batches)}, use_cache_flag=True, chunk_tokens=chunk)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -205,12 +212,14 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 # -- driver --------------------------------------------------------------------------------------
-def run_worker(kind: str, args: argparse.Namespace, checkpointing: bool, mmap_threshold: int | None) -> dict:
+def run_worker(kind: str, args: argparse.Namespace, checkpointing: bool, mmap_threshold: int | None,
+               chunked: bool) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
     cmd += ["--quick"] if args.quick else []
     cmd += ["--compiled-dir", args.compiled_dir] if args.compiled_dir else []
     cmd += ["--gradient-checkpointing"] if checkpointing else []
+    cmd += ["--chunked-loss"] if chunked else []
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if mmap_threshold is not None:  # glibc: a fixed threshold (the default one grows as blocks are freed)
@@ -230,6 +239,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="worker: train with activation checkpointing; driver: also measure that setting")
+    parser.add_argument("--chunked-loss", action="store_true",
+                        help="worker: the loss in token chunks (autoqra.loss, as autoqra.finetune does by default); "
+                             "driver: also measure that setting")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"driver: comma-separated workers to run (default {','.join(KINDS)})")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="also measure every setting with glibc's MALLOC_MMAP_THRESHOLD_ fixed to BYTES")
     parser.add_argument("--worker", choices=KINDS, default=None, help=argparse.SUPPRESS)
@@ -240,23 +254,37 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    unknown = sorted(set(args.kinds) - set(KINDS))
+    if unknown or "fp32" not in args.kinds:
+        parser.error(f"--kinds: choose among {', '.join(KINDS)}, fp32 included (got {args.kinds})")
+    if "autoqra-load" in args.kinds and "autoqra" not in args.kinds:
+        parser.error("--kinds: autoqra-load loads what the autoqra worker saved: include autoqra")
 
-    thresholds = [None] + ([args.malloc_mmap_threshold] if args.malloc_mmap_threshold else [])
-    checkpointing_settings = [False, True] if args.gradient_checkpointing else [False]
+    settings = [(c, k, t) for t in [None] + ([args.malloc_mmap_threshold] if args.malloc_mmap_threshold else [])
+                for c in ([False, True] if args.gradient_checkpointing else [False])
+                for k in ([False, True] if args.chunked_loss else [False])]
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="autoqra-finetune-memory-") as tmp:
         args.compiled_dir = tmp  # the first autoqra worker saves its compiled model here
-        for threshold in thresholds:
-            for checkpointing in checkpointing_settings:
-                suffix = ("+ckpt" if checkpointing else "") + (f"+mmap{threshold // 1024}K" if threshold else "")
-                for kind in KINDS:
-                    run = run_worker(kind, args, checkpointing, threshold)
-                    run.update(kind=kind, setting=suffix, malloc_mmap_threshold=threshold,
-                               gradient_checkpointing=checkpointing)
-                    runs[kind + suffix] = run
+        for checkpointing, chunked, threshold in settings:
+            suffix = ("+ckpt" if checkpointing else "") + ("+chunk" if chunked else "") + (
+                f"+mmap{threshold // 1024}K" if threshold else "")
+            for kind in args.kinds:
+                run = run_worker(kind, args, checkpointing, threshold, chunked)
+                run.update(kind=kind, setting=suffix, malloc_mmap_threshold=threshold,
+                           gradient_checkpointing=checkpointing, chunked_loss=chunked)
+                runs[kind + suffix] = run
+                logging.info("%s: peak RSS %.0f MiB", kind + suffix, run["peak_rss_train_mib"])
 
     def vs_fp32(name: str, key: str) -> float:
         return runs[name][key] / runs["fp32" + runs[name]["setting"]][key]
+
+    def vs_fp32_full_logits(name: str) -> float:
+        """Against fp32 LoRA with the same checkpointing and allocator but the usual full logits."""
+        return runs[name]["peak_rss_train_mib"] / runs["fp32" + runs[name]["setting"].replace("+chunk", "")][
+            "peak_rss_train_mib"]
 
     ratios = {name: vs_fp32(name, "peak_rss_train_mib") for name in runs if runs[name]["kind"] != "fp32"}
     model = "tiny Llama" if args.quick else "SmolLM2-135M"
@@ -269,10 +297,12 @@ def main() -> None:
             name, r["adapted_layers"], f"{r['params_mib'] + r['buffers_mib']:.1f}", f"{r['trainable_mib']:.2f}",
             f"{r['rss_baseline_mib']:.0f}", f"{r['rss_before_train_mib']:.0f}", f"{r['peak_rss_train_mib']:.0f}",
             f"{r['peak_rss_train_mib'] / base['peak_rss_train_mib']:.2f}x",
-            f"{r['peak_above_baseline_mib'] / base['peak_above_baseline_mib']:.2f}x", f"{r['tokens_per_second']:.0f}",
+            f"{r['peak_above_baseline_mib'] / base['peak_above_baseline_mib']:.2f}x",
+            f"{vs_fp32_full_logits(name):.2f}x", f"{r['tokens_per_second']:.0f}", f"{r['losses'][-1]:.3f}",
         ])
     print(table(["run", "LoRA layers", "weights MiB", "adapters MiB", "baseline RSS MiB", "RSS before train MiB",
-                 "peak RSS train MiB", "peak vs fp32", "peak-baseline vs fp32", "tokens/s"], rows))
+                 "peak RSS train MiB", "peak vs fp32", "peak-baseline vs fp32", "peak vs fp32 full logits",
+                 "tokens/s", "last loss"], rows))
     for name, ratio in ratios.items():
         verdict = "meets" if ratio <= GOAL else "misses"
         goal = "a smoke run: no goal for the tiny model" if args.quick else f"{verdict} the goal <= {GOAL}x"
@@ -281,6 +311,8 @@ def main() -> None:
         "quick": args.quick, "model": model, "rank": RANK, "steps": args.steps, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "threads": args.threads, "runs": runs, "ratio_peak_rss": ratios, "goal_ratio": GOAL,
         "ratio_peak_above_baseline": {name: vs_fp32(name, "peak_above_baseline_mib") for name in ratios},
+        "ratio_peak_vs_fp32_full_logits": {name: vs_fp32_full_logits(name) for name in runs
+                                           if runs[name]["chunked_loss"]},
         "meets_goal": {k: v <= GOAL for k, v in ratios.items()},
     })
     print(f"wrote {path}")

@@ -90,3 +90,18 @@ def test_pareto_front_is_monotone():
     errors = [p.error for p in front]
     assert costs == sorted(costs) and all(a > b for a, b in zip(errors, errors[1:], strict=False))
     assert all(p.cost <= p.budget for p in front)
+
+
+def test_exact_at_its_time_limit_falls_back_to_the_best_plan_it_has(monkeypatch, caplog):
+    import logging
+
+    from autoqra.search import exact
+
+    rng = np.random.default_rng(7)
+    problem = random_problem(rng, 400, 8)
+    monkeypatch.setattr(exact, "TIME_LIMIT", 1e-6)
+    with caplog.at_level(logging.WARNING, logger="autoqra.search.exact"):
+        result = get_solver("exact")(problem, 0)
+    assert result.cost <= problem.budget and result.solver == "exact"
+    assert "time limit" in caplog.text or "no plan in" in caplog.text
+    assert result.error <= get_solver("greedy")(problem, 0).error  # never worse than greedy
