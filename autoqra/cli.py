@@ -207,6 +207,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from autoqra.train import finetune
     from autoqra.zoo import load_model
 
+    if args.malloc_mmap_threshold is not None:
+        from autoqra.memory import set_malloc_mmap_threshold
+
+        set_malloc_mmap_threshold(args.malloc_mmap_threshold)
     base, tokenizer = load_model(args.base)
     model = load(args.compiled_dir, base)
     if args.data == "lee":
@@ -225,6 +229,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         model, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
         grad_accum=args.grad_accum, scheduler=args.scheduler, warmup=args.warmup, seed=args.seed,
         eval_data=evaluation, eval_every=args.eval_every, gradient_checkpointing=args.gradient_checkpointing,
+        loss_chunk_tokens=None if args.full_logits else "auto",
     )
     print(f"loss: {result.losses[0]:.4f} (step 1) -> {result.losses[-1]:.4f} (step {result.steps}); "
           f"{result.tokens_per_second:.0f} tokens/s over {result.seconds:.1f} s")
@@ -305,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (default 512)")
     p.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    p.add_argument("--full-logits", action="store_true",
+                   help="compute the loss on the full logits (default: in token chunks, see autoqra.loss)")
+    p.add_argument("--malloc-mmap-threshold", default=None, metavar="SIZE",
+                   help="fix glibc's mmap threshold (e.g. 1MiB): much lower peak RSS, slower steps "
+                        "(see autoqra.memory)")
     p.add_argument("--out", required=True, help="output directory (the fine-tuned model, loadable by autoqra.load)")
     p.add_argument("--peft-out", default=None, help="also write the adapters as a peft adapter to this directory")
     p.set_defaults(func=cmd_finetune)

@@ -93,3 +93,7 @@ class WorldSizeError(ConfigError):
         super().__init__(message)
         self.batch_size = batch_size
         self.world_size = world_size
+
+
+class UnsupportedPlatformError(AutoQRAError, RuntimeError):
+    """A feature needs something this platform lacks (e.g. glibc's ``mallopt``)."""

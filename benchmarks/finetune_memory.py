@@ -9,7 +9,7 @@ its weights into process memory (transformers maps the checkpoint file; see `own
 * fp32: ``peft.get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))``.
 * autoqra: ``autoqra.compile(model, "16bits", bits=(4,), ranks=(8,))`` (data-free, uniform 4-bit
   bases, rank 8) in place: the fp32 weights of the replaced layers are freed; the compile
-  result is dropped. After training it saves the model (``autoqra.save``, a temporary folder).
+  result is dropped; the compiled, untrained model is saved (``autoqra.save``, a temporary folder).
 * autoqra-load: ``autoqra.load(folder, model)``, the model the autoqra worker compiled, in a process
   that never compiled (what ``autoqra finetune`` does): compiling leaves glibc's heap fragmented,
   which the training peak of the same process shows.
@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autoqra.report import table  # noqa: E402
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import RESULTS, write_json  # noqa: E402
 
 GOAL = 0.6
 KINDS = ("fp32", "autoqra", "autoqra-load")
@@ -118,7 +118,7 @@ def tensor_mib(model: torch.nn.Module) -> dict[str, float]:
 
 
 # -- worker --------------------------------------------------------------------------------------
-def load(quick: bool, seq_len: int):
+def load(quick: bool, seq_len: int, model_name: str = "smollm2-135m"):
     """(fp32 model, training windows [n, seq_len])."""
     if quick:
         sys.path.insert(0, str(ROOT / "tests"))
@@ -131,6 +131,14 @@ def load(quick: bool, seq_len: int):
     from autoqra.zoo import load_default_model
 
     model, tokenizer = load_default_model()
+    if model_name == "smollm2-360m-shape":  # same tokenizer and family; random weights of the 360M shape
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**{**model.config.to_dict(), "hidden_size": 960, "intermediate_size": 2560,
+                                "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
+                                "head_dim": 64})
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).float()
     return model, lee_windows(tokenizer, split="calib", seq_len=seq_len, n=None)
 
 
@@ -144,7 +152,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     info: dict = {"worker": args.worker, "rss_baseline_mib": rss_mib()}  # interpreter + libraries
     start = time.perf_counter()
-    model, windows = load(args.quick, args.seq_len)
+    model, windows = load(args.quick, args.seq_len, args.model)
     own_weights(model)
     release_memory()
     info["rss_fp32_loaded_mib"] = rss_mib()
@@ -164,6 +172,8 @@ def worker(args: argparse.Namespace) -> dict:
                                      cache_dir=None if args.quick else "default", progress=False)
             info["plan_mib"] = result.plan.total_bytes / 2**20
             del result  # the capture graph holds the replaced fp32 layers
+            if args.compiled_dir and not (Path(args.compiled_dir) / "model.safetensors").exists():
+                autoqra.save(model, args.compiled_dir)  # untrained, for the autoqra-load worker (before measuring)
         else:  # autoqra-load: what `autoqra finetune` does with a model compiled by another process
             model = autoqra.load(args.compiled_dir, model)
         info["adapted_layers"] = sum(1 for m in model.modules() if isinstance(m, QuantLoRALinear) and m.rank)
@@ -204,10 +214,6 @@ def worker(args: argparse.Namespace) -> dict:
         "step_seconds": seconds,
         "tokens_per_second": args.batch_size * args.seq_len * len(timed) / sum(timed),
     })
-    if args.worker == "autoqra" and args.compiled_dir and not (Path(args.compiled_dir) / "model.safetensors").exists():
-        import autoqra
-
-        autoqra.save(model, args.compiled_dir)  # for the autoqra-load worker (after the measurement)
     return info
 
 
@@ -216,7 +222,7 @@ def run_worker(kind: str, args: argparse.Namespace, checkpointing: bool, mmap_th
                chunked: bool) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
-    cmd += ["--quick"] if args.quick else []
+    cmd += ["--quick"] if args.quick else ["--model", args.model]
     cmd += ["--compiled-dir", args.compiled_dir] if args.compiled_dir else []
     cmd += ["--gradient-checkpointing"] if checkpointing else []
     cmd += ["--chunked-loss"] if chunked else []
@@ -242,6 +248,12 @@ def main() -> None:
     parser.add_argument("--chunked-loss", action="store_true",
                         help="worker: the loss in token chunks (autoqra.loss, as autoqra.finetune does by default); "
                              "driver: also measure that setting")
+    parser.add_argument("--settings", default=None,
+                        help="driver: comma-separated settings instead of the flag product, each base or ckpt, "
+                             "chunk, mmap joined by '+' (e.g. ckpt+chunk,ckpt+chunk+mmap)")
+    parser.add_argument("--model", default="smollm2-135m", choices=("smollm2-135m", "smollm2-360m-shape"),
+                        help="the real SmolLM2-135M (default), or a randomly initialized model of SmolLM2-360M's "
+                             "shape (memory does not depend on the weights' values; no quality is measured)")
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"driver: comma-separated workers to run (default {','.join(KINDS)})")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
@@ -262,10 +274,22 @@ def main() -> None:
     if "autoqra-load" in args.kinds and "autoqra" not in args.kinds:
         parser.error("--kinds: autoqra-load loads what the autoqra worker saved: include autoqra")
 
-    settings = [(c, k, t) for t in [None] + ([args.malloc_mmap_threshold] if args.malloc_mmap_threshold else [])
-                for c in ([False, True] if args.gradient_checkpointing else [False])
-                for k in ([False, True] if args.chunked_loss else [False])]
+    if args.settings:
+        settings = []
+        for text in args.settings.split(","):
+            tokens = set(text.split("+")) - {"base"}
+            if not tokens <= {"ckpt", "chunk", "mmap"} or ("mmap" in tokens and not args.malloc_mmap_threshold):
+                parser.error(f"--settings: {text!r}: join base, ckpt, chunk, mmap with '+' (mmap needs "
+                             "--malloc-mmap-threshold)")
+            settings.append(("ckpt" in tokens, "chunk" in tokens,
+                             args.malloc_mmap_threshold if "mmap" in tokens else None))
+    else:
+        settings = [(c, k, t) for t in [None] + ([args.malloc_mmap_threshold] if args.malloc_mmap_threshold else [])
+                    for c in ([False, True] if args.gradient_checkpointing else [False])
+                    for k in ([False, True] if args.chunked_loss else [False])]
     runs: dict[str, dict] = {}
+    partial = RESULTS / "finetune_memory_partial.json"  # every finished worker, in case a later one fails
+    partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="autoqra-finetune-memory-") as tmp:
         args.compiled_dir = tmp  # the first autoqra worker saves its compiled model here
         for checkpointing, chunked, threshold in settings:
@@ -277,17 +301,23 @@ def main() -> None:
                            gradient_checkpointing=checkpointing, chunked_loss=chunked)
                 runs[kind + suffix] = run
                 logging.info("%s: peak RSS %.0f MiB", kind + suffix, run["peak_rss_train_mib"])
+                partial.write_text(json.dumps(runs, indent=1, sort_keys=True, default=str) + "\n")
 
     def vs_fp32(name: str, key: str) -> float:
         return runs[name][key] / runs["fp32" + runs[name]["setting"]][key]
 
-    def vs_fp32_full_logits(name: str) -> float:
-        """Against fp32 LoRA with the same checkpointing and allocator but the usual full logits."""
-        return runs[name]["peak_rss_train_mib"] / runs["fp32" + runs[name]["setting"].replace("+chunk", "")][
-            "peak_rss_train_mib"]
+    def vs_fp32_full_logits(name: str) -> float | None:
+        """Against fp32 LoRA with the same checkpointing and allocator but the usual full logits
+        (None when that setting was not run)."""
+        base = runs.get("fp32" + runs[name]["setting"].replace("+chunk", ""))
+        return runs[name]["peak_rss_train_mib"] / base["peak_rss_train_mib"] if base else None
+
+    def fmt_ratio(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}x"
 
     ratios = {name: vs_fp32(name, "peak_rss_train_mib") for name in runs if runs[name]["kind"] != "fp32"}
-    model = "tiny Llama" if args.quick else "SmolLM2-135M"
+    model = "tiny Llama" if args.quick else {"smollm2-135m": "SmolLM2-135M",
+                                             "smollm2-360m-shape": "SmolLM2-360M shape (random weights)"}[args.model]
     print(f"{model}, LoRA r={RANK}, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps, "
           f"{args.threads} thread(s)")
     rows = []
@@ -298,7 +328,7 @@ def main() -> None:
             f"{r['rss_baseline_mib']:.0f}", f"{r['rss_before_train_mib']:.0f}", f"{r['peak_rss_train_mib']:.0f}",
             f"{r['peak_rss_train_mib'] / base['peak_rss_train_mib']:.2f}x",
             f"{r['peak_above_baseline_mib'] / base['peak_above_baseline_mib']:.2f}x",
-            f"{vs_fp32_full_logits(name):.2f}x", f"{r['tokens_per_second']:.0f}", f"{r['losses'][-1]:.3f}",
+            fmt_ratio(vs_fp32_full_logits(name)), f"{r['tokens_per_second']:.0f}", f"{r['losses'][-1]:.3f}",
         ])
     print(table(["run", "LoRA layers", "weights MiB", "adapters MiB", "baseline RSS MiB", "RSS before train MiB",
                  "peak RSS train MiB", "peak vs fp32", "peak-baseline vs fp32", "peak vs fp32 full logits",
@@ -307,7 +337,9 @@ def main() -> None:
         verdict = "meets" if ratio <= GOAL else "misses"
         goal = "a smoke run: no goal for the tiny model" if args.quick else f"{verdict} the goal <= {GOAL}x"
         print(f"{name}: peak RSS {ratio:.2f}x the fp32 LoRA run ({goal})")
-    path = write_json("finetune_memory_quick" if args.quick else "finetune_memory", {
+    stem = "finetune_memory_quick" if args.quick else (
+        "finetune_memory" if args.model == "smollm2-135m" else f"finetune_memory_{args.model}")
+    path = write_json(stem, {
         "quick": args.quick, "model": model, "rank": RANK, "steps": args.steps, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "threads": args.threads, "runs": runs, "ratio_peak_rss": ratios, "goal_ratio": GOAL,
         "ratio_peak_above_baseline": {name: vs_fp32(name, "peak_above_baseline_mib") for name in ratios},
@@ -315,6 +347,7 @@ def main() -> None:
                                            if runs[name]["chunked_loss"]},
         "meets_goal": {k: v <= GOAL for k, v in ratios.items()},
     })
+    partial.unlink(missing_ok=True)
     print(f"wrote {path}")
 
 

@@ -187,16 +187,21 @@ def test_nan_gradient_is_caught(model):
 
 # -- the command ---------------------------------------------------------------------------------
 def test_cli_finetune(tmp_path, monkeypatch, capsys):
+    import autoqra.memory
+
     monkeypatch.setenv("AUTOQRA_CACHE", str(tmp_path / "cache"))
+    thresholds = []  # the real call is process-wide (tested in a subprocess in test_memory.py)
+    monkeypatch.setattr(autoqra.memory, "set_malloc_mmap_threshold", thresholds.append)
     base_dir = save_tiny_hf_model(tmp_path / "hf")
     text = write_text(tmp_path / "train.txt", 2000)
     assert main(["compile", str(base_dir), "--budget", "6bits", "--calib", "none", "--ranks", "4,8", "--out", str(tmp_path / "c")]) == 0
     argv = ["finetune", str(tmp_path / "c" / "model"), "--base", str(base_dir), "--steps", "4", "--lr", "1e-2",
             "--batch-size", "2", "--seq-len", "32", "--data", str(text), "--eval-data", str(text),
             "--eval-windows", "2", "--eval-seq-len", "32", "--out", str(tmp_path / "ft"),
-            "--peft-out", str(tmp_path / "peft")]
+            "--peft-out", str(tmp_path / "peft"), "--malloc-mmap-threshold", "1MiB"]
     capsys.readouterr()
     assert main(argv) == 0
+    assert thresholds == ["1MiB"]
     out = capsys.readouterr().out
     assert "perplexity on" in out and "before" in out and "after" in out
     report = json.loads((tmp_path / "ft" / "finetune.json").read_text())
