@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import logging
 
 import pytest
@@ -107,6 +108,10 @@ def test_dataloader_and_text_inputs(model, tmp_path, caplog):
     write_text(text, 400)
     result = finetune(model, (text.read_text(), tokenizer), steps=2, **FAST)
     assert result.steps == 2
+    tokenizer.pad_token = None  # a tokenizer without a pad token (like SmolLM2's base): windows need none
+    assert tokenizer.pad_token_id is None
+    result = finetune(model, (text.read_text(), tokenizer), steps=2, **FAST)
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
 
 
 def test_callback_stops_early(model):
