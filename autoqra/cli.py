@@ -201,12 +201,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reexec_with_jemalloc(argv: list[str]) -> None:
+    """Run this command again in a process with jemalloc preloaded (``LD_PRELOAD`` must be set
+    before the process starts); return when jemalloc is already loaded."""
+    import os
+
+    from autoqra.memory import find_jemalloc, jemalloc_loaded
+
+    if jemalloc_loaded():
+        logging.getLogger(__name__).info("jemalloc is loaded")
+        return
+    path = find_jemalloc()
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = " ".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
+    env["AUTOQRA_REEXEC"] = "1"
+    if os.environ.get("AUTOQRA_REEXEC"):  # preloaded, yet not loaded: do not loop
+        from autoqra.errors import UnsupportedPlatformError
+
+        raise UnsupportedPlatformError(f"jemalloc ({path}) was preloaded but is not loaded in the new process")
+    print(f"re-running with jemalloc preloaded ({path})", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "autoqra", *argv], env)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from autoqra.data import text_to_token_windows
     from autoqra.io import load, save
     from autoqra.train import finetune
     from autoqra.zoo import load_model
 
+    if args.jemalloc:
+        _reexec_with_jemalloc(args.argv)
     if args.malloc_mmap_threshold is not None:
         from autoqra.memory import set_malloc_mmap_threshold
 
@@ -312,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     p.add_argument("--full-logits", action="store_true",
                    help="compute the loss on the full logits (default: in token chunks, see autoqra.loss)")
+    p.add_argument("--jemalloc", action="store_true",
+                   help="run with jemalloc preloaded (re-executes the command; needs libjemalloc, e.g. apt install "
+                        "libjemalloc2): low peak memory at full speed (see autoqra.memory)")
     p.add_argument("--malloc-mmap-threshold", default=None, metavar="SIZE",
                    help="fix glibc's mmap threshold (e.g. 1MiB): much lower peak RSS, slower steps "
                         "(see autoqra.memory)")
@@ -324,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a re-exec (finetune --jemalloc)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

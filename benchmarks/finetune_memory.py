@@ -23,7 +23,8 @@ above the baseline); tokens/s leaves out the first step (warm-up). ``--gradient-
 adds rows with activation checkpointing on for both; ``--malloc-mmap-threshold 1048576`` adds rows
 with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``): by default glibc raises the threshold
 as large blocks are freed and then serves activations from its heap, whose freed pages it keeps,
-so RSS also measures fragmentation. ``--chunked-loss`` adds rows where both sides compute the
+so RSS also measures fragmentation. A ``jemalloc`` setting runs the worker with jemalloc
+preloaded (``LD_PRELOAD``; Debian: ``apt install libjemalloc2``). ``--chunked-loss`` adds rows where both sides compute the
 loss with `autoqra.loss` in token chunks (what ``autoqra.finetune`` does by default), so the full
 logits never exist; those rows are compared with fp32 in the same setting and with fp32 using the
 usual full logits. ``--kinds`` runs a subset of the workers.
@@ -218,8 +219,10 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 # -- driver --------------------------------------------------------------------------------------
-def run_worker(kind: str, args: argparse.Namespace, checkpointing: bool, mmap_threshold: int | None,
+def run_worker(kind: str, args: argparse.Namespace, checkpointing: bool, mmap_threshold: int | str | None,
                chunked: bool) -> dict:
+    """One worker subprocess; ``mmap_threshold``: glibc's fixed threshold, None, or ``"jemalloc"``
+    (the worker runs with jemalloc preloaded)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
     cmd += ["--quick"] if args.quick else ["--model", args.model]
@@ -228,7 +231,12 @@ def run_worker(kind: str, args: argparse.Namespace, checkpointing: bool, mmap_th
     cmd += ["--chunked-loss"] if chunked else []
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if mmap_threshold is not None:  # glibc: a fixed threshold (the default one grows as blocks are freed)
+    env.pop("LD_PRELOAD", None)
+    if mmap_threshold == "jemalloc":
+        from autoqra.memory import find_jemalloc
+
+        env["LD_PRELOAD"] = find_jemalloc()
+    elif mmap_threshold is not None:  # glibc: a fixed threshold (the default one grows as blocks are freed)
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -278,11 +286,13 @@ def main() -> None:
         settings = []
         for text in args.settings.split(","):
             tokens = set(text.split("+")) - {"base"}
-            if not tokens <= {"ckpt", "chunk", "mmap"} or ("mmap" in tokens and not args.malloc_mmap_threshold):
-                parser.error(f"--settings: {text!r}: join base, ckpt, chunk, mmap with '+' (mmap needs "
+            if not tokens <= {"ckpt", "chunk", "mmap", "jemalloc"} or (
+                    "mmap" in tokens and not args.malloc_mmap_threshold) or {"mmap", "jemalloc"} <= tokens:
+                parser.error(f"--settings: {text!r}: join base, ckpt, chunk, mmap or jemalloc with '+' (mmap needs "
                              "--malloc-mmap-threshold)")
             settings.append(("ckpt" in tokens, "chunk" in tokens,
-                             args.malloc_mmap_threshold if "mmap" in tokens else None))
+                             args.malloc_mmap_threshold if "mmap" in tokens else ("jemalloc" if "jemalloc" in tokens
+                                                                                  else None)))
     else:
         settings = [(c, k, t) for t in [None] + ([args.malloc_mmap_threshold] if args.malloc_mmap_threshold else [])
                     for c in ([False, True] if args.gradient_checkpointing else [False])
@@ -294,10 +304,11 @@ def main() -> None:
         args.compiled_dir = tmp  # the first autoqra worker saves its compiled model here
         for checkpointing, chunked, threshold in settings:
             suffix = ("+ckpt" if checkpointing else "") + ("+chunk" if chunked else "") + (
-                f"+mmap{threshold // 1024}K" if threshold else "")
+                "+jemalloc" if threshold == "jemalloc" else f"+mmap{threshold // 1024}K" if threshold else "")
             for kind in args.kinds:
                 run = run_worker(kind, args, checkpointing, threshold, chunked)
-                run.update(kind=kind, setting=suffix, malloc_mmap_threshold=threshold,
+                run.update(kind=kind, setting=suffix, allocator="jemalloc" if threshold == "jemalloc" else "glibc",
+                           malloc_mmap_threshold=None if threshold == "jemalloc" else threshold,
                            gradient_checkpointing=checkpointing, chunked_loss=chunked)
                 runs[kind + suffix] = run
                 logging.info("%s: peak RSS %.0f MiB", kind + suffix, run["peak_rss_train_mib"])

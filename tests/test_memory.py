@@ -62,3 +62,62 @@ def test_fixed_threshold_returns_freed_blocks():
     default, fixed = _retained("default"), _retained("fixed")
     assert default > 200  # the 400 MiB of freed 2 MiB blocks stay in the heap
     assert fixed < 50, (default, fixed)
+
+
+def test_find_jemalloc_explicit_and_missing(tmp_path, monkeypatch):
+    from autoqra import memory
+    from autoqra.errors import UnsupportedPlatformError
+
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    monkeypatch.setenv("AUTOQRA_JEMALLOC", str(lib))
+    assert memory.find_jemalloc() == str(lib)
+    monkeypatch.setenv("AUTOQRA_JEMALLOC", str(tmp_path / "nope.so"))
+    with pytest.raises(UnsupportedPlatformError, match="not a file"):
+        memory.find_jemalloc()
+    monkeypatch.delenv("AUTOQRA_JEMALLOC")
+    monkeypatch.setattr(memory, "_JEMALLOC_GLOBS", (str(tmp_path / "none" / "*.so"),))
+    with pytest.raises(UnsupportedPlatformError, match="apt install libjemalloc2"):
+        memory.find_jemalloc()
+
+
+def test_finetune_jemalloc_reexecs_the_same_command(monkeypatch):
+    import os
+
+    from autoqra import cli, memory
+
+    calls = []
+    monkeypatch.setattr(memory, "jemalloc_loaded", lambda: False)
+    monkeypatch.setattr(memory, "find_jemalloc", lambda: "/opt/libjemalloc.so.2")
+    monkeypatch.delenv("AUTOQRA_REEXEC", raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "/opt/other.so")
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
+    argv = ["finetune", "out/model", "--steps", "3", "--jemalloc", "--out", "ft"]
+    cli._reexec_with_jemalloc(argv)
+    (exe, new_argv, env), = calls
+    assert exe == sys.executable and new_argv == [sys.executable, "-m", "autoqra", *argv]
+    assert env["LD_PRELOAD"] == "/opt/libjemalloc.so.2 /opt/other.so" and env["AUTOQRA_REEXEC"] == "1"
+    monkeypatch.setattr(memory, "jemalloc_loaded", lambda: True)  # already loaded: no re-exec
+    cli._reexec_with_jemalloc(argv)
+    assert len(calls) == 1
+
+
+def _installed_jemalloc():
+    from autoqra.errors import UnsupportedPlatformError
+    from autoqra.memory import find_jemalloc
+
+    try:
+        return find_jemalloc()
+    except UnsupportedPlatformError:
+        return None
+
+
+@pytest.mark.skipif(_installed_jemalloc() is None, reason="jemalloc is not installed on this machine")
+def test_preloaded_jemalloc_is_detected():
+    code = "from autoqra.memory import jemalloc_loaded; print(jemalloc_loaded())"
+    env = {**__import__("os").environ, "LD_PRELOAD": _installed_jemalloc()}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
+    plain_env = {k: v for k, v in __import__("os").environ.items() if k != "LD_PRELOAD"}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plain_env, timeout=60)
+    assert plain.stdout.strip() == "False"
