@@ -105,3 +105,16 @@ def test_exact_at_its_time_limit_falls_back_to_the_best_plan_it_has(monkeypatch,
     assert result.cost <= problem.budget and result.solver == "exact"
     assert "time limit" in caplog.text or "no plan in" in caplog.text
     assert result.error <= get_solver("greedy")(problem, 0).error  # never worse than greedy
+
+
+def test_exact_keeps_the_c_stdout_clean():
+    """HiGHS's stray debug lines go to the log, not to the terminal: the solve prints nothing."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, sys; sys.path.insert(0, 'tests'); from test_search import random_problem; "
+            "from autoqra.search import get_solver; p = random_problem(np.random.default_rng(3), 300, 8); "
+            "r = get_solver('exact')(p); print('cost', r.cost <= p.budget)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "cost True"

@@ -13,7 +13,12 @@ error, and this comparison makes ``exact`` never worse than ``greedy``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -27,6 +32,31 @@ logger = logging.getLogger(__name__)
 
 #: seconds HiGHS may search before the best point found so far (or greedy's) is used
 TIME_LIMIT = 20.0
+
+
+@contextlib.contextmanager
+def _c_stdout_to_log() -> Iterator[None]:
+    """HiGHS writes some debug lines (``HighsMipSolverData::transformNewIntegerFeasibleSolution``)
+    straight to the C stdout, past ``disp=False``: send the process's fd 1 to a temporary file
+    for the call and log what it caught at DEBUG level."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (e.g. captured): nothing to redirect
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink.seek(0)
+            caught = sink.read().decode(errors="replace").strip()
+            if caught:
+                logger.debug("HiGHS printed: %s", caught)
 
 
 @register_solver("exact")
@@ -54,13 +84,14 @@ def solve_exact(problem: SearchProblem, seed: int = 0) -> Assignment:
         LinearConstraint(one_hot, 1, 1),
         LinearConstraint(extra.reshape(1, -1), -np.inf, room),
     ]
-    result = milp(
-        error / scale,
-        constraints=constraints,
-        integrality=np.ones(n),
-        bounds=Bounds(0, 1),
-        options={"mip_rel_gap": 1e-9, "presolve": True, "time_limit": TIME_LIMIT},
-    )
+    with _c_stdout_to_log():
+        result = milp(
+            error / scale,
+            constraints=constraints,
+            integrality=np.ones(n),
+            bounds=Bounds(0, 1),
+            options={"mip_rel_gap": 1e-9, "presolve": True, "time_limit": TIME_LIMIT},
+        )
     if result.x is None:
         if result.status == 1:  # time limit, no integer point yet
             logger.warning("exact: HiGHS found no plan in %.0f s (%d groups); using the greedy plan", TIME_LIMIT,
