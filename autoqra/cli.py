@@ -212,15 +212,14 @@ def _reexec_with_jemalloc(argv: list[str]) -> None:
         logging.getLogger(__name__).info("jemalloc is loaded")
         return
     path = find_jemalloc()
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = " ".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
-    env["AUTOQRA_REEXEC"] = "1"
-    if os.environ.get("AUTOQRA_REEXEC"):  # preloaded, yet not loaded: do not loop
+    if os.environ.get("AUTOQRA_REEXEC"):  # this process was already re-executed with it: do not loop
         from autoqra.errors import UnsupportedPlatformError
 
         raise UnsupportedPlatformError(f"jemalloc ({path}) was preloaded but is not loaded in the new process")
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = " ".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
+    env["AUTOQRA_REEXEC"] = "1"
     print(f"re-running with jemalloc preloaded ({path})", flush=True)
-    sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "autoqra", *argv], env)
 

@@ -62,7 +62,10 @@ def auto_chunk_tokens(model: nn.Module, chunk_mib: float = 32.0) -> int | None:
 
 def _output_module(inner: nn.Module) -> nn.Module:
     getter = getattr(inner, "get_output_embeddings", None)
-    head = getter() if getter is not None else None
+    try:
+        head = getter() if getter is not None else None
+    except NotImplementedError:  # some models declare the method without implementing it
+        head = None
     if head is None:
         raise ConfigError(
             f"chunked loss needs a model with an output embedding (get_output_embeddings()); "
@@ -99,9 +102,14 @@ def _head_returns_input(head: nn.Module, called: list[bool]) -> Iterator[None]:
             del head.forward
 
 
+def _summed_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """fp32 cross-entropy summed over the non-ignored targets (``logits [..., V]``, ``target [...]``)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return _summed_ce(head(hidden), target)
 
 
 def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,10 +155,7 @@ def causal_lm_loss(
     target = _labels(batch)[:, 1:]
     count = int((target != IGNORE_INDEX).sum())
     if chunk_tokens is None:
-        pred = _logits_of(model(**kwargs))[:, :-1, :].float()
-        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-        return loss / max(count, 1), count
+        return _summed_ce(_logits_of(model(**kwargs))[:, :-1, :], target) / max(count, 1), count
     if chunk_tokens < 1:
         raise ConfigError(f"loss_chunk_tokens must be >= 1 or None (full logits), got {chunk_tokens}")
 
@@ -165,10 +170,7 @@ def causal_lm_loss(
             _warned_not_called.add(name)
             logger.warning("%s's forward does not call its output module: the loss uses full logits "
                            "(pass loss_chunk_tokens=None to silence this)", name)
-        pred = out[:, :-1, :].float()
-        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-        return loss / max(count, 1), count
+        return _summed_ce(out[:, :-1, :], target) / max(count, 1), count
     hidden = out[:, :-1, :].reshape(-1, out.shape[-1])
     flat_target = target.reshape(-1)
     keep = flat_target != IGNORE_INDEX

@@ -121,3 +121,14 @@ def test_preloaded_jemalloc_is_detected():
     plain_env = {k: v for k, v in __import__("os").environ.items() if k != "LD_PRELOAD"}
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plain_env, timeout=60)
     assert plain.stdout.strip() == "False"
+
+
+def test_reexec_that_did_not_load_jemalloc_stops_instead_of_looping(monkeypatch):
+    from autoqra import cli, memory
+    from autoqra.errors import UnsupportedPlatformError
+
+    monkeypatch.setattr(memory, "jemalloc_loaded", lambda: False)
+    monkeypatch.setattr(memory, "find_jemalloc", lambda: "/opt/libjemalloc.so.2")
+    monkeypatch.setenv("AUTOQRA_REEXEC", "1")
+    with pytest.raises(UnsupportedPlatformError, match="preloaded but is not loaded"):
+        cli._reexec_with_jemalloc(["finetune", "m", "--jemalloc", "--out", "o"])

@@ -60,7 +60,7 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
     if callable(get_out):
         try:
             out_module = get_out()
-        except Exception:  # some models raise NotImplementedError here
+        except (NotImplementedError, AttributeError):  # declared but not implemented by some models
             out_module = None
     for name, module in model.named_modules(remove_duplicate=False):
         if module is out_module or name.split(".")[-1] == "lm_head":
