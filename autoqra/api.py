@@ -205,6 +205,13 @@ def compile(  # noqa: A001  (the product's verb)
         ],
     }
     if materialize:
+        from autoqra.footprint import layers_held_bytes
+
+        # measured through the tensor storages the compiled layers hold, not through the cost model
+        report["held_bytes"] = layers_held_bytes(model)
+        if report["held_bytes"] != plan.total_bytes:
+            logger.warning("the compiled layers hold %d bytes, the plan counted %d", report["held_bytes"],
+                           plan.total_bytes)
         model.autoqra_plan = plan  # carried into autoqra.save
     return CompileResult(model=model, plan=plan, report=report, program=program)
 

@@ -11,9 +11,9 @@ or a transformers config to instantiate) and loads the tensors. Everything is re
 (format version, tensor file, every key and shape) before the first module is swapped: a missing
 or corrupt file, or a newer format, raises `SaveFormatError` and leaves ``base`` untouched.
 
-Adapters are stored in their training dtype (float32), so a loaded model's logits equal the
-saved model's exactly; the cost model counts adapters at 2 bytes/param, the deployed
-bf16/fp16 size (``QuantLoRALinear.state_nbytes``).
+Adapters are stored in the dtype they are held in (float32 by default, the training dtype), so a
+loaded model's logits equal the saved model's exactly, and the cost model counts them at that
+size. 4-bit codes held in the int4 kernel layout are saved in the packed form.
 """
 
 from __future__ import annotations
@@ -158,11 +158,14 @@ def load(directory: str | Path, base: nn.Module | Any) -> nn.Module:
             f"{directory / TENSORS} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shape {wrong[:5]}; load onto the same architecture it was saved from"
         )
-    for name, layer in new_modules.items():
-        base.set_submodule(name, layer)
     state = dict(tensors)
     for alias, target in meta.get("aliases", {}).items():
         state[alias] = tensors[target]
+    for name, layer in new_modules.items():
+        saved_bias = state.get(f"{name}.bias")
+        if layer.bias is not None and saved_bias is not None and saved_bias.dtype != layer.bias.dtype:
+            layer.bias = nn.Parameter(torch.empty_like(saved_bias), requires_grad=False)  # the model's dtype
+        base.set_submodule(name, layer)
     base.load_state_dict(state, strict=False, assign=False)
     for p in base.parameters():
         p.requires_grad_(False)

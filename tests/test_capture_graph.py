@@ -197,7 +197,7 @@ def test_meta_device_model_costs_without_weights():
     program = analyze(model)
     assert len(program.graph) == 14
     name = "model.layers.0.mlp.down_proj"
-    assert program.graph.annotation(name).cost[(4, 8)] == 128 * 64 // 2 + 64 * 2 * 4 + 8 * (128 + 64) * 2
+    assert program.graph.annotation(name).cost[(4, 8)] == 128 * 64 // 2 + 64 * 2 * 4 + 8 * (128 + 64) * 4
 
 
 def test_odd_width_layer_is_padded_in_cost():

@@ -24,7 +24,7 @@ IDS = torch.randint(3, 100, (3, 24), generator=torch.Generator().manual_seed(5))
 def _compiled(make, **kwargs):
     torch.manual_seed(0)
     model = make(**kwargs)
-    autoqra.compile(model, "6bits", calib=CALIB, ranks=(4, 8), cache_dir=None, progress=False)
+    autoqra.compile(model, "8bits", calib=CALIB, ranks=(4, 8), cache_dir=None, progress=False)
     for p in adapter_parameters(model):  # non-zero B so every adapter gets a gradient through the loss
         with torch.no_grad():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -66,7 +66,7 @@ def test_chunked_loss_equals_full_logits(make, kwargs, batch, chunk):
 def test_chunked_loss_with_an_adapter_on_the_output_module():
     torch.manual_seed(0)
     model = tiny_llama()
-    autoqra.compile(model, "6bits", calib=CALIB, ranks=(4, 8), cache_dir=None, progress=False,
+    autoqra.compile(model, "8bits", calib=CALIB, ranks=(4, 8), cache_dir=None, progress=False,
                     include=("lm_head",), patterns={"lm_head": {"rank": 8, "bits": 4}})
     head = model.get_output_embeddings()
     assert type(head).__name__ == "QuantLoRALinear" and head.rank == 8

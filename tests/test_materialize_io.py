@@ -28,7 +28,7 @@ def _logits(model, ids=IDS):
 @pytest.fixture(scope="module")
 def compiled():
     model = tiny_llama()
-    result = autoqra.compile(model, "6bits", calib=CALIB, ranks=(4, 8), **FAST)
+    result = autoqra.compile(model, "8bits", calib=CALIB, ranks=(4, 8), **FAST)
     return result
 
 

@@ -47,7 +47,7 @@ def test_hf_trainer_trains_a_compiled_model_unchanged(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     model = tiny_llama()
-    autoqra.compile(model, "6bits", **FAST)
+    autoqra.compile(model, "8bits", **FAST)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B"))
     }

@@ -190,20 +190,34 @@ def test_constructor_validation(kwargs: dict) -> None:
         QuantLoRALinear(**args)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_fast_paths_match_the_reference(bits: int) -> None:
-    lin = nn.Linear(200, 96)  # 200 = 3 groups of 64 + padding
-    m = QuantLoRALinear.from_linear(lin, bits, 4)
+@pytest.mark.parametrize(
+    ("bits", "out", "kernel_cache", "layout", "cached"),
+    [
+        (2, 128, False, "packed", False),  # default: memory first, chunked dequantization
+        (3, 128, False, "packed", False),
+        (2, 128, True, "packed", True),  # opt-in speed: a 4-bit kernel copy beside the codes
+        (3, 96, True, "packed", True),
+        (4, 128, False, "int4_cpu", False),  # 4 bits: the kernel layout IS the storage
+        (4, 96, False, "packed", False),  # out % 64 != 0: not eligible for the resident layout
+        (4, 96, True, "packed", True),
+        (8, 128, True, "packed", False),  # no int4 kernel at 8 bits
+    ],
+)
+def test_fast_paths_match_the_reference(bits: int, out: int, kernel_cache: bool, layout: str, cached: bool) -> None:
+    lin = nn.Linear(200, out)  # 200 = 3 groups of 64 + padding
+    m = QuantLoRALinear.from_linear(lin, bits, 4, kernel_cache=kernel_cache)
+    assert m.layout == layout
     x = torch.randn(2, 5, 200)
     with torch.no_grad():
         ref = nn.functional.linear(x, m.dequantized_weight() + m.delta_weight(), m.bias)
         fast = m(x)
+        assert (m._kernel_cache is not None) == cached
         m.fast_path = False
+        assert m.layout == "packed"
         chunked = m(x)
     torch.testing.assert_close(chunked, ref, rtol=1e-4, atol=1e-5)
     rel = float((fast - ref).norm() / ref.norm())
-    assert rel < (1e-2 if bits <= 4 else 1e-5)
-    assert (m._kernel_cache is not None) == (bits <= 4)  # 2/3/4 bits really took the int4 kernel
+    assert rel < (1e-2 if layout == "int4_cpu" or cached else 1e-5)
 
 
 def test_torch_export_uses_the_plain_dequantized_path() -> None:
@@ -238,7 +252,7 @@ def test_dtype_cast_keeps_the_stored_format(bits: int) -> None:
     formats = {k: v.dtype for k, v in m.state_dict().items() if k in ("scale", "zero", "weight")}
     assert set(formats.values()) == {torch.float16}
     assert m.lora_A.dtype == torch.bfloat16
-    assert m.state_nbytes() == CostModel().layer_bytes(128, 64, bits, 4)
+    assert m.state_nbytes() == CostModel(adapter_bytes=2).layer_bytes(128, 64, bits, 4)
     assert float((y_bf16.float() - y).norm() / y.norm()) < 2e-2
 
 

@@ -38,7 +38,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def compiled_model():
     model = tiny_llama()
-    autoqra.compile(model, "6bits", calib=CALIB, ranks=(4, 8), cache_dir=None, progress=False)
+    autoqra.compile(model, "8bits", calib=CALIB, ranks=(4, 8), cache_dir=None, progress=False)
     return model
 
 
@@ -199,7 +199,7 @@ def test_cli_finetune(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(autoqra.memory, "set_malloc_mmap_threshold", thresholds.append)
     base_dir = save_tiny_hf_model(tmp_path / "hf")
     text = write_text(tmp_path / "train.txt", 2000)
-    assert main(["compile", str(base_dir), "--budget", "6bits", "--calib", "none", "--ranks", "4,8", "--out", str(tmp_path / "c")]) == 0
+    assert main(["compile", str(base_dir), "--budget", "8bits", "--calib", "none", "--ranks", "4,8", "--out", str(tmp_path / "c")]) == 0
     argv = ["finetune", str(tmp_path / "c" / "model"), "--base", str(base_dir), "--steps", "4", "--lr", "1e-2",
             "--batch-size", "2", "--seq-len", "32", "--data", str(text), "--eval-data", str(text),
             "--eval-windows", "2", "--eval-seq-len", "32", "--out", str(tmp_path / "ft"),

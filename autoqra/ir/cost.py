@@ -42,14 +42,15 @@ class CostModel:
     Attributes:
         group_size: quantization group length along the input dimension.
         scale_bytes / zero_bytes: bytes of one group's scale and zero (fp16 → 2 each).
-        adapter_bytes: bytes per LoRA parameter (2: adapters stored in bf16/fp16).
+        adapter_bytes: bytes per LoRA parameter as held (4: float32 adapters, the training
+            dtype and ``QuantLoRALinear``'s default; 2 with ``adapter_dtype=torch.bfloat16``).
         dense_bytes: bytes per weight kept at 16 bits (2: fp16).
     """
 
     group_size: int = 64
     scale_bytes: int = 2
     zero_bytes: int = 2
-    adapter_bytes: int = 2
+    adapter_bytes: int = 4
     dense_bytes: int = 2
 
     def __post_init__(self) -> None:

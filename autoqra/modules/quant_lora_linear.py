@@ -8,10 +8,12 @@ means no adapter. The bias is kept as is (a frozen parameter).
 
 Choices made here:
 
-* **Bytes.** ``lora_A`` / ``lora_B`` live in ``adapter_dtype`` (default float32, for
-  training), but the format counts and saves adapters at 2 bytes per parameter (bf16/fp16), as
-  the one cost model (:mod:`autoqra.ir.cost`) does: ``state_nbytes()`` equals
-  ``CostModel(group_size=...).layer_bytes(in, out, bits, rank)`` exactly (bias excluded).
+* **Bytes.** What the layer holds is what the one cost model (:mod:`autoqra.ir.cost`) counts:
+  ``state_nbytes()`` equals ``CostModel(group_size=..., adapter_bytes=<adapter dtype size>)
+  .layer_bytes(in, out, bits, rank)`` exactly (bias excluded), and so do the distinct tensor
+  storages the layer holds after a forward and a backward (:func:`autoqra.footprint.held_bytes`),
+  unless the user opted into ``kernel_cache=True`` (speed over memory, below). ``lora_A`` /
+  ``lora_B`` live in ``adapter_dtype`` (default float32, the training dtype: 4 bytes a parameter).
 * **Scaling.** ``alpha=None`` means ``scaling = 1.0`` (``alpha = rank``): layers get different
   ranks from the search, and a rank-independent scaling keeps ``B A`` meaning the same thing
   everywhere. An explicit ``alpha`` gives ``scaling = alpha / rank``. The LoftQ init divides
@@ -19,13 +21,17 @@ Choices made here:
 * **Init.** Quantized bases: LoftQ (:func:`autoqra.quant.loftq.loftq_init`, weighted by
   ``d`` / ``g`` when given). ``loftq_iters=0`` or 16 bits: plain quantization (or the fp16
   weight) with the standard LoRA init (Kaiming-uniform ``A``, zero ``B``).
-* **Forward.** Packed storage is the source of truth. At 2/3/4 bits on CPU (torch's
-  ``_weight_int4pack_mm_for_cpu`` present, ``out % 16 == 0``, group size 32/64/128/256,
-  uniform grid, ``fast_path=True``) the base product runs in torch's int4 kernel, with the
-  activations and the group scales/offsets in bf16 (output within ~0.3% relative of the fp32
-  reference); the kernel layout is derived from the packed buffers once and cached (not in the
-  state dict; rebuilt when a buffer changes; it costs as much memory as ``qweight`` plus the
-  scales in bf16). Otherwise (8 bits, code books, GPU, ``fast_path=False``) the weight is
+* **Forward.** At 4 bits on CPU (torch's ``_weight_int4pack_mm_for_cpu`` present,
+  ``out % 64 == 0``, group size 32/64/128/256, uniform grid, ``fast_path=True``) ``qweight``
+  *holds* its codes in the kernel's own layout (:mod:`autoqra.quant.int4_layout`, the same
+  number of bytes as the packed form, which it replaces): the base product runs in torch's
+  int4 kernel with the activations and the group scale/offset in bf16 (output within ~0.3%
+  relative of the fp32 reference; the scale/offset pairs are derived per call, never kept).
+  ``state_dict()`` / save / export always see the packed form (``packed_qweight()``), and a
+  move to another device converts back. 2/3-bit codes fit the same kernel only as a second,
+  4-bit copy: ``kernel_cache=True`` opts into that (speed over memory: the copy is held beside
+  the packed codes and counted by ``held_bytes``). Otherwise (2/3/8 bits, code books, GPU,
+  ``fast_path=False``) the weight is
   dequantized in row chunks of ~1 MB that stay in cache, each multiplied at once, in the
   input's dtype. While tracing / exporting to ONNX / ``torch.compile``-ing, the forward is the
   plain ``F.linear(x, dequantized_weight())``. Gradients reach the input on every path; the
@@ -46,17 +52,18 @@ from torch import nn
 
 from autoqra.errors import ConfigError, MergeError, QuantizationError, UnsupportedLayerError
 from autoqra.ir.cost import DENSE_BITS, PACKED_BITS, packed_nbytes
+from autoqra.quant import int4_layout
 from autoqra.quant.base import (
     QuantBackend,
     QuantizedWeight,
     QuantSpec,
     check_weight,
-    dequantize_weight,
+    dequantize_codes,
     get_backend,
     optional_import,
 )
 from autoqra.quant.loftq import loftq_init
-from autoqra.quant.pack import unpack
+from autoqra.quant.pack import pack, unpack
 
 __all__ = ["QuantLoRALinear", "linear_weight"]
 
@@ -67,11 +74,6 @@ _INT4_GROUP_SIZES = (32, 64, 128, 256)
 _FORMAT_BUFFERS = ("scale", "zero", "weight")
 #: weight elements dequantized at a time on the chunked path (~1 MB of float32)
 _CHUNK_ELEMENTS = 1 << 18
-
-
-def _int4_kernel_available() -> bool:
-    ops = torch.ops.aten
-    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
 
 
 def _tracing() -> bool:
@@ -140,6 +142,7 @@ class QuantLoRALinear(nn.Module):
         *,
         adapter_dtype: torch.dtype = torch.float32,
         fast_path: bool = True,
+        kernel_cache: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -168,7 +171,10 @@ class QuantLoRALinear(nn.Module):
         self.scaling = 1.0 if alpha is None or rank == 0 else float(alpha) / rank
         self.group_size = group_size
         self.backend_name = backend.name if isinstance(backend, QuantBackend) else str(backend)
-        self.fast_path = fast_path
+        #: how ``qweight`` holds the codes: "packed" (autoqra's format) or "int4_cpu" (the kernel's)
+        self.layout = "packed"
+        self._fast_path = fast_path
+        self.kernel_cache = kernel_cache
         self.merged = False
         self._kernel_cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
@@ -206,6 +212,7 @@ class QuantLoRALinear(nn.Module):
             self.lora_A = None
             self.lora_B = None
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._sync_layout()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -224,6 +231,7 @@ class QuantLoRALinear(nn.Module):
         group_size: int = 64,
         adapter_dtype: torch.dtype = torch.float32,
         fast_path: bool = True,
+        kernel_cache: bool = False,
         name: str | None = None,
         hessian: torch.Tensor | None = None,
     ) -> QuantLoRALinear:
@@ -256,11 +264,12 @@ class QuantLoRALinear(nn.Module):
             bias=bias is not None,
             adapter_dtype=adapter_dtype,
             fast_path=fast_path,
+            kernel_cache=kernel_cache,
             device=w.device,
         )
         with torch.no_grad():
-            if bias is not None:
-                module.bias.copy_(bias.detach().float())
+            if bias is not None:  # kept in the model's own dtype, as every untouched parameter
+                module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
             if bits == DENSE_BITS:
                 module.weight.copy_(w.to(torch.float16))
                 return module
@@ -296,10 +305,83 @@ class QuantLoRALinear(nn.Module):
                 f"({self.out_features}, {self.in_features}) at {self.bits} bits, group {self.group_size}"
             )
         with torch.no_grad():
-            self.qweight.copy_(qw.packed)
+            self._buffers["qweight"] = qw.packed.detach().to(self.scale.device, torch.uint8).clone()
+            self.layout = "packed"
             self.scale.copy_(qw.scale)
             self.zero.copy_(qw.zero)
         self._kernel_cache = None
+        self._sync_layout()
+
+    # -- storage layout -------------------------------------------------------------------------
+    @property
+    def fast_path(self) -> bool:
+        """Use torch's int4 CPU kernel where it costs no memory (4 bits); setting it re-lays out ``qweight``."""
+        return self._fast_path
+
+    @fast_path.setter
+    def fast_path(self, value: bool) -> None:
+        self._fast_path = bool(value)
+        if "scale" in self._buffers or "weight" in self._buffers:
+            self._sync_layout()
+
+    def _resident_kernel(self, device: torch.device | None = None) -> bool:
+        """Whether the codes can live in the int4 kernel layout (4 bits, CPU, supported shape)."""
+        device = device if device is not None else self.scale.device
+        return (
+            self.bits == 4
+            and self.fast_path
+            and self.codebook is None
+            and device.type == "cpu"
+            and self.out_features % int4_layout.BLOCK_N == 0
+            and self.group_size in _INT4_GROUP_SIZES
+            and int4_layout.layout_matches_torch()
+        )
+
+    def _sync_layout(self) -> None:
+        """Put ``qweight`` in the layout the current device and settings call for (in place)."""
+        if self.bits == DENSE_BITS:
+            return
+        want = "int4_cpu" if self._resident_kernel() else "packed"
+        if want == self.layout:
+            return
+        if self.qweight.device.type == "meta":  # no values to convert: just the packed shape
+            k = self.scale.shape[1] * self.group_size
+            self._buffers["qweight"] = torch.empty(packed_nbytes(self.out_features * k, self.bits),
+                                                   dtype=torch.uint8, device="meta")
+            self.layout = "packed"
+            return
+        codes = self._codes(0, self.out_features)
+        with torch.no_grad():
+            if want == "int4_cpu":
+                self._buffers["qweight"] = int4_layout.encode(codes)
+            else:
+                self._buffers["qweight"] = pack(codes, self.bits)
+        self.layout = want
+        self._kernel_cache = None
+
+    def _codes(self, start: int, stop: int) -> torch.Tensor:
+        """Codes of rows ``start:stop`` as ``uint8 [rows, padded in]`` (from either layout)."""
+        k = self.scale.shape[1] * self.group_size
+        if self.layout == "int4_cpu":
+            lo, hi = start - start % int4_layout.BLOCK_N, -(-stop // int4_layout.BLOCK_N) * int4_layout.BLOCK_N
+            return int4_layout.decode(self.qweight, lo, hi)[start - lo : stop - lo]
+        row_bytes = self.qweight.numel() // self.out_features
+        return unpack(self.qweight[start * row_bytes : stop * row_bytes], self.bits, (stop - start) * k).view(
+            stop - start, k
+        )
+
+    def packed_qweight(self) -> torch.Tensor:
+        """The codes in autoqra's packed format (``qweight`` itself unless it holds the kernel layout)."""
+        if self.bits == DENSE_BITS:
+            raise ConfigError("a 16-bit QuantLoRALinear keeps an fp16 weight, not packed codes")
+        if self.layout == "packed":
+            return self.qweight
+        return pack(self._codes(0, self.out_features), self.bits)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[no-untyped-def]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "packed":  # the saved format is always the packed one
+            destination[prefix + "qweight"] = self.packed_qweight()
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         """Device moves apply to every buffer, but a dtype cast (``model.to(torch.bfloat16)``)
@@ -310,11 +392,17 @@ class QuantLoRALinear(nn.Module):
             new = self._buffers[n]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[n] = old.to(new.device)
+        self._sync_layout()
         return result
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._kernel_cache = None  # new buffer contents: the kernel layout is rebuilt on next use
+        if self.layout != "packed":  # state dicts hold the packed form: load into it, then re-lay out
+            with torch.no_grad():
+                self._buffers["qweight"] = self.packed_qweight()
+            self.layout = "packed"
         super()._load_from_state_dict(*args, **kwargs)
+        self._sync_layout()
 
     # -- views ----------------------------------------------------------------------------------
     @property
@@ -322,11 +410,11 @@ class QuantLoRALinear(nn.Module):
         return None if self.bits == DENSE_BITS else QuantSpec(bits=self.bits, group_size=self.group_size)
 
     def quantized_weight(self) -> QuantizedWeight:
-        """The base as a :class:`QuantizedWeight` (sharing the buffers)."""
+        """The base as a :class:`QuantizedWeight` (sharing the buffers in the packed layout)."""
         if self.bits == DENSE_BITS:
             raise ConfigError("a 16-bit QuantLoRALinear has no quantized weight")
         return QuantizedWeight(
-            packed=self.qweight,
+            packed=self.packed_qweight(),
             scale=self.scale,
             zero=self.zero,
             shape=(self.out_features, self.in_features),
@@ -340,12 +428,11 @@ class QuantLoRALinear(nn.Module):
         """The base weight ``[out, in]`` (adapter not included)."""
         if self.bits == DENSE_BITS:
             return self.weight.to(dtype)
-        return dequantize_weight(
-            self.qweight,
+        return dequantize_codes(
+            self._codes(0, self.out_features),
             self.scale,
             self.zero,
             (self.out_features, self.in_features),
-            self.bits,
             self.group_size,
             self.codebook,
             dtype,
@@ -361,9 +448,12 @@ class QuantLoRALinear(nn.Module):
             return torch.zeros(self.out_features, self.in_features, device=self._device())
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
-    def state_nbytes(self, adapter_bytes: int = 2) -> int:
+    def state_nbytes(self, adapter_bytes: int | None = None) -> int:
         """Bytes of base (codes + scales + zeros, or fp16 weight) + adapters at ``adapter_bytes``
-        per parameter; equals ``CostModel.layer_bytes`` (bias excluded)."""
+        per parameter (default: the size of the dtype they are held in); equals
+        ``CostModel.layer_bytes`` (bias excluded)."""
+        if adapter_bytes is None:
+            adapter_bytes = self.lora_A.element_size() if self.rank else 0
         if self.bits == DENSE_BITS:
             base = [self.weight]
         else:
@@ -378,8 +468,11 @@ class QuantLoRALinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def _kernel_eligible(self, x: torch.Tensor) -> bool:
+        if self.layout == "int4_cpu":
+            return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.shape[0] > 0
         return (
             self.fast_path
+            and self.kernel_cache
             and self.bits <= 4
             and self.codebook is None
             and x.device.type == "cpu"
@@ -387,25 +480,32 @@ class QuantLoRALinear(nn.Module):
             and x.shape[0] > 0
             and self.out_features % 16 == 0
             and self.group_size in _INT4_GROUP_SIZES
-            and _int4_kernel_available()
+            and int4_layout.kernel_available()
         )
 
+    def _scale_offset(self) -> torch.Tensor:
+        """The kernel's bf16 ``[groups, out, 2]`` (scale, offset) pairs. The kernel computes
+        ``(c - 8) * s + o`` on 4-bit codes ``c``; our codes ``q`` are shifted by
+        ``8 - 2**(bits-1)`` (``c = q + shift``) to center them on 8, so ``o = (2**(bits-1) - z) * s``
+        is about the group's centre value: small, and its bf16 rounding costs little."""
+        scale = self.scale.float()
+        offset = (float(1 << (self.bits - 1)) - self.zero.float()) * scale
+        return torch.stack([scale.T, offset.T], dim=-1).to(torch.bfloat16).contiguous()
+
     def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """int4 kernel layout of the packed codes and bf16 (scale, offset), cached per buffer version."""
+        """int4 kernel layout of the codes and bf16 (scale, offset): the held ``qweight`` itself
+        at 4 bits (scale/offset derived per call), else a cached 4-bit copy (``kernel_cache``)."""
+        if self.layout == "int4_cpu":
+            return self.qweight, self._scale_offset()
         key = tuple(v for t in (self.qweight, self.scale, self.zero) for v in (t.data_ptr(), _version_of(t)))
         if self._kernel_cache is not None and self._kernel_cache[0] == key:
             return self._kernel_cache[1], self._kernel_cache[2]
         n_groups = self.scale.shape[1]
         k = n_groups * self.group_size
         codes = unpack(self.qweight, self.bits, self.out_features * k).view(self.out_features, k)
-        # the kernel computes (c - 8) * s + o on 4-bit codes c. Shifting our codes q by
-        # shift = 8 - 2**(bits-1) (c = q + shift) centers them on 8, so o = (2**(bits-1) - z) * s is
-        # about the group's centre value: small, and its bf16 rounding costs little.
         shift = 8 - (1 << (self.bits - 1))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + shift, 1)
-        scale = self.scale.float()
-        offset = (float(1 << (self.bits - 1)) - self.zero.float()) * scale
-        scale_offset = torch.stack([scale.T, offset.T], dim=-1).to(torch.bfloat16).contiguous()
+        scale_offset = self._scale_offset()
         self._kernel_cache = (key, packed, scale_offset)
         return packed, scale_offset
 
@@ -420,18 +520,18 @@ class QuantLoRALinear(nn.Module):
 
     def _row_chunks(self) -> range:
         rows = max(1, _CHUNK_ELEMENTS // (self.scale.shape[1] * self.group_size))
+        if self.layout == "int4_cpu":  # whole layout blocks
+            rows = max(int4_layout.BLOCK_N, rows // int4_layout.BLOCK_N * int4_layout.BLOCK_N)
         return range(0, self.out_features, rows)
 
     def _dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``start:stop`` of the base weight (each packed row is a whole number of bytes,
         since the group size is a multiple of 8)."""
-        row_bytes = self.qweight.numel() // self.out_features
-        return dequantize_weight(
-            self.qweight[start * row_bytes : stop * row_bytes],
+        return dequantize_codes(
+            self._codes(start, stop),
             self.scale[start:stop],
             self.zero[start:stop],
             (stop - start, self.in_features),
-            self.bits,
             self.group_size,
             self.codebook,
             dtype,

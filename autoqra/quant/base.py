@@ -50,6 +50,7 @@ __all__ = [
     "get_backend",
     "available_backends",
     "optional_import",
+    "dequantize_codes",
     "dequantize_weight",
     "check_weight",
 ]
@@ -158,9 +159,25 @@ def dequantize_weight(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``[out, in]`` weight from the packed format: ``(c(q) - zero) * scale``, padding dropped."""
+    out_f, _ = shape
+    n_groups = scale.shape[1]
+    codes = unpack(packed, bits, out_f * n_groups * group_size)
+    return dequantize_codes(codes, scale, zero, shape, group_size, codebook, dtype)
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    shape: tuple[int, int],
+    group_size: int,
+    codebook: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``[out, in]`` weight from unpacked codes (any shape holding ``out × padded in`` values)."""
     out_f, in_f = shape
     n_groups = scale.shape[1]
-    codes = unpack(packed, bits, out_f * n_groups * group_size).view(out_f, n_groups, group_size)
+    codes = codes.reshape(out_f, n_groups, group_size)
     values = codebook.to(dtype)[codes.long()] if codebook is not None else codes.to(dtype)
     w = (values - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)
     w = w.view(out_f, n_groups * group_size)

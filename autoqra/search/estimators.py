@@ -154,18 +154,27 @@ class ErrorCache:
         if root is not None:
             root.mkdir(parents=True, exist_ok=True)
 
-    @staticmethod
-    def key(parts: dict[str, object], tensors: list[torch.Tensor | None]) -> str:
-        h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
+    def key(self, parts: dict[str, object], tensors: list[torch.Tensor | None]) -> str:
+        """A key that cannot go stale: the settings, autoqra's and torch's versions, and the raw
+        bytes, dtype and shape of every tensor (any dtype: bf16 / fp16 weights hash as they are).
+        Empty when there is no cache (nothing is hashed then)."""
+        if self.root is None:
+            return ""
+        import autoqra
+
+        versions = {"autoqra": autoqra.__version__, "torch": torch.__version__}
+        h = hashlib.sha256(json.dumps({**parts, "_versions": versions}, sort_keys=True).encode())
         for t in tensors:
             if t is None:
                 h.update(b"none")
             else:
-                h.update(t.detach().contiguous().cpu().numpy().tobytes())
+                flat = t.detach().contiguous().cpu().reshape(-1)
+                h.update(f"{flat.dtype}{tuple(t.shape)}".encode())
+                h.update(flat.view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:40]
 
     def get(self, key: str) -> dict[tuple[int, int], float] | None:
-        if self.root is None:
+        if self.root is None or not key:
             return None
         path = self.root / f"{key}.json"
         if not path.exists():
@@ -178,7 +187,7 @@ class ErrorCache:
             return None
 
     def put(self, key: str, table: dict[tuple[int, int], float]) -> None:
-        if self.root is None:
+        if self.root is None or not key:
             return
         path = self.root / f"{key}.json"
         tmp = path.with_suffix(".tmp")
