@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from autoqra.budget import Budget
@@ -18,13 +19,16 @@ from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.program import Program
 from autoqra.passes import AnnotateCostPass, AssignGroupsPass, BuildLayerGraphPass, PassManager
-from autoqra.passes.calibrate import CalibratePass, Calibration
+from autoqra.passes.calibrate import CalibratePass, Calibration, as_batches
 from autoqra.passes.search import Patterns, SearchPass
+from autoqra.passes.select import OBJECTIVES, SelectConfig, SelectPlanPass
 from autoqra.passes.sensitivity import EstimateSensitivityPass
 from autoqra.passes.validate import ValidatePlanPass
 from autoqra.plan import Plan
 from autoqra.search.estimators import check_estimator_inputs, default_estimator
 from autoqra.search.pareto import ParetoPoint, pareto_front
+from autoqra.search.plasticity import EstimatePlasticityPass
+from autoqra.search.registry import get_solver
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +56,11 @@ def _front_half(
     model: nn.Module, *, calib: object | None, space: SearchSpace, cost_model: CostModel, backend: str,
     estimator: str | None, capture_config: CaptureConfig, example_inputs: object, gradients: bool,
     calib_batches: int | None, cache_dir: Path | None, progress: bool, rounding: str = "rtn",
+    weight_gradients: bool = False,
 ) -> tuple[Program, PassManager, str]:
     program = capture(model, example_inputs, config=capture_config)
-    calibrate = CalibratePass(calib, gradients=gradients, max_batches=calib_batches, progress=progress)
+    calibrate = CalibratePass(calib, gradients=gradients, max_batches=calib_batches, progress=progress,
+                              weight_gradients=weight_gradients)
     if isinstance(calib, Calibration):
         gradients = calib.gradients
     name = estimator or default_estimator(calib is not None, gradients)
@@ -67,12 +73,45 @@ def _front_half(
         EstimateSensitivityPass(name, backend=backend, group_size=cost_model.group_size,
                                 cache_dir=None if cache_dir is None else cache_dir / "errors", progress=progress,
                                 rounding=rounding),
+        EstimatePlasticityPass(progress=progress),
     ])
     manager.run(program)
     return program, manager, name
 
 
 ROUNDINGS = ("auto", "gptq", "rtn")
+
+
+def resolve_objective(objective: str | None, calib: object | None) -> str:
+    """``None`` → ``finetune`` with calibration data, ``deploy`` without (``finetune`` needs
+    gradients of the loss, hence data)."""
+    if objective is None:
+        return "finetune" if calib is not None else "deploy"
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)} (or None), got {objective!r}")
+    if objective == "finetune" and calib is None:
+        raise ConfigError("objective='finetune' needs calibration data (it values what adapters learn from the "
+                          "loss gradient): pass calib=... or use objective='deploy'")
+    return objective
+
+
+def _select_config(select: SelectConfig | bool | None, objective: str, lambda_: float | None, seed: int,
+                   calib: object | None) -> SelectConfig | None:
+    if select is False:
+        if lambda_ is not None:
+            raise ConfigError("lambda_ needs the selection pipeline; drop select=False")
+        return None
+    if select is not None and select is not True and not isinstance(select, SelectConfig):
+        raise ConfigError(f"select must be a SelectConfig, True, False or None, got {type(select).__name__}")
+    if calib is None:
+        if isinstance(select, SelectConfig) or select is True:
+            raise ConfigError("measuring candidate plans needs calibration data: pass calib=... or select=False")
+        return None
+    if isinstance(select, SelectConfig):
+        if select.objective != objective or (lambda_ is not None and select.lambda_ != lambda_):
+            raise ConfigError("select.objective / select.lambda_ disagree with objective= / lambda_=; set them once")
+        return select
+    return SelectConfig(objective=objective, lambda_=lambda_, seed=seed)
 
 
 def resolve_rounding(rounding: str, calib: object | None, backend: str) -> str:
@@ -86,6 +125,29 @@ def resolve_rounding(rounding: str, calib: object | None, backend: str) -> str:
     return rounding
 
 
+#: the share of the calibration batches held back to score candidate plans by measured loss
+HOLDOUT_FRACTION = 0.25
+
+
+def split_holdout(calib: object, fraction: float, max_batches: int | None = None,
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(statistics / short fine-tune batches, held-back batches): the last ``fraction`` of the
+    calibration batches (at least one) is held back; a single batch is used for both (warned)."""
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ConfigError(f"holdout must be a fraction in [0, 1), got {fraction!r}")
+    batches = as_batches(calib)
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    if fraction == 0:
+        return batches, []
+    if len(batches) < 2:
+        logger.warning("one calibration batch: candidate plans are scored on the batch the statistics came from; "
+                       "pass more calibration windows for a held-back score")
+        return batches, list(batches)
+    n_held = min(len(batches) - 1, max(1, round(len(batches) * fraction)))
+    return batches[:-n_held], batches[-n_held:]
+
+
 def calibrate(
     model: nn.Module,
     calib: object,
@@ -95,12 +157,20 @@ def calibrate(
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
     progress: bool = True,
+    weight_gradients: bool = True,
+    holdout: float = HOLDOUT_FRACTION,
 ) -> Calibration:
-    """Collect calibration statistics once; pass the result as ``calib=`` to several `compile` calls."""
+    """Collect calibration statistics once; pass the result as ``calib=`` to several `compile` calls.
+    A ``holdout`` fraction of the batches is kept out of the statistics for scoring candidate plans;
+    ``weight_gradients`` collects what ``objective="finetune"`` needs."""
+    train, held = split_holdout(calib, holdout, calib_batches)
     program = capture(model, None, config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)))
-    PassManager([BuildLayerGraphPass(), CalibratePass(calib, gradients=gradients, max_batches=calib_batches,
-                                                      progress=progress)]).run(program)
-    return program.state["calibration"]
+    PassManager([BuildLayerGraphPass(), CalibratePass(train, gradients=gradients, progress=progress,
+                                                      weight_gradients=weight_gradients)]).run(program)
+    cal = program.state["calibration"]
+    cal.holdout = held
+    return cal
+
 
 
 def compile(  # noqa: A001  (the product's verb)
@@ -127,6 +197,10 @@ def compile(  # noqa: A001  (the product's verb)
     materialize: bool = True,
     progress: bool = True,
     rounding: str = "rtn",
+    objective: str | None = None,
+    lambda_: float | None = None,
+    select: SelectConfig | bool | None = None,
+    adapter_dtype: torch.dtype = torch.float32,
 ) -> CompileResult:
     """Choose bits and LoRA rank for every layer under ``budget`` and rewrite ``model`` in place.
 
@@ -148,30 +222,65 @@ def compile(  # noqa: A001  (the product's verb)
             under each layer's full input second moments; estimator and adapter init in the exact
             output-error norm; several times slower: a Python loop over columns), or ``auto``
             (``gptq`` when calibration data is given on the packed backend, else ``rtn``).
+        objective: what the plan is for. ``finetune`` (the default with calibration data): quality
+            *after* fine-tuning — every layer is also valued for what its adapter can learn
+            (plasticity, from the loss gradient), and candidates are scored after a short
+            fine-tune. ``deploy`` (the default data-free): quality as compiled (step-0 error).
+        lambda_: a fixed plasticity weight (normalized units, see `autoqra.passes.select`)
+            instead of fitting it among several by measured loss.
+        select: the measured selection (`SelectConfig`; None: defaults for the objective;
+            False: trust the proxy, no candidate is measured). With calibration data, candidate
+            plans — always including the uniform plans that fit — are scored by their loss on a
+            held-back quarter of the calibration batches, and the best is returned: the plan is
+            never worse there than the best uniform plan (no regret).
+        adapter_dtype: the dtype adapters are held (and trained, and counted) in.
     """
+    from autoqra.passes.materialize import MaterializePass
+
     start = time.perf_counter()
+    # -- every argument checked before any work (calibration takes minutes on a real model) --
     budget = Budget.parse(budget)
     space = SearchSpace(bits=bits, ranks=ranks)
-    cost_model = CostModel(group_size=group_size)
+    if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
+        raise ConfigError(f"adapter_dtype must be a floating-point torch.dtype, got {adapter_dtype!r}")
+    cost_model = CostModel(group_size=group_size, adapter_bytes=adapter_dtype.itemsize)
     cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
     rounding = resolve_rounding(rounding, calib, backend)
+    get_solver(solver)
+    objective = resolve_objective(objective, calib)
+    select_config = _select_config(select, objective, lambda_, seed, calib)
+    reuse = calib if isinstance(calib, Calibration) else None
+    if calib is None or reuse is not None:
+        train, held = (reuse.batches, reuse.holdout) if reuse is not None else ([], [])
+    else:
+        train, held = split_holdout(calib, HOLDOUT_FRACTION if select_config else 0.0, calib_batches)
+    if select_config is not None and not held:
+        raise ConfigError("measured selection needs held-back calibration batches: this Calibration has none; "
+                          "collect it with autoqra.calibrate(model, calib, holdout=0.25) or pass select=False")
+    stats_calib = reuse if reuse is not None else (train or None)
     program, front, est_name = _front_half(
-        model, calib=calib, space=space, cost_model=cost_model, backend=backend, estimator=estimator,
+        model, calib=stats_calib, space=space, cost_model=cost_model, backend=backend, estimator=estimator,
         capture_config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)), example_inputs=example_inputs,
-        gradients=gradients, calib_batches=calib_batches, cache_dir=cache, progress=progress, rounding=rounding,
+        gradients=gradients, calib_batches=None, cache_dir=cache, progress=progress, rounding=rounding,
+        weight_gradients=objective == "finetune",
     )
     graph = program.require_graph()
     budget_bytes = budget.resolve(graph.total_numel())
-    back = [
-        SearchPass(budget, solver=solver, seed=seed, patterns=patterns),
-        ValidatePlanPass(backend=backend, group_size=group_size, budget_bytes=budget_bytes),
-    ]
+    materializer = MaterializePass(backend=backend, group_size=group_size, alpha=alpha, loftq_iters=loftq_iters,
+                                   progress=progress, rounding=rounding, adapter_dtype=adapter_dtype)
+    search = SearchPass(budget, solver=solver, seed=seed, patterns=patterns)
+    back: list = []
+    if select_config is not None:
+        back.append(SelectPlanPass(search, materializer, select_config, train=list(train), holdout=list(held),
+                                   progress=progress))
+    else:
+        back.append(search)
+    back.append(ValidatePlanPass(backend=backend, group_size=group_size, budget_bytes=budget_bytes))
     if materialize:
-        from autoqra.passes.materialize import MaterializePass
-
-        back.append(MaterializePass(backend=backend, group_size=group_size, alpha=alpha, loftq_iters=loftq_iters,
-                                    progress=progress, rounding=rounding))
-    PassManager(back, initial=frozenset({"model", "fx", "graph", "groups", "cost", "stats", "error"})).run(program)
+        back.append(materializer)
+    PassManager(back, initial=frozenset({"model", "fx", "graph", "groups", "cost", "stats", "error",
+                                         "plasticity"})).run(program)
+    program.state.pop("built_layers", None)
     layers = {n: (graph.annotation(n).bits, graph.annotation(n).rank) for n in graph.order()}
     plan = Plan(
         layers=layers,
@@ -183,7 +292,9 @@ def compile(  # noqa: A001  (the product's verb)
         settings={
             "group_size": group_size, "backend": backend, "estimator": est_name, "solver": solver, "seed": seed,
             "bits": list(space.bits), "ranks": list(space.ranks), "alpha": alpha, "budget": budget.to_dict(),
-            "rounding": rounding,
+            "rounding": rounding, "objective": objective,
+            "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
+            "select": None if select_config is None else select_config.to_dict(),
         },
     )
     report = {
@@ -192,6 +303,7 @@ def compile(  # noqa: A001  (the product's verb)
         "layers": len(graph),
         "groups": len(graph.groups()),
         "calibration_tokens": program.state.get("calib_tokens", 0),
+        "holdout_tokens": int(sum(b.numel() for b in held)),
         "timings": program.state.get("timings", []),
         "seconds": round(time.perf_counter() - start, 3),
         "materialized": materialize,
@@ -199,6 +311,8 @@ def compile(  # noqa: A001  (the product's verb)
         "budget_bytes": plan.budget_bytes,
         "budget_used": plan.total_bytes / plan.budget_bytes if plan.budget_bytes else None,
         "predicted_error": plan.predicted_error,
+        "objective": objective,
+        "selection": program.state.get("selection"),
         "per_layer": [
             {"layer": n, "bits": b, "rank": r, "bytes": plan.layer_bytes[n], "predicted_error": plan.layer_error[n]}
             for n, (b, r) in plan.layers.items()

@@ -93,10 +93,10 @@ def run_demo(
     variants = [
         ("uniform 4-bit r8", u4.nbytes, {"bits": (4,), "ranks": (8,)}),
         ("uniform 3-bit r8", u3.nbytes, {"bits": (3,), "ranks": (8,)}),
-        ("autoqra joint", target, {"solver": solver}),
-        # lesson 3 of BENCHMARKS.md: the static proxy spends bytes on bits and leaves most ranks at 0,
-        # which fine-tuning then lacks; a rank floor keeps every layer trainable
-        ("autoqra joint, ranks >= 4", target, {"solver": solver, "ranks": (4, 8, 16, 32)}),
+        # the step-0 objective: spends bytes on bits and starves ranks, which fine-tuning then lacks
+        ("autoqra deploy", target, {"solver": solver, "objective": "deploy"}),
+        # the default: plasticity-aware candidates + uniform plans, chosen by a measured short fine-tune
+        ("autoqra default", target, {"solver": solver}),
     ]
     for label, nbytes, kwargs in variants:
         work = copy.deepcopy(model)
@@ -109,7 +109,7 @@ def run_demo(
              f"{result.plan.total_bytes:,} ({'equal' if measured == result.plan.total_bytes else 'DIFFERENT'}); "
              f"perplexity {ppl:.2f}")
         results[label] = {"ppl": ppl, "bytes": measured, "plan_bytes": result.plan.total_bytes, "seconds": seconds,
-                          "plan": result.plan}
+                          "plan": result.plan, "selection": result.report.get("selection")}
         tuned = "-"
         if finetune_steps and label != "uniform 4-bit r8" and any(p.requires_grad for p in work.parameters()):
             t = time.perf_counter()
@@ -125,15 +125,23 @@ def run_demo(
         del work
         gc.collect()
 
-    for label in ("autoqra joint", "autoqra joint, ranks >= 4"):
+    for label in ("autoqra deploy", "autoqra default"):
         emit(f"\n{label} plan (layers per choice):")
         emit(table(["bits", "rank", "layers", "bytes"], plan_summary(results[label]["plan"])))
+    selection = results["autoqra default"].get("selection")
+    if selection:
+        emit(f"\nautoqra default: candidates scored on held-back calibration windows ({selection['fidelity']}; "
+             f"mean next-token loss, lower is better), winner: {selection['winner']}")
+        emit(table(["candidate", "bytes", "loss at step 0", "after short fine-tune", "note"],
+                   [[c["label"], fmt_bytes(c["bytes"]), "-" if c["loss0"] is None else f"{c['loss0']:.4f}",
+                     "-" if c["loss_ft"] is None else f"{c['loss_ft']:.4f}", c["note"]]
+                    for c in selection["candidates"]]))
     emit("\nLee evaluation perplexity:")
     emit(table(["model", "bytes", "bits/weight", "perplexity", "vs fp32", f"after {finetune_steps} steps"], rows))
     if target == u3.nbytes:
         uni = results["uniform 3-bit r8"]
         emit("")
-        for label, suffix in (("autoqra joint", ""), ("autoqra joint, ranks >= 4", "_rank_floor")):
+        for label, suffix in (("autoqra default", ""), ("autoqra deploy", "_deploy")):
             plan = results[label]
             ratio = plan["ppl"] / uni["ppl"]
             emit(f"{label} vs uniform 3-bit r8 at the same bytes: {ratio:.3f}× the perplexity after compiling")

@@ -50,7 +50,8 @@ def test_compile_writes_plan_report_and_model(model_dir, text_file, tmp_path, ca
     assert report["total_bytes"] == plan["total_bytes"] and report["budget_bytes"] == plan["budget_bytes"]
     assert {r["layer"]: {"bits": r["bits"], "rank": r["rank"]} for r in report["per_layer"]} == plan["layers"]
     assert sum(r["bytes"] for r in report["per_layer"]) == plan["total_bytes"]
-    assert {t["pass"] for t in report["timings"]} >= {"CalibratePass", "SearchPass", "MaterializePass"}
+    assert {t["pass"] for t in report["timings"]} >= {"CalibratePass", "SelectPlanPass", "MaterializePass"}
+    assert report["selection"]["candidates"]  # plans scored by measured loss
     assert "total" in (out_dir / "report.txt").read_text()
     assert "total" in capsys.readouterr().out
 

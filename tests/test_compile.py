@@ -67,7 +67,8 @@ def test_bad_calibration_data(bad):
 
 def test_calibration_int32_tokens_are_accepted(calib):
     result = compile(tiny_llama(), "4bits", calib=calib.to(torch.int32), **PLAN)
-    assert result.report["calibration_tokens"] == calib.numel()
+    # a quarter of the batches is held back to score candidate plans, the rest makes the statistics
+    assert result.report["calibration_tokens"] + result.report["holdout_tokens"] == calib.numel()
 
 
 def test_lora_residual_matches_svd():

@@ -13,11 +13,12 @@ def test_demo_runs_end_to_end_on_the_real_model():
     results = run_demo(lines.append, calib_windows=2, eval_windows=2, finetune_steps=1)
     text = "\n".join(lines)
     assert "capture route: export; 210 quantizable layers in 30 blocks" in text
-    for label in ("uniform 4-bit r8", "uniform 3-bit r8", "autoqra joint", "autoqra joint, ranks >= 4"):
-        assert results[label]["bytes"] == results[label]["plan_bytes"]  # real bytes == cost model
+    for label in ("uniform 4-bit r8", "uniform 3-bit r8", "autoqra deploy", "autoqra default"):
+        assert results[label]["bytes"] == results[label]["plan_bytes"]  # held storages == cost model
         assert 25 < results[label]["ppl"] < 200
-    assert results["autoqra joint"]["bytes"] <= results["uniform 3-bit r8"]["bytes"]
+    assert results["autoqra default"]["bytes"] <= results["uniform 3-bit r8"]["bytes"]
     assert results["fp32"]["ppl"] < results["uniform 4-bit r8"]["ppl"] < results["uniform 3-bit r8"]["ppl"]
     assert "ppl_finetuned" in results["uniform 3-bit r8"]
-    assert all(r >= 4 for _, r in results["autoqra joint, ranks >= 4"]["plan"].layers.values())
-    assert results["autoqra joint, ranks >= 4"]["bytes"] <= results["uniform 3-bit r8"]["bytes"]
+    selection = results["autoqra default"]["selection"]
+    assert any(c["label"] == "uniform 3-bit r8" for c in selection["candidates"])  # no regret: uniform scored
+    assert "candidates scored on held-back calibration windows" in text

@@ -94,7 +94,8 @@ def test_int4_layout_round_trips_state_dict_save_and_device_moves(tmp_path) -> N
 
 def test_compiled_model_holds_its_plan_bytes(tmp_path) -> None:
     model = tiny_llama()
-    result = autoqra.compile(model, "8bits", calib=CALIB, ranks=(0, 4, 8), cache_dir=None, progress=False)
+    result = autoqra.compile(model, "8bits", calib=CALIB, ranks=(0, 4, 8), cache_dir=None, progress=False,
+                             objective="deploy", select=False)
     plan = result.plan
     assert {b for b, _ in plan.layers.values()} & {4}, "the plan should exercise the int4 layout"
     assert layers_held_bytes(model) == plan.total_bytes

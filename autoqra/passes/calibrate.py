@@ -5,7 +5,11 @@ For every selected layer it collects
 * ``xtx``: the full input second-moment matrix for layers with ``in_features ≤ covariance_max_dim``
   (float32; it drives error-compensating rounding and the exact output-error norm), and
 * ``g2``: per-output-channel mean of (∂L/∂y)² of the token-summed causal-LM loss at the layer's
-  output (tensor hooks on a few backward passes; no parameter gradient is computed).
+  output (tensor hooks on a few backward passes; no parameter gradient is computed), and
+* ``grad`` (``weight_gradients=True``, for ``objective="finetune"``): the loss gradient with
+  respect to the weight, ``Σ_t g_t x_tᵀ`` over the calibration tokens (float32 ``[out, in]``,
+  built in the same hooks; the layer's input is kept only until its backward). It tells what
+  an adapter can learn (:mod:`autoqra.search.plasticity`).
 
 Statistics are O(channels) per layer, accumulated batch by batch, so memory stays bounded by
 one forward/backward of one batch. Without calibration data this pass records nothing and the
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,6 +44,14 @@ class LayerStats:
     g2_sum: torch.Tensor | None = None
     g_count: int = 0
     xtx_sum: torch.Tensor | None = None  # float32 [in, in] sum of x xᵀ (small layers only)
+    grad_sum: torch.Tensor | None = None  # float32 [out, in] sum over tokens of g xᵀ (weight gradient)
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """The per-token mean loss gradient with respect to the weight (None when not collected)."""
+        if self.grad_sum is None or self.g_count == 0:
+            return None
+        return self.grad_sum / self.g_count
 
     @property
     def d(self) -> torch.Tensor:
@@ -119,9 +131,15 @@ class Calibration:
     stats: dict[str, LayerStats]
     tokens: int
     gradients: bool
+    weight_gradients: bool = False
+    #: the token batches the statistics came from (short fine-tunes that score candidate plans train on them)
+    batches: list[torch.Tensor] = field(default_factory=list)
+    #: token batches held back from the statistics: candidate plans are scored by their loss there
+    holdout: list[torch.Tensor] = field(default_factory=list)
 
 
-def _reduce_stats(graph, stats: dict[str, LayerStats], gradients: bool, covariance_max_dim: int) -> dict[str, LayerStats]:
+def _reduce_stats(graph, stats: dict[str, LayerStats], gradients: bool, covariance_max_dim: int,
+                  weight_gradients: bool = False) -> dict[str, LayerStats]:
     """Sum every layer's statistics over ranks (a rank may have seen no batch of a layer)."""
     out: dict[str, LayerStats] = {}
     for name in graph.order():
@@ -140,8 +158,12 @@ def _reduce_stats(graph, stats: dict[str, LayerStats], gradients: bool, covarian
         if layer.in_features <= covariance_max_dim:
             xtx = all_reduce_sum(st.xtx_sum.clone() if st.xtx_sum is not None else
                                  torch.zeros(layer.in_features, layer.in_features))
+        grad = None
+        if weight_gradients:
+            grad = all_reduce_sum(st.grad_sum.clone() if st.grad_sum is not None else
+                                  torch.zeros(layer.out_features, layer.in_features))
         if x_count:
-            out[name] = LayerStats(x2, x_count, g2 if g_count else None, g_count, xtx)
+            out[name] = LayerStats(x2, x_count, g2 if g_count else None, g_count, xtx, grad if g_count else None)
     return out
 
 
@@ -152,8 +174,9 @@ class CalibratePass(PassBase):
     writes = ("stats",)
 
     def __init__(self, calib: object | None, *, gradients: bool = True, max_batches: int | None = None,
-                 progress: bool = True, covariance_max_dim: int = 2048) -> None:
+                 progress: bool = True, covariance_max_dim: int = 2048, weight_gradients: bool = False) -> None:
         self.covariance_max_dim = covariance_max_dim
+        self.weight_gradients = weight_gradients and gradients
         self.reuse = calib if isinstance(calib, Calibration) else None
         self.batches: Sequence[torch.Tensor] | None = None
         if calib is not None and self.reuse is None:
@@ -186,6 +209,7 @@ class CalibratePass(PassBase):
             raise DataError("cannot calibrate a model on the meta device; load its weights first")
         stats: dict[str, LayerStats] = {}
         handles = []
+        inputs: dict[str, list[torch.Tensor]] = {}  # layer inputs awaiting their backward (weight gradients)
 
         def make_hooks(name: str, kind: LayerKind):
             def pre_hook(_mod, args):
@@ -193,6 +217,8 @@ class CalibratePass(PassBase):
                 if kind is LayerKind.EMBEDDING:
                     return
                 flat = x.reshape(-1, x.shape[-1]).double()
+                if self.weight_gradients and torch.is_grad_enabled():
+                    inputs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).float())
                 st = stats.setdefault(name, LayerStats(torch.zeros(flat.shape[-1], dtype=torch.float64)))
                 st.x2_sum += (flat * flat).sum(0).cpu()
                 st.x_count += flat.shape[0]
@@ -214,6 +240,11 @@ class CalibratePass(PassBase):
                         st.g2_sum = torch.zeros(flat.shape[-1], dtype=torch.float64)
                     st.g2_sum += (flat * flat).sum(0).cpu()
                     st.g_count += flat.shape[0]
+                    pending = inputs.get(name)
+                    if pending:  # backward runs in reverse order: the last input belongs to this output
+                        x_in = pending.pop()
+                        wgrad = (grad.detach().reshape(-1, grad.shape[-1]).float().T @ x_in).cpu()
+                        st.grad_sum = wgrad if st.grad_sum is None else st.grad_sum.add_(wgrad)
 
                 out.register_hook(grad_hook)
                 return out
@@ -241,6 +272,7 @@ class CalibratePass(PassBase):
                 if self.gradients:
                     with torch.enable_grad():
                         _lm_loss(model, batch).backward()
+                    inputs.clear()
                 else:
                     with torch.no_grad():
                         model(input_ids=batch) if hasattr(model, "config") else model(batch)
@@ -251,12 +283,14 @@ class CalibratePass(PassBase):
                 p.requires_grad_(flag)
             model.train(was_training)
         if is_distributed():
-            stats = _reduce_stats(graph, stats, self.gradients, self.covariance_max_dim)
+            stats = _reduce_stats(graph, stats, self.gradients, self.covariance_max_dim, self.weight_gradients)
             tokens = all_reduce_int(tokens)
         missing = [n for n in graph.order() if n not in stats and graph.layer(n).kind is not LayerKind.EMBEDDING]
         if missing:
             logger.warning("calibration never reached %d layers (%s...): they get data-free errors", len(missing), missing[:3])
         program.state["stats"] = stats
         program.state["calib_tokens"] = tokens
-        program.state["calibration"] = Calibration(stats, tokens, self.gradients)
-        return PassResult(info={"batches": len(self.batches), "tokens": tokens, "gradients": self.gradients})
+        program.state["calibration"] = Calibration(stats, tokens, self.gradients, self.weight_gradients,
+                                                   list(self.batches))
+        return PassResult(info={"batches": len(self.batches), "tokens": tokens, "gradients": self.gradients,
+                                "weight_gradients": self.weight_gradients})

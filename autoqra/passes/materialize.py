@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from tqdm.auto import tqdm
 
 from autoqra.ir.discover import layer_kind
@@ -27,8 +28,9 @@ class MaterializePass(PassBase):
 
     def __init__(self, *, backend: str = "packed", group_size: int = 64, alpha: float | None = None,
                  loftq_iters: int = 2, weighted_init: bool = True, progress: bool = True,
-                 rounding: str = "rtn") -> None:
+                 rounding: str = "rtn", adapter_dtype: torch.dtype = torch.float32) -> None:
         self.rounding = rounding
+        self.adapter_dtype = adapter_dtype
         self.backend = backend
         self.group_size = group_size
         self.alpha = alpha
@@ -36,33 +38,55 @@ class MaterializePass(PassBase):
         self.weighted_init = weighted_init
         self.progress = progress
 
+    def build(self, program: Program, name: str, bits: int, rank: int) -> QuantLoRALinear:
+        """The new module of layer ``name`` at (bits, rank), from the model's current weight
+        (a prebuilt one from ``program.state['built_layers']`` when the selection made it)."""
+        built = program.state.get("built_layers", {}).get((name, bits, rank))
+        if built is not None:
+            return built
+        stats = program.state.get("stats", {}) if self.weighted_init else {}
+        modules = dict(program.model.named_modules(remove_duplicate=False))
+        st = stats.get(name)
+        d = clamp_weights(st.d).float() if st is not None else None
+        g = clamp_weights(st.g).float() if st is not None and st.g is not None else None
+        hessian = st.hessian if (self.rounding == "gptq" and st is not None) else None
+        return QuantLoRALinear.from_linear(
+            modules[name], bits, rank, alpha=self.alpha, d=d, g=g, loftq_iters=self.loftq_iters,
+            backend=self.backend, group_size=self.group_size, name=name, hessian=hessian,
+            adapter_dtype=self.adapter_dtype,
+        )
+
     def call(self, program: Program) -> PassResult:
         graph = program.require_graph()
-        stats = program.state.get("stats", {}) if self.weighted_init else {}
         model = program.model
         modules = dict(model.named_modules(remove_duplicate=False))
-        swapped = 0
+        # check, then mutate once: every new module is built before the first swap
+        new_modules: dict[str, QuantLoRALinear] = {}
         for name in tqdm(graph.order(), desc="materialize", unit="layer", disable=not self.progress):
             ann, layer = graph.annotation(name), graph.layer(name)
             if layer.kind is LayerKind.EMBEDDING:
                 continue  # validated to stay at 16 bits, rank 0: kept as it is
-            st = stats.get(name)
-            d = clamp_weights(st.d).float() if st is not None else None
-            g = clamp_weights(st.g).float() if st is not None and st.g is not None else None
-            hessian = st.hessian if (self.rounding == "gptq" and st is not None) else None
-            new = QuantLoRALinear.from_linear(
-                modules[name], ann.bits, ann.rank, alpha=self.alpha, d=d, g=g, loftq_iters=self.loftq_iters,
-                backend=self.backend, group_size=self.group_size, name=name, hessian=hessian,
-            )
-            for alias in (name, *layer.tied):
-                # a tied sharer of another kind (an unselected embedding) keeps its own module
-                if alias == name or layer_kind(modules[alias]) is layer.kind:
-                    model.set_submodule(alias, new)
-            swapped += 1
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for m in model.modules():
-            if isinstance(m, QuantLoRALinear):
-                for p in m.adapter_parameters():
-                    p.requires_grad_(True)
-        return PassResult(info={"layers": swapped})
+            new_modules[name] = self.build(program, name, ann.bits, ann.rank)
+        flags = {p: p.requires_grad for p in model.parameters()}
+        swapped: list[tuple[str, torch.nn.Module]] = []
+        try:
+            for name, new in new_modules.items():
+                layer = graph.layer(name)
+                for alias in (name, *layer.tied):
+                    # a tied sharer of another kind (an unselected embedding) keeps its own module
+                    if alias == name or layer_kind(modules[alias]) is layer.kind:
+                        swapped.append((alias, modules[alias]))
+                        model.set_submodule(alias, new)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for m in model.modules():
+                if isinstance(m, QuantLoRALinear):
+                    for p in m.adapter_parameters():
+                        p.requires_grad_(True)
+        except BaseException:
+            for alias, old in reversed(swapped):
+                model.set_submodule(alias, old)
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+            raise
+        return PassResult(info={"layers": len(new_modules)})

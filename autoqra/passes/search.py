@@ -55,14 +55,20 @@ class SearchPass(PassBase):
     reads = ("graph", "cost", "error")
     writes = ("bits", "rank")
 
-    def __init__(self, budget: Budget, *, solver: str = "exact", seed: int = 0, patterns: Patterns | None = None) -> None:
+    def __init__(self, budget: Budget, *, solver: str = "exact", seed: int = 0, patterns: Patterns | None = None,
+                 lambda_: float = 0.0) -> None:
         self.budget = budget
         self.solver_name = solver
         self.solve = get_solver(solver)
         self.seed = seed
         self.patterns = patterns
+        self.lambda_ = float(lambda_)
 
-    def build_problem(self, program: Program) -> SearchProblem:
+    def build_problem(self, program: Program, lambda_: float | None = None) -> SearchProblem:
+        """The knapsack: per group, bytes and ``error(b, r) − λ·plasticity(r)`` (natural units of
+        :mod:`autoqra.search.plasticity`), shifted so each group's best choice scores 0."""
+        lam = self.lambda_ if lambda_ is None else float(lambda_)
+        plasticity = program.state.get("plasticity", {}) if lam else {}
         graph = program.require_graph()
         constraints = apply_patterns(graph.order(), self.patterns)
         budget_bytes = self.budget.resolve(graph.total_numel())
@@ -84,7 +90,11 @@ class SearchPass(PassBase):
             groups.append(group)
             choices.append(keys)
             costs.append([sum(graph.annotation(m).cost[k] for m in members) for k in keys])
-            errors.append([sum(graph.annotation(m).error[k] for m in members) for k in keys])
+            objective = np.asarray([
+                sum(graph.annotation(m).error[k] - lam * plasticity.get(m, {}).get(k[1], 0.0) for m in members)
+                for k in keys
+            ])
+            errors.append(objective - objective.min() if lam else objective)
         return SearchProblem.build(groups, choices, costs, errors, budget_bytes)
 
     def call(self, program: Program) -> PassResult:

@@ -1,0 +1,369 @@
+"""SelectPlanPass: candidate plans scored by *measured* loss; the best one wins (no regret).
+
+A per-layer additive proxy can be badly wrong (errors compound through the network; a few layers
+with extreme weights dominate the sum; step-0 error says little about what fine-tuning will
+reach). So the proxy only *proposes*; measurement *chooses*:
+
+1. **Candidates.** The solver's plan for the objective at several values of ``λ`` (the weight of
+   plasticity, :mod:`autoqra.search.plasticity`; ``λ = 0`` is the ``deploy`` plan), and the
+   uniform plans that fit the budget (for every bit-width, the largest rank that fits), deduplicated.
+2. **Low fidelity** (every candidate): materialize it (layers are built once per (layer, bits,
+   rank) and shared between candidates), measure the next-token loss on the held-back slice of
+   the calibration data (never the evaluation data), put the original layers back.
+3. **High fidelity** (``objective="finetune"``): the best ``max_finetuned`` candidates by low
+   fidelity (the best uniform plan always among them) get a short fine-tune of their adapters on
+   the calibration batches (same steps, data order and learning rate for all), then the same
+   held-back loss. A candidate whose fine-tune diverges (non-finite loss) is dropped.
+
+The winner is the lowest score at the highest fidelity reached; ties go to the earlier
+candidate (uniform plans come first). The scores are in ``program.state['selection']`` and in
+the compile report. The model is unchanged when this pass ends, whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from autoqra.errors import ConfigError, NotCompiledError
+from autoqra.evaluate import window_nll
+from autoqra.ir.discover import layer_kind
+from autoqra.ir.layer import LayerKind
+from autoqra.ir.program import Program
+from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.passes.base import PassBase, PassResult
+from autoqra.passes.materialize import MaterializePass
+from autoqra.passes.search import SearchPass
+from autoqra.search.problem import Choice, SearchProblem
+
+__all__ = ["OBJECTIVES", "Candidate", "SelectConfig", "SelectPlanPass", "lambda_unit"]
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("finetune", "deploy")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectConfig:
+    """How candidates are proposed and scored.
+
+    Attributes:
+        objective: ``finetune`` (quality after fine-tuning: plasticity counts, candidates are
+            scored after a short fine-tune) or ``deploy`` (quality as compiled: step-0 loss).
+        lambdas: plasticity weights tried, in normalized units (``λ = 1``: the best uniform
+            plan's total plasticity equals its total step-0 error); ignored with ``lambda_``.
+        lambda_: one fixed normalized ``λ`` (no fitting among several).
+        uniform: include the uniform plans that fit among the candidates (no-regret baseline).
+        score_steps: adapter steps of the short fine-tune (high fidelity; 0: low fidelity only).
+        max_finetuned: candidates that get the short fine-tune.
+        lr / batch_size / seq_len / seed: the short fine-tune's recipe (AdamW, constant lr).
+    """
+
+    objective: str = "finetune"
+    lambdas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    lambda_: float | None = None
+    uniform: bool = True
+    score_steps: int = 8
+    max_finetuned: int = 4
+    lr: float = 5e-4
+    batch_size: int = 2
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.lambda_ is not None and (
+            isinstance(self.lambda_, bool) or not isinstance(self.lambda_, (int, float))
+            or not math.isfinite(self.lambda_) or self.lambda_ < 0
+        ):
+            raise ConfigError(f"lambda_ must be a finite number >= 0 or None, got {self.lambda_!r}")
+        if not self.lambdas or any(not isinstance(v, (int, float)) or v < 0 for v in self.lambdas):
+            raise ConfigError(f"lambdas must be non-negative numbers, got {self.lambdas!r}")
+        for name in ("score_steps", "max_finetuned", "batch_size", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "score_steps" else 1):
+                raise ConfigError(f"SelectConfig.{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"SelectConfig.lr must be > 0, got {self.lr!r}")
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        """Normalized λ values whose plans are candidates (0 is the deploy plan)."""
+        if self.objective == "deploy":
+            return (0.0,)
+        if self.lambda_ is not None:
+            return (float(self.lambda_),)
+        return (0.0, *sorted({float(v) for v in self.lambdas} - {0.0}))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["lambdas"] = list(self.lambdas)  # JSON-stable
+        return data
+
+
+@dataclass
+class Candidate:
+    """One plan and what was measured of it (losses are mean next-token NLL on the held-back slice)."""
+
+    label: str
+    choices: tuple[Choice, ...]
+    bytes: int
+    proxy: float
+    uniform: bool
+    loss0: float | None = None
+    loss_ft: float | None = None
+    note: str = ""
+    layers: dict[str, Choice] = field(default_factory=dict)
+
+    def score(self, finetuned: bool) -> float:
+        value = self.loss_ft if finetuned else self.loss0
+        return math.inf if value is None or not math.isfinite(value) else value
+
+    def row(self) -> dict[str, Any]:
+        return {"label": self.label, "bytes": self.bytes, "proxy": self.proxy, "uniform": self.uniform,
+                "loss0": self.loss0, "loss_ft": self.loss_ft, "note": self.note}
+
+
+def lambda_unit(problem: SearchProblem, plasticity: dict[str, dict[int, float]], program: Program,
+                uniform: list[Candidate]) -> float:
+    """Natural λ per normalized unit: the best (lowest proxy error) uniform plan with a rank has
+    total step-0 error == λ_unit × its total plasticity. Falls back to all ranks' mean."""
+    graph = program.require_graph()
+    groups = graph.groups()
+    ranked = sorted((c for c in uniform if any(r for _, r in c.choices)), key=lambda c: c.proxy)
+    total_p = 0.0
+    total_e = 0.0
+    if ranked:
+        best = ranked[0]
+        for group, choice in zip(problem.groups, best.choices, strict=True):
+            for m in groups[group]:
+                total_p += plasticity.get(m, {}).get(choice[1], 0.0)
+                total_e += graph.annotation(m).error[choice]
+    if total_p <= 0 or total_e <= 0:
+        total_p = sum(max(t.values(), default=0.0) for t in plasticity.values())
+        total_e = sum(max(graph.annotation(n).error.values(), default=0.0) for n in graph.order())
+    return total_e / total_p if total_p > 0 and total_e > 0 else 0.0
+
+
+class SelectPlanPass(PassBase):
+    """Writes ``bits`` / ``rank`` (the measured winner), ``selection`` (the scores) and
+    ``built_layers`` (the winner's modules, for `MaterializePass` to swap in without rebuilding)."""
+
+    reads = ("graph", "cost", "error", "plasticity", "stats")
+    writes = ("bits", "rank", "selection", "built_layers")
+
+    def __init__(self, search: SearchPass, materialize: MaterializePass, config: SelectConfig, *,
+                 train: list[torch.Tensor], holdout: list[torch.Tensor], progress: bool | None = None) -> None:
+        self.search = search
+        self.materialize = materialize
+        self.config = config
+        self.train = train
+        self.holdout = holdout
+        self.progress = progress
+
+    # -- candidates -----------------------------------------------------------------------------
+    def _uniform(self, problem: SearchProblem) -> list[Candidate]:
+        out = []
+        keys = set.intersection(*(set(ch) for ch in problem.choices)) if problem.n_groups else set()
+        for bits in sorted({b for b, _ in keys if b != 16}):
+            fitting = []
+            for rank in sorted({r for b, r in keys if b == bits}):
+                idx = [ch.index((bits, rank)) for ch in problem.choices]
+                total = int(sum(int(k[i]) for k, i in zip(problem.cost, idx, strict=True)))
+                if total <= problem.budget:
+                    fitting.append((rank, total, idx))
+            if not fitting:
+                continue
+            rank, total, idx = fitting[-1]  # the largest rank that fits: the most to learn with
+            proxy = float(sum(float(e[i]) for e, i in zip(problem.error, idx, strict=True)))
+            out.append(Candidate(label=f"uniform {bits}-bit r{rank}", choices=tuple((bits, rank) for _ in idx),
+                                 bytes=total, proxy=proxy, uniform=True))
+        return out
+
+    def candidates(self, program: Program) -> tuple[list[Candidate], float]:
+        base = self.search.build_problem(program, lambda_=0.0)
+        plasticity = program.state.get("plasticity", {})
+        uniform = self._uniform(base) if self.config.uniform else []
+        unit = lambda_unit(base, plasticity, program, uniform) if plasticity else 0.0
+        found: list[Candidate] = list(uniform)
+        seen = {c.choices for c in found}
+        for lam in self.config.grid:
+            if lam and not unit:
+                logger.warning("no plasticity (no weight gradients): the λ = %g plan equals the deploy plan", lam)
+                continue
+            problem = self.search.build_problem(program, lambda_=lam * unit)
+            result = self.search.solve(problem, self.search.seed)
+            choices = tuple(result.choices)
+            proxy = float(sum(float(e[ch.index(c)]) for e, ch, c in zip(base.error, base.choices, choices,
+                                                                        strict=True)))
+            label = "deploy (λ=0)" if lam == 0 else f"finetune λ={lam:g}"
+            if choices in seen:
+                for c in found:
+                    if c.choices == choices:
+                        c.note = (c.note + "; " if c.note else "") + f"also {label}"
+                continue
+            seen.add(choices)
+            found.append(Candidate(label=label, choices=choices, bytes=int(result.cost), proxy=proxy, uniform=False))
+        return found, unit
+
+    # -- measurement ----------------------------------------------------------------------------
+    def _modules_for(self, program: Program, cand: Candidate, built: dict[tuple[str, int, int], QuantLoRALinear],
+                     problem: SearchProblem) -> dict[str, QuantLoRALinear]:
+        graph = program.require_graph()
+        groups = graph.groups()
+        out: dict[str, QuantLoRALinear] = {}
+        for group, choice in zip(problem.groups, cand.choices, strict=True):
+            for name in groups[group]:
+                if graph.layer(name).kind is LayerKind.EMBEDDING:
+                    continue
+                key = (name, *choice)
+                if key not in built:
+                    built[key] = self.materialize.build(program, name, *choice)
+                out[name] = built[key]
+                cand.layers[name] = choice
+        return out
+
+    def _swap(self, program: Program, new: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+        graph = program.require_graph()
+        model = program.model
+        modules = dict(model.named_modules(remove_duplicate=False))
+        swapped: list[tuple[str, nn.Module]] = []
+        try:
+            for name, module in new.items():
+                kind = graph.layer(name).kind
+                for alias in (name, *graph.layer(name).tied):
+                    if alias == name or layer_kind(modules[alias]) is kind:
+                        swapped.append((alias, modules[alias]))
+                        model.set_submodule(alias, module)
+        except BaseException:
+            self._restore(program, swapped)
+            raise
+        return swapped
+
+    @staticmethod
+    def _restore(program: Program, swapped: list[tuple[str, nn.Module]]) -> None:
+        for alias, old in reversed(swapped):
+            program.model.set_submodule(alias, old)
+
+    def _holdout_loss(self, model: nn.Module) -> float:
+        nll, count = 0.0, 0
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in self.holdout:
+                n, c = window_nll(model, batch.to(next(model.parameters()).device))
+                nll, count = nll + n, count + c
+        finally:
+            model.train(was_training)
+        return nll / max(count, 1)
+
+    def _finetune_loss(self, program: Program, modules: dict[str, QuantLoRALinear]) -> tuple[float, str]:
+        from autoqra.train import finetune
+
+        cfg = self.config
+        model = program.model
+        layers = {id(m): m for m in modules.values()}.values()
+        saved = {id(p): p.detach().clone() for m in layers for p in m.adapter_parameters()}
+        flags = {p: p.requires_grad for p in model.parameters()}
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for m in layers:
+                for p in m.adapter_parameters():
+                    p.requires_grad_(True)
+            tokens = torch.cat([b.reshape(-1) for b in self.train])
+            seq_len = min(cfg.seq_len, max(2, tokens.numel() // cfg.batch_size))
+            result = finetune(model, tokens, steps=cfg.score_steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                              seq_len=seq_len, seed=cfg.seed, progress=False)
+            if not all(math.isfinite(v) for v in result.losses):
+                return math.inf, "fine-tune diverged (non-finite loss): infeasible"
+            return self._holdout_loss(model), ""
+        except NotCompiledError:
+            return self._holdout_loss(model), "no adapter to train (all ranks 0)"
+        finally:
+            with torch.no_grad():
+                for m in layers:
+                    for p in m.adapter_parameters():
+                        p.copy_(saved[id(p)])
+                        p.grad = None
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+
+    def call(self, program: Program) -> PassResult:
+        cfg = self.config
+        program.require_graph()
+        if not self.holdout:
+            raise ConfigError("candidate plans are scored on held-back calibration data; pass calib=...")
+        base = self.search.build_problem(program, lambda_=0.0)
+        cands, unit = self.candidates(program)
+        if not cands:
+            raise ConfigError("no candidate plan fits the budget; raise the budget or widen bits/ranks")
+        built: dict[tuple[str, int, int], QuantLoRALinear] = {}
+        if len(cands) == 1:  # nothing to choose between (e.g. a uniform search space): no measurement
+            cands[0].note = "only candidate: not measured"
+            return self._choose(program, base, cands, 0, built, unit, finetuned=False)
+        bar = tqdm(total=len(cands), desc="score candidates", unit="plan", disable=self.progress is False or None)
+        for cand in cands:
+            modules = self._modules_for(program, cand, built, base)
+            swapped = self._swap(program, modules)
+            try:
+                cand.loss0 = self._holdout_loss(program.model)
+            finally:
+                self._restore(program, swapped)
+            bar.update(1)
+            bar.set_postfix_str(f"{cand.label}: {cand.loss0:.4f}")
+        bar.close()
+        finetuned = cfg.objective == "finetune" and cfg.score_steps > 0
+        if finetuned:
+            order = sorted(range(len(cands)), key=lambda i: (cands[i].score(False), i))
+            chosen = order[: cfg.max_finetuned]
+            best_uniform = next((i for i in order if cands[i].uniform), None)
+            if best_uniform is not None and best_uniform not in chosen:
+                chosen = [*chosen[: cfg.max_finetuned - 1], best_uniform]
+            for i in tqdm(sorted(chosen), desc="short fine-tunes", unit="plan", disable=self.progress is False or None):
+                cand = cands[i]
+                modules = self._modules_for(program, cand, built, base)
+                swapped = self._swap(program, modules)
+                try:
+                    cand.loss_ft, note = self._finetune_loss(program, modules)
+                finally:
+                    self._restore(program, swapped)
+                if note:
+                    cand.note = (cand.note + "; " if cand.note else "") + note
+        scores = [c.score(finetuned) for c in cands]
+        if not any(math.isfinite(s) for s in scores):
+            raise ConfigError("every candidate plan diverged or scored non-finite; check the model and data "
+                              "(NaN weights?) or use objective='deploy'")
+        win = int(np.argmin(scores))
+        best_uniform_score = min((s for s, c in zip(scores, cands, strict=True) if c.uniform), default=math.inf)
+        logger.info("selected %s (score %.4f; best uniform %.4f)", cands[win].label, scores[win], best_uniform_score)
+        return self._choose(program, base, cands, win, built, unit, finetuned)
+
+    def _choose(self, program: Program, base: SearchProblem, cands: list[Candidate], win: int,
+                built: dict[tuple[str, int, int], QuantLoRALinear], unit: float, finetuned: bool) -> PassResult:
+        cfg = self.config
+        graph = program.require_graph()
+        winner = cands[win]
+        groups = graph.groups()
+        for group, choice in zip(base.groups, winner.choices, strict=True):
+            for m in groups[group]:
+                graph.set_choice(m, *choice)
+        keep = {(n, *c) for n, c in winner.layers.items()}
+        program.state["built_layers"] = {k: v for k, v in built.items() if k in keep}
+        program.state["selection"] = {
+            "objective": cfg.objective,
+            "fidelity": "short fine-tune" if finetuned else "step-0 loss",
+            "lambda_unit": unit,
+            "winner": winner.label,
+            "candidates": [c.row() for c in cands],
+            "config": cfg.to_dict(),
+        }
+        return PassResult(info={"candidates": len(cands), "winner": winner.label})

@@ -1,0 +1,71 @@
+"""Plasticity: what a rank-r adapter can learn during fine-tuning, per layer.
+
+The error tables (:mod:`autoqra.search.estimators`) say how much loss a layer's quantization
+costs at step 0. Fine-tuning then moves the adapter ``B A`` along the loss gradient with respect
+to the weight, ``G = E_t[g_t x_tᵀ]`` (collected by the calibration pass on the calibration data,
+which stands for the fine-tuning data). A rank-``r`` adapter can only follow the part of ``G``
+in ``r`` directions; to first order a gradient step of size ``η`` lowers the loss by
+``η·‖P_r G‖²``, so::
+
+    plasticity(r) = Σ_{i ≤ r} σ_i(G)²        (0 at rank 0)
+
+and the fine-tuning objective is ``error(b, r) − λ·plasticity(r)``. ``λ`` plays the part of the
+learning rate × steps and is reported in normalized units (``λ = 1``: the total plasticity of
+the best uniform plan equals its total step-0 error), and is *fitted by measured loss*
+(:mod:`autoqra.passes.select`), never trusted blindly. The Fisher-whitened gradient
+``diag(1/g)·G·diag(1/d)`` (a Newton step) was tried first: on SmolLM2 its totals were ~10⁴ × the
+error totals, dominated by channels of tiny curvature, so the plain gradient energy is used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from autoqra.errors import ConfigError
+from autoqra.ir.layer import LayerKind
+from autoqra.ir.program import Program
+from autoqra.passes.base import PassBase, PassResult
+
+__all__ = ["EstimatePlasticityPass", "plasticity_table"]
+
+logger = logging.getLogger(__name__)
+
+
+def plasticity_table(grad: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, float]:
+    """``{rank: Σ_{i≤rank} σ_i(grad)²}`` for a weight gradient ``[out, in]``."""
+    if grad.dim() != 2:
+        raise ConfigError(f"plasticity needs a 2-D weight gradient, got shape {tuple(grad.shape)}")
+    sv2 = torch.linalg.svdvals(grad.double()).pow(2)
+    cum = torch.cat([sv2.new_zeros(1), sv2.cumsum(0)])
+    return {r: float(cum[min(r, sv2.numel())]) for r in ranks}
+
+
+class EstimatePlasticityPass(PassBase):
+    """Writes ``plasticity``: ``{layer: {rank: value}}`` in ``program.state['plasticity']`` (empty
+    without weight gradients: the objective then reduces to the step-0 error)."""
+
+    reads = ("graph", "cost", "stats")
+    writes = ("plasticity",)
+
+    def __init__(self, *, progress: bool | None = None) -> None:
+        self.progress = progress
+
+    def call(self, program: Program) -> PassResult:
+        graph = program.require_graph()
+        stats = program.state.get("stats", {})
+        table: dict[str, dict[int, float]] = {}
+        names = [n for n in graph.order() if graph.layer(n).kind is not LayerKind.EMBEDDING]
+        for name in tqdm(names, desc="plasticity", unit="layer", disable=self.progress is False or None):
+            st = stats.get(name)
+            grad = None if st is None else st.grad
+            if grad is None:
+                continue
+            ranks = tuple(sorted({r for _, r in graph.annotation(name).cost}))
+            table[name] = plasticity_table(grad, ranks)
+        program.state["plasticity"] = table
+        if names and not table:
+            logger.warning("no weight gradients were collected: plasticity is zero everywhere")
+        return PassResult(info={"layers": len(table)})
