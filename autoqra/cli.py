@@ -142,12 +142,30 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model)
     calib = _calib_windows(args, tokenizer)
+    select: object = None
+    if args.no_select:
+        select = False
+    elif args.score_steps is not None and calib is not None:
+        from autoqra.passes.select import SelectConfig
+
+        objective = args.objective or "finetune"
+        select = SelectConfig(objective=objective, lambda_=args.lambda_, score_steps=args.score_steps,
+                              seed=args.seed)
     result = autoqra.compile(
         model, args.budget, calib=calib, bits=_ints(args.bits), ranks=_ints(args.ranks), group_size=args.group_size,
         estimator=args.estimator, solver=args.solver, seed=args.seed, include=tuple(args.include),
-        exclude=tuple(args.exclude), materialize=not args.plan_only,
+        exclude=tuple(args.exclude), materialize=not args.plan_only, objective=args.objective,
+        lambda_=args.lambda_, select=select,
     )
     print(plan_table(result.plan))
+    selection = result.report.get("selection")
+    if selection:
+        print(f"objective {selection['objective']}; candidates scored on held-back calibration batches "
+              f"({selection['fidelity']}), winner: {selection['winner']}")
+        print(table(["candidate", "bytes", "loss step 0", "loss after short fine-tune", "note"],
+                    [[c["label"], c["bytes"], "-" if c["loss0"] is None else f"{c['loss0']:.4f}",
+                      "-" if c["loss_ft"] is None else f"{c['loss_ft']:.4f}", c["note"]]
+                     for c in selection["candidates"]]))
     print(f"capture route: {result.report['capture_route']}; {result.report['seconds']:.1f} s in all")
     print(table(["pass", "seconds"], [[t["pass"], f"{t['seconds']:.2f}"] for t in result.report["timings"]]))
     if args.out:
@@ -304,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="e.g. 3.25bits, 50MB, 48MiB, 52000000")
     p.add_argument("--out", help="output directory (plan.json, report.json, model/)")
     p.add_argument("--plan-only", action="store_true", help="search only; change no weights")
+    p.add_argument("--objective", choices=("finetune", "deploy"), default=None,
+                   help="what the plan is for: finetune (default with data: quality after fine-tuning) or deploy "
+                        "(quality as compiled; the default with --calib none)")
+    p.add_argument("--lambda", dest="lambda_", type=float, default=None,
+                   help="fixed plasticity weight (normalized) instead of fitting it by measured loss")
+    p.add_argument("--score-steps", type=int, default=None,
+                   help="short fine-tune steps that score each candidate plan (default 8; 0: step-0 loss only)")
+    p.add_argument("--no-select", action="store_true",
+                   help="trust the proxy: no candidate plan is measured (uniform plans are not compared)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("pareto", help="front of bytes vs predicted error: CSV + PNG")

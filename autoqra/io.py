@@ -18,8 +18,12 @@ size. 4-bit codes held in the int4 kernel layout are saved in the packed form.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +32,16 @@ from torch import nn
 
 from autoqra.errors import AutoQRAError
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.passes.materialize import INIT_ATTR
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json with every file's size and sha256
 TENSORS = "model.safetensors"
 META = "autoqra_plan.json"
+MANIFEST = "manifest.json"
+#: key prefix of the adapters as initialized (kept for fp32-base peft export), beside the state dict
+INIT_PREFIX = "__autoqra_init__."
 PLAN_ATTR = "autoqra_plan"
 
 
@@ -78,6 +86,9 @@ def save(model: nn.Module, directory: str | Path) -> Path:
             continue
         seen[ident] = key
         tensors[key] = tensor.detach().contiguous().cpu()
+    for name, (a0, b0) in sorted(getattr(model, INIT_ATTR, {}).items()):
+        tensors[f"{INIT_PREFIX}{name}.lora_A"] = a0.detach().contiguous().cpu()
+        tensors[f"{INIT_PREFIX}{name}.lora_B"] = b0.detach().contiguous().cpu()
     plan = getattr(model, PLAN_ATTR, None)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -88,11 +99,55 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         "aliases": aliases,
         "plan": None if plan is None else plan.to_dict(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / TENSORS), metadata={"format": "autoqra", "format_version": str(FORMAT_VERSION)})
-    (out / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    # written to a temporary sibling folder with a manifest (sizes + sha256), then moved in file by
+    # file: the old manifest goes first and the new one comes last, and a format-2 plan needs its
+    # manifest, so an interrupted save never leaves a folder that `load` accepts. Other files in
+    # the folder are left alone.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": "autoqra", "format_version": str(FORMAT_VERSION)})
+        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                    for name in (TENSORS, META)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        out.mkdir(exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        for name in (META, TENSORS, MANIFEST):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved %d quantized layers, %d tensors to %s", len(layers), len(tensors), out)
     return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_manifest(directory: Path, version: int) -> None:
+    """Every file listed with its size and sha256 (folders saved before manifests existed load as is)."""
+    path = directory / MANIFEST
+    if not path.exists():
+        if version >= 2:
+            raise SaveFormatError(f"{path} is missing: the save was interrupted or the folder was edited; re-save it")
+        logger.warning("%s has no %s (saved by autoqra format 1): file integrity not checked", directory, MANIFEST)
+        return
+    try:
+        manifest = json.loads(path.read_text())
+        entries = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in manifest.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SaveFormatError(f"{path} is not a valid manifest ({exc}); re-save the model") from exc
+    for name, (size, digest) in sorted(entries.items()):
+        file = directory / name
+        if not file.exists():
+            raise SaveFormatError(f"{file} is missing; is {directory} a complete autoqra.save folder? re-save it")
+        if file.stat().st_size != size or _sha256(file) != digest:
+            raise SaveFormatError(f"{file} does not match its manifest (truncated or modified); re-save the model")
 
 
 def _read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -111,6 +166,7 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise SaveFormatError(
             f"{meta_path} has format version {version!r}; this autoqra reads up to {FORMAT_VERSION}: upgrade autoqra"
         )
+    _check_manifest(directory, version)
     try:
         tensors = load_file(str(tensor_path))
     except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
@@ -122,6 +178,7 @@ def load(directory: str | Path, base: nn.Module | Any) -> nn.Module:
     """Restore a model saved by `save` onto ``base`` (a module or a transformers config)."""
     directory = Path(directory)
     meta, tensors = _read(directory)
+    init = {k[len(INIT_PREFIX):]: tensors.pop(k) for k in sorted(tensors) if k.startswith(INIT_PREFIX)}
     if not isinstance(base, nn.Module):
         from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -142,6 +199,7 @@ def load(directory: str | Path, base: nn.Module | Any) -> nn.Module:
         new_modules[name] = layer
     # expected state dict = base's, with the replaced layers' entries swapped for the new ones
     expected: dict[str, tuple[int, ...]] = {}
+    formats: dict[str, torch.dtype] = {}  # the compiled layers' tensors must come back in their own dtype
     for key, tensor in base.state_dict().items():
         owner = key.rsplit(".", 1)[0]
         if owner not in new_modules:
@@ -149,6 +207,18 @@ def load(directory: str | Path, base: nn.Module | Any) -> nn.Module:
     for name, layer in new_modules.items():
         for key, tensor in layer.state_dict().items():
             expected[f"{name}.{key}"] = tuple(tensor.shape)
+            if key in ("qweight", "scale", "zero", "weight", "lora_A", "lora_B"):
+                formats[f"{name}.{key}"] = tensor.dtype
+    if any(t.device.type == "meta" for t in base.state_dict().values()):
+        raise SaveFormatError("base has tensors on the meta device; load onto a model with real (CPU) tensors, "
+                              "e.g. a transformers config or a model built outside torch.device('meta')")
+    bad_dtype = sorted(k for k, dt in formats.items() if k in tensors and tensors[k].dtype != dt)
+    not_finite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad_dtype or not_finite:
+        raise SaveFormatError(
+            f"{directory / TENSORS} holds tensors of the wrong dtype {bad_dtype[:5]} or with NaN/Inf values "
+            f"{not_finite[:5]}; the file was modified or corrupted: re-save the model"
+        )
     present = set(tensors) | set(meta.get("aliases", {}))
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
@@ -176,4 +246,7 @@ def load(directory: str | Path, base: nn.Module | Any) -> nn.Module:
         from autoqra.plan import Plan
 
         setattr(base, PLAN_ATTR, Plan.from_dict(meta["plan"]))
+    pairs = {n.rsplit(".", 1)[0] for n in init}
+    setattr(base, INIT_ATTR, {n: (init[f"{n}.lora_A"], init[f"{n}.lora_B"]) for n in sorted(pairs)
+                              if f"{n}.lora_A" in init and f"{n}.lora_B" in init})
     return base

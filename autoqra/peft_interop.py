@@ -34,7 +34,7 @@ from torch import nn
 from autoqra.errors import ConfigError, NotCompiledError, PeftExportError
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 
-__all__ = ["peft_state_dict", "save_peft_adapter", "to_peft_config"]
+__all__ = ["TARGETS", "peft_state_dict", "save_peft_adapter", "to_peft_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,15 +201,47 @@ def _check_config(config: Any, layers: dict[str, tuple[int, float]], keys: dict[
         )
 
 
-def peft_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The adapters under peft's saved key names: ``base_model.model.<layer>.lora_A.weight`` etc."""
-    model = _unwrap(model)
-    out: dict[str, torch.Tensor] = {}
+TARGETS = ("quantized", "fp32")
+
+
+def _learned_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, rank-2r factors of what fine-tuning learned: ``[B, −B₀] · [A; A₀] = B A − B₀ A₀``."""
+    from autoqra.passes.materialize import INIT_ATTR
+
+    init = getattr(model, INIT_ATTR, None)
+    if not init:
+        raise PeftExportError(
+            "target='fp32' needs the adapters as initialized, which this model does not carry (compiled with "
+            "keep_init_adapters=False, or loaded from an older save); export with target='quantized' or recompile"
+        )
+    out = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, QuantLoRALinear) and module.rank > 0:
-            for part, tensor in (("lora_A", module.lora_A), ("lora_B", module.lora_B)):
-                t = tensor.detach()
-                out[f"{PEFT_PREFIX}{name}.{part}.weight"] = (t if dtype is None else t.to(dtype)).contiguous().cpu()
+            if name not in init:
+                raise PeftExportError(f"no initial adapter recorded for {name!r}; export with target='quantized'")
+            a0, b0 = init[name]
+            a = torch.cat([module.lora_A.detach(), a0.to(module.lora_A.dtype)], dim=0)
+            b = torch.cat([module.lora_B.detach(), -b0.to(module.lora_B.dtype)], dim=1)
+            out[name] = (a, b)
+    return out
+
+
+def peft_state_dict(model: nn.Module, dtype: torch.dtype | None = None, *, target: str = "quantized",
+                    ) -> dict[str, torch.Tensor]:
+    """The adapters under peft's saved key names: ``base_model.model.<layer>.lora_A.weight`` etc.
+    ``target="quantized"``: the trained factors; ``"fp32"``: the learned change only (rank 2r)."""
+    if target not in TARGETS:
+        raise ConfigError(f"target must be one of {TARGETS}, got {target!r}")
+    model = _unwrap(model)
+    out: dict[str, torch.Tensor] = {}
+    if target == "fp32":
+        factors = _learned_factors(model)
+    else:
+        factors = {name: (m.lora_A.detach(), m.lora_B.detach()) for name, m in model.named_modules(remove_duplicate=False)
+                   if isinstance(m, QuantLoRALinear) and m.rank > 0}
+    for name, (a, b) in factors.items():
+        for part, t in (("lora_A", a), ("lora_B", b)):
+            out[f"{PEFT_PREFIX}{name}.{part}.weight"] = (t if dtype is None else t.to(dtype)).contiguous().cpu()
     return out
 
 
@@ -219,10 +251,17 @@ def save_peft_adapter(
     base_model_name_or_path: str | None = None,
     *,
     dtype: torch.dtype | None = None,
+    target: str = "quantized",
 ) -> Path:
     """Write the adapters of a compiled model as a peft LoRA adapter (``adapter_config.json`` +
-    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, directory)`` loads
-    onto the unquantized base model; returns the directory.
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, directory)`` loads;
+    returns the directory.
+
+    ``target="quantized"`` (default): the trained factors ``B A``, exact on top of autoqra's own
+    quantized base (the compiled model). ``target="fp32"``: for the *unquantized* base — the
+    adapters were initialized to absorb the quantization error (``B₀ A₀ ≈ W − deq(Q)``), which the
+    fp32 base does not have, so only what fine-tuning learned is exported, ``B A − B₀ A₀`` as
+    rank-2r factors ``[B, −B₀]·[A; A₀]`` (an untrained model exports a zero change).
 
     ``base_model_name_or_path``: recorded in the config (default: the model config's
     ``_name_or_path`` when set). ``dtype``: of the saved tensors (default: as trained, float32).
@@ -236,6 +275,11 @@ def save_peft_adapter(
         base_model_name_or_path = getattr(getattr(inner, "config", None), "_name_or_path", None) or None
     dropouts = {float(getattr(m.lora_dropout, "p", 0.0)) for m in inner.modules() if isinstance(m, QuantLoRALinear)}
     config = to_peft_config(inner, dropout=max(dropouts, default=0.0), base_model_name_or_path=base_model_name_or_path)
+    tensors = peft_state_dict(inner, dtype, target=target)
+    if target == "fp32":  # rank 2r at the same scaling: peft's alpha / r = scaling
+        config.r, config.lora_alpha = 2 * config.r, 2 * config.lora_alpha
+        config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+        config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
     config.inference_mode = True
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +289,6 @@ def save_peft_adapter(
     if isinstance(saved.get("target_modules"), list):
         saved["target_modules"] = sorted(saved["target_modules"])
         config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))
-    tensors = peft_state_dict(inner, dtype)
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     logger.info("saved a peft adapter: %d layers, %d tensors to %s", len(tensors) // 2, len(tensors), out)
     return out

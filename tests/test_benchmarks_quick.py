@@ -98,3 +98,15 @@ def test_compile_cost_quick() -> None:
     assert {(10, "exact"), (10, "greedy"), (10, "differentiable")} <= solvers
     assert all(r["within_budget"] for r in data["solvers"])
     assert all(r["gap_vs_exact"] >= -1e-9 for r in data["solvers"])
+
+
+def test_quality_quick() -> None:
+    data = run_quick("quality.py", "quality_quick")
+    rows = {r["row"]: r for r in data["rows"]}
+    assert set(rows) == {"default", "uniform", "deploy", "fp32"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert set(row["ppl"]) == {"0", "4", "8"}
+        assert row["held_bytes"] == row["plan_bytes"]
+    assert rows["default"]["held_bytes"] <= rows["uniform"]["held_bytes"]
+    assert "u3_default_vs_uniform" in data["figures"]

@@ -56,6 +56,26 @@ def test_compile_writes_plan_report_and_model(model_dir, text_file, tmp_path, ca
     assert "total" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("flags", "objective", "selected"),
+    [
+        (["--objective", "deploy", "--no-select"], "deploy", False),
+        (["--score-steps", "0"], "finetune", True),
+        (["--objective", "finetune", "--lambda", "0.5", "--score-steps", "1"], "finetune", True),
+    ],
+)
+def test_compile_objective_flags(model_dir, text_file, tmp_path, capsys, flags, objective, selected):
+    out_dir = tmp_path / "out"
+    code = main(["compile", str(model_dir), "--budget", "5bits", "--calib", str(text_file), "--seq-len", "32",
+                 "--calib-windows", "4", "--plan-only", "--out", str(out_dir), *flags])
+    assert code == 0
+    plan = json.loads((out_dir / "plan.json").read_text())
+    assert plan["settings"]["objective"] == objective
+    report = json.loads((out_dir / "report.json").read_text())
+    assert (report["selection"] is not None) == selected
+    assert ("winner:" in capsys.readouterr().out) == selected
+
+
 def test_compile_plan_only_data_free(model_dir, tmp_path, capsys):
     code = main(["compile", str(model_dir), "--budget", "4bits", "--calib", "none", "--plan-only",
                  "--solver", "greedy", "--out", str(tmp_path)])

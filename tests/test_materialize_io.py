@@ -85,8 +85,9 @@ def test_load_errors_leave_base_untouched(compiled, tmp_path):
     (tmp_path / "autoqra_plan.json").write_text(json.dumps(meta))
     with pytest.raises(SaveFormatError, match="upgrade autoqra"):
         load(tmp_path, base)
-    meta["format_version"] = 1
+    meta["format_version"] = 1  # a format-1 folder had no manifest: the tensor file itself is checked
     (tmp_path / "autoqra_plan.json").write_text(json.dumps(meta))
+    (tmp_path / "manifest.json").unlink()
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(SaveFormatError, match="cannot be read"):
@@ -96,6 +97,29 @@ def test_load_errors_leave_base_untouched(compiled, tmp_path):
         load(tmp_path, base)
     assert not any(isinstance(m, QuantLoRALinear) for m in base.modules())
     assert torch.equal(_logits(base), before)
+
+
+@pytest.mark.parametrize("damage", ["tamper", "truncate", "no-manifest", "bad-manifest"])
+def test_manifest_catches_damaged_and_interrupted_saves(compiled, tmp_path, damage):
+    (tmp_path / "notes.txt").write_text("mine")
+    save(compiled.model, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # other files in the folder are left alone
+    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]  # no temp left
+    tensors = tmp_path / "model.safetensors"
+    if damage == "tamper":
+        data = bytearray(tensors.read_bytes())
+        data[-1] ^= 0xFF
+        tensors.write_bytes(bytes(data))
+    elif damage == "truncate":
+        tensors.write_bytes(tensors.read_bytes()[:-10])
+    elif damage == "no-manifest":  # what an interrupted save leaves
+        (tmp_path / "manifest.json").unlink()
+    else:
+        (tmp_path / "manifest.json").write_text("{not json")
+    base = tiny_llama()
+    with pytest.raises(SaveFormatError, match="manifest|re-save"):
+        load(tmp_path, base)
+    assert not any(isinstance(m, QuantLoRALinear) for m in base.modules())
 
 
 def test_load_onto_wrong_architecture(compiled, tmp_path):

@@ -126,3 +126,42 @@ def test_peft_export_errors():
     plan = Plan(layers={"a": (4, 0)}, total_bytes=1, budget_bytes=1, predicted_error=0.0)
     with pytest.raises(PeftExportError, match="every rank is 0"):
         to_peft_config(plan)
+
+
+def test_fp32_target_exports_only_what_fine_tuning_learned(tmp_path):
+    """On the fp32 base, the exported adapter is B A − B₀ A₀: zero before training, and after training
+    PeftModel(fp32 base) is closer to the fine-tuned compiled model than the fp32 base alone."""
+    from peft import PeftModel
+
+    from autoqra.train import finetune
+
+    stream = torch.randint(3, 128, (29,), generator=torch.Generator().manual_seed(4)).repeat(60)
+    model = tiny_llama()
+    autoqra.compile(model, "8bits", calib=stream[:512].view(8, 64), ranks=(4, 8), cache_dir=None, progress=False,
+                    select=False)
+    save_peft_adapter(model, tmp_path / "untrained", target="fp32")
+    untrained = PeftModel.from_pretrained(tiny_llama(), tmp_path / "untrained")
+    torch.testing.assert_close(_logits(untrained), _logits(tiny_llama()), rtol=0, atol=1e-6)
+
+    finetune(model, stream, steps=30, lr=5e-3, batch_size=4, seq_len=32, progress=False)
+    save(model, tmp_path / "saved")  # the initial factors travel with the saved model
+    restored = load(tmp_path / "saved", tiny_llama())
+    save_peft_adapter(restored, tmp_path / "fp32", target="fp32")
+    config = json.loads((tmp_path / "fp32" / "adapter_config.json").read_text())
+    ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, QuantLoRALinear) and m.rank}
+    assert config["rank_pattern"] == {n: 2 * r for n, r in ranks.items()}
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "fp32")
+    tuned = _logits(model.eval())
+    base = _logits(tiny_llama())
+    ported = _logits(peft_model)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert rel(ported, tuned) < 0.5 * rel(base, tuned)
+    # the old export (trained factors as they are) on the fp32 base double-counts the init
+    save_peft_adapter(model, tmp_path / "quantized")
+    naive = _logits(PeftModel.from_pretrained(tiny_llama(), tmp_path / "quantized"))
+    assert rel(ported, tuned) < rel(naive, tuned)
+    with pytest.raises(autoqra.AutoQRAError, match="target"):
+        save_peft_adapter(model, tmp_path / "x", target="int4")

@@ -21,6 +21,9 @@ from autoqra.search.estimators import clamp_weights
 
 logger = logging.getLogger(__name__)
 
+#: model attribute holding ``{layer: (A₀, B₀)}``, the adapters as initialized (see `MaterializePass`)
+INIT_ATTR = "autoqra_init_adapters"
+
 
 class MaterializePass(PassBase):
     reads = ("graph", "bits", "rank", "validated")
@@ -28,7 +31,9 @@ class MaterializePass(PassBase):
 
     def __init__(self, *, backend: str = "packed", group_size: int = 64, alpha: float | None = None,
                  loftq_iters: int = 2, weighted_init: bool = True, progress: bool = True,
-                 rounding: str = "rtn", adapter_dtype: torch.dtype = torch.float32) -> None:
+                 rounding: str = "rtn", adapter_dtype: torch.dtype = torch.float32,
+                 keep_init_adapters: bool = True) -> None:
+        self.keep_init_adapters = keep_init_adapters
         self.rounding = rounding
         self.adapter_dtype = adapter_dtype
         self.backend = backend
@@ -83,6 +88,13 @@ class MaterializePass(PassBase):
                 if isinstance(m, QuantLoRALinear):
                     for p in m.adapter_parameters():
                         p.requires_grad_(True)
+            if self.keep_init_adapters:
+                # the initial (error-absorbing) factors: an adapter exported for the fp32 base
+                # carries only what fine-tuning learned, B A − B₀ A₀ (autoqra.peft_interop)
+                setattr(model, INIT_ATTR, {
+                    name: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+                    for name, m in new_modules.items() if m.rank
+                })
         except BaseException:
             for alias, old in reversed(swapped):
                 model.set_submodule(alias, old)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from autoqra.errors import ConfigError, NotCompiledError
+from autoqra.errors import ConfigError, NonFiniteLossError, NotCompiledError
 from autoqra.evaluate import window_nll
 from autoqra.ir.discover import layer_kind
 from autoqra.ir.layer import LayerKind
@@ -288,6 +288,9 @@ class SelectPlanPass(PassBase):
             return self._holdout_loss(model), ""
         except NotCompiledError:
             return self._holdout_loss(model), "no adapter to train (all ranks 0)"
+        except NonFiniteLossError as exc:
+            logger.warning("a candidate's short fine-tune diverged (%s); it is dropped", exc)
+            return math.inf, "fine-tune diverged (non-finite loss): infeasible"
         finally:
             with torch.no_grad():
                 for m in layers:

@@ -1,0 +1,143 @@
+"""Objective, plasticity and the measured selection of plans (no regret)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+import autoqra
+from autoqra.errors import AutoQRAError, ConfigError, NonFiniteLossError
+from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.passes.select import SelectConfig
+from autoqra.search.plasticity import plasticity_table
+
+CALIB = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+FAST = dict(cache_dir=None, progress=False)
+SMALL = SelectConfig(score_steps=2, max_finetuned=3)
+
+
+def _scores(report: dict, finetuned: bool = True) -> dict[str, float]:
+    key = "loss_ft" if finetuned else "loss0"
+    return {c["label"]: c[key] for c in report["selection"]["candidates"] if c[key] is not None}
+
+
+def test_plasticity_is_the_gradient_energy_of_the_top_ranks() -> None:
+    g = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    table = plasticity_table(g, (0, 1, 4, 64))
+    sv = torch.linalg.svdvals(g.double())
+    assert table[0] == 0.0
+    assert table[1] == pytest.approx(float(sv[0] ** 2))
+    assert table[4] == pytest.approx(float((sv[:4] ** 2).sum()))
+    assert table[64] == pytest.approx(float(g.double().pow(2).sum()))  # a rank above min(out, in): all of it
+    with pytest.raises(ConfigError):
+        plasticity_table(torch.randn(3), (1,))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"objective": "train"}, "objective must be one of"),
+        ({"objective": 3}, "objective must be one of"),
+        ({"lambda_": -1.0}, "lambda_ must be"),
+        ({"lambda_": "big"}, "lambda_ must be"),
+        ({"lambda_": float("nan")}, "lambda_ must be"),
+        ({"select": False, "lambda_": 0.5}, "drop select=False"),
+        ({"select": "yes"}, "select must be"),
+        ({"solver": "magic"}, "available: differentiable"),
+    ],
+)
+def test_bad_objective_arguments_fail_before_any_work(kwargs, message) -> None:
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AutoQRAError, match=message):
+        autoqra.compile(model, "5bits", calib=CALIB, **FAST, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, QuantLoRALinear) for m in model.modules())
+
+
+def test_finetune_objective_needs_data_and_data_free_defaults_to_deploy() -> None:
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        autoqra.compile(tiny_llama(), "5bits", objective="finetune", **FAST)
+    result = autoqra.compile(tiny_llama(), "5bits", **FAST)
+    assert result.plan.settings["objective"] == "deploy"
+    assert result.report["selection"] is None
+
+
+def test_selection_never_loses_to_the_uniform_plans_and_reports_the_scores() -> None:
+    result = autoqra.compile(tiny_llama(), "5bits", calib=CALIB, select=SMALL, **FAST)
+    selection = result.report["selection"]
+    labels = [c["label"] for c in selection["candidates"]]
+    assert any(label.startswith("uniform") for label in labels)
+    assert any(label.startswith("finetune λ=") for label in labels) or any("also finetune" in c["note"]
+                                                                         for c in selection["candidates"])
+    scores = _scores(result.report)
+    winner = selection["winner"]
+    assert scores[winner] == min(scores.values())
+    best_uniform = min(v for k, v in scores.items() if k.startswith("uniform"))
+    assert scores[winner] <= best_uniform
+    assert result.plan.settings["objective"] == "finetune"
+    assert result.plan.total_bytes <= result.plan.budget_bytes
+
+
+def test_a_dominating_channel_does_not_make_the_plan_worse_than_uniform() -> None:
+    """One channel of one layer scaled up: the proxy is dominated by it; the measured choice still
+    scores no worse than the best uniform plan (at step 0 for deploy, after the short fine-tune else)."""
+    for objective in ("deploy", "finetune"):
+        model = tiny_llama()
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[:, 3] *= 40.0
+        cfg = SelectConfig(objective=objective, score_steps=2, max_finetuned=3)
+        result = autoqra.compile(model, "4.5bits", calib=CALIB, objective=objective, select=cfg, **FAST)
+        scores = _scores(result.report, finetuned=objective == "finetune")
+        winner = result.report["selection"]["winner"]
+        uniform = [v for k, v in scores.items() if k.startswith("uniform")]
+        assert uniform and scores[winner] <= min(uniform)
+
+
+def test_a_diverging_candidate_is_infeasible_and_the_search_goes_on(monkeypatch) -> None:
+    import autoqra.train as train
+
+    real = train.finetune
+    calls = {"n": 0, "nan": 0}
+
+    def flaky(model, data, **kwargs):  # the first short fine-tune raises, the next that trains ends in NaN
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise NonFiniteLossError("the loss is nan at step 1", step=1, restored_step=0)
+        result = real(model, data, **kwargs)
+        if not calls["nan"]:
+            calls["nan"] += 1
+            result.losses[-1] = math.nan
+        return result
+
+    monkeypatch.setattr(train, "finetune", flaky)
+    result = autoqra.compile(tiny_llama(), "5bits", calib=CALIB, select=SMALL, **FAST)
+    rows = result.report["selection"]["candidates"]
+    diverged = [c for c in rows if "diverged" in c["note"]]
+    assert len(diverged) == 2 and all(c["loss_ft"] == math.inf for c in diverged)
+    assert result.report["selection"]["winner"] not in {c["label"] for c in diverged}
+
+
+def test_plan_only_selection_leaves_the_model_unchanged_and_is_deterministic() -> None:
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    a = autoqra.compile(model, "5bits", calib=CALIB, select=SMALL, materialize=False, **FAST)
+    assert not any(isinstance(m, QuantLoRALinear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert flags == {k: p.requires_grad for k, p in model.named_parameters()}
+    b = autoqra.compile(tiny_llama(), "5bits", calib=CALIB, select=SMALL, materialize=False, **FAST)
+    assert a.plan.to_json() == b.plan.to_json()
+
+
+def test_tightest_budget_has_one_plan_and_reused_calibration_scores_on_its_holdout() -> None:
+    cal = autoqra.calibrate(tiny_llama(), CALIB, progress=False)
+    assert cal.holdout and cal.batches and len(cal.holdout) + len(cal.batches) == CALIB.shape[0]
+    result = autoqra.compile(tiny_llama(), "2.5bits", calib=cal, bits=(2,), ranks=(0,), select=SMALL, **FAST)
+    assert set(result.plan.layers.values()) == {(2, 0)}
+    assert result.report["selection"]["candidates"][0]["note"] == "only candidate: not measured"
+    result = autoqra.compile(tiny_llama(), "5bits", calib=cal, select=SMALL, **FAST)
+    assert len(result.report["selection"]["candidates"]) > 1
