@@ -18,9 +18,10 @@ from autoqra.errors import ConfigError
 from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.program import Program
+from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.passes import AnnotateCostPass, AssignGroupsPass, BuildLayerGraphPass, PassManager
 from autoqra.passes.calibrate import CalibratePass, Calibration, as_batches
-from autoqra.passes.search import Patterns, SearchPass
+from autoqra.passes.search import CheckBudgetPass, CheckWeightsPass, Patterns, SearchPass
 from autoqra.passes.select import OBJECTIVES, SelectConfig, SelectPlanPass
 from autoqra.passes.sensitivity import EstimateSensitivityPass
 from autoqra.passes.validate import ValidatePlanPass
@@ -56,7 +57,7 @@ def _front_half(
     model: nn.Module, *, calib: object | None, space: SearchSpace, cost_model: CostModel, backend: str,
     estimator: str | None, capture_config: CaptureConfig, example_inputs: object, gradients: bool,
     calib_batches: int | None, cache_dir: Path | None, progress: bool, rounding: str = "rtn",
-    weight_gradients: bool = False,
+    weight_gradients: bool = False, budget: Budget | None = None, patterns: Patterns | None = None,
 ) -> tuple[Program, PassManager, str]:
     program = capture(model, example_inputs, config=capture_config)
     calibrate = CalibratePass(calib, gradients=gradients, max_batches=calib_batches, progress=progress,
@@ -69,6 +70,8 @@ def _front_half(
         BuildLayerGraphPass(),
         AssignGroupsPass(),
         AnnotateCostPass(cost_model, space),
+        CheckWeightsPass(),
+        *([CheckBudgetPass(budget, patterns=patterns)] if budget is not None else []),
         calibrate,
         EstimateSensitivityPass(name, backend=backend, group_size=cost_model.group_size,
                                 cache_dir=None if cache_dir is None else cache_dir / "errors", progress=progress,
@@ -80,6 +83,17 @@ def _front_half(
 
 
 ROUNDINGS = ("auto", "gptq", "rtn")
+
+
+def check_model(model: object) -> None:
+    """A plain, not yet compiled ``nn.Module`` (else a `ConfigError` that says what to pass)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module (e.g. a transformers model), got {type(model).__name__}")
+    if any(isinstance(m, QuantLoRALinear) for m in model.modules()):
+        raise ConfigError(
+            "the model is already compiled (it has QuantLoRALinear layers): compile the original model again "
+            "(reload it), or fine-tune / save this one"
+        )
 
 
 def resolve_objective(objective: str | None, calib: object | None) -> str:
@@ -239,6 +253,7 @@ def compile(  # noqa: A001  (the product's verb)
 
     start = time.perf_counter()
     # -- every argument checked before any work (calibration takes minutes on a real model) --
+    check_model(model)
     budget = Budget.parse(budget)
     space = SearchSpace(bits=bits, ranks=ranks)
     if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
@@ -262,7 +277,7 @@ def compile(  # noqa: A001  (the product's verb)
         model, calib=stats_calib, space=space, cost_model=cost_model, backend=backend, estimator=estimator,
         capture_config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)), example_inputs=example_inputs,
         gradients=gradients, calib_batches=None, cache_dir=cache, progress=progress, rounding=rounding,
-        weight_gradients=objective == "finetune",
+        weight_gradients=objective == "finetune", budget=budget, patterns=patterns,
     )
     graph = program.require_graph()
     budget_bytes = budget.resolve(graph.total_numel())

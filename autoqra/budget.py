@@ -75,6 +75,8 @@ class Budget:
         if unit not in _UNITS:
             raise BudgetError(f"unknown unit {match.group(2)!r} in budget {value!r} ({_EXAMPLES})")
         nbytes = number * _UNITS[unit]
+        if not math.isfinite(nbytes):
+            raise BudgetError(f"budget {value!r} overflows: give a finite size ({_EXAMPLES})")
         if nbytes <= 0:
             raise BudgetError(f"a budget must be positive, got {value!r} ({_EXAMPLES})")
         return cls(nbytes=int(round(nbytes)))

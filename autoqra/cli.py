@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from autoqra.errors import AutoQRAError
 from autoqra.ir.capture import CaptureConfig
 from autoqra.ir.cost import CostModel
 from autoqra.report import fmt_bytes, table
+from autoqra.search.estimators import available_estimators
+from autoqra.search.registry import available_solvers
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -23,7 +26,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
     p.add_argument("--include", action="append", default=[], help="regex of extra layers to quantize (e.g. lm_head)")
     p.add_argument("--exclude", action="append", default=[], help="regex of layers to leave untouched")
-    p.add_argument("--capture", default="auto", help="capture route: auto, export, fx, module_tree")
+    p.add_argument("--capture", default="auto", choices=("auto", "export", "fx", "module_tree"),
+                   help="capture route: auto, export, fx, module_tree")
 
 
 def _summary(model, args: argparse.Namespace, *, rank: int = 8) -> dict:
@@ -121,8 +125,9 @@ def _add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", default="2,3,4,8,16", help="candidate bits (default 2,3,4,8,16)")
     p.add_argument("--ranks", default="0,4,8,16,32", help="candidate ranks (default 0,4,8,16,32)")
     p.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
-    p.add_argument("--estimator", default=None, help="lora_residual, activation_weighted, fisher_weighted")
-    p.add_argument("--solver", default="exact", help="exact (default), greedy, differentiable")
+    p.add_argument("--estimator", default=None, choices=available_estimators(),
+                   help="default: fisher_weighted with data, lora_residual without")
+    p.add_argument("--solver", default="exact", choices=available_solvers(), help="default exact")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--include", action="append", default=[], help="regex of extra layers to quantize")
     p.add_argument("--exclude", action="append", default=[], help="regex of layers to leave untouched")
@@ -297,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="autoqra",
         description="Joint mixed-precision quantization and LoRA rank search for language models.",
     )
+    from autoqra import __version__
+
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars (also: TQDM_DISABLE=1)")
+    parser.add_argument("--version", action="version", version=f"autoqra {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the main job on the embedded default (SmolLM2-135M + Lee corpus)")
@@ -305,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None, help="autoqra's budget (default: the bytes of uniform 3-bit rank 8)")
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 512 tokens (default 8)")
     p.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 tokens (default 16)")
-    p.add_argument("--solver", default="exact", help="solver for the joint plan (default exact)")
+    p.add_argument("--solver", default="exact", choices=available_solvers(),
+                   help="solver for the joint plan (default exact)")
     p.add_argument("--finetune-steps", type=int, default=10,
                    help="adapter fine-tuning steps after compiling (default 10; 0 skips)")
     p.set_defaults(func=cmd_demo)
@@ -353,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default 1)")
     p.add_argument("--seq-len", type=int, default=256, help="training window length (default 256)")
-    p.add_argument("--scheduler", default="constant", help="constant (default), cosine or linear")
+    p.add_argument("--scheduler", default="constant", choices=("constant", "cosine", "linear"),
+                   help="learning-rate schedule (default constant)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="lee", help="training text file, or 'lee' (default: Lee training split)")
@@ -381,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for a re-exec (finetune --jemalloc)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:  # every bar uses tqdm's own decision (disable=None), which honours TQDM_DISABLE
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         return int(args.func(args) or 0)
     except AutoQRAError as exc:

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autoqra.errors import ConfigError
+from autoqra.progress import tqdm_disable
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def perplexity(
     total_nll = 0.0
     total_tokens = 0
     try:
-        with tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=not progress) as bar:
+        with tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=tqdm_disable(progress)) as bar:
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start : start + batch_size].to(device=device, dtype=torch.long)
                 nll, count = window_nll(model, batch)

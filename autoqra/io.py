@@ -189,7 +189,8 @@ def load(directory: str | Path, base: nn.Module | Any) -> nn.Module:
     new_modules: dict[str, QuantLoRALinear] = {}
     for name, cfg in meta["layers"].items():
         if name not in modules:
-            raise SaveFormatError(f"layer {name!r} of the saved model does not exist in {type(base).__name__}")
+            raise SaveFormatError(f"layer {name!r} of the saved model does not exist in {type(base).__name__}; "
+                                  "load onto the same architecture it was saved from")
         layer = QuantLoRALinear(
             cfg["in_features"], cfg["out_features"], cfg["bits"], cfg["rank"], alpha=cfg["alpha"],
             dropout=cfg["dropout"], group_size=cfg["group_size"], backend=cfg["backend"], bias=cfg["bias"],

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from autoqra.errors import ConfigError, DataError, NonFiniteLossError, NotCompiledError, WorldSizeError
 from autoqra.loss import auto_chunk_tokens, causal_lm_loss
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.progress import tqdm_disable
 
 __all__ = ["FinetuneResult", "StepInfo", "adapter_parameters", "finetune", "unwrap_model", "wrap_ddp"]
 
@@ -566,7 +567,7 @@ def finetune(
         with (
             torch.random.fork_rng(devices=rng_devices),
             _gradient_checkpointing(inner, gradient_checkpointing),
-            tqdm(total=steps, desc="finetune", unit="step", disable=not progress or rank != 0) as bar,
+            tqdm(total=steps, desc="finetune", unit="step", disable=tqdm_disable(progress, also=rank != 0)) as bar,
         ):
             torch.manual_seed(seed + rank)
             model.train()

@@ -110,3 +110,17 @@ def test_bad_input_gives_error_and_exit_2(model_dir, argv, message, capsys):
 def test_parser_defaults():
     args = build_parser().parse_args(["compile", "--budget", "3bits"])
     assert args.model == "smollm2-135m" and args.calib == "lee" and args.solver == "exact"
+
+
+def test_version_quiet_and_name_choices(capsys, monkeypatch):
+    import autoqra
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"autoqra {autoqra.__version__}"
+    with pytest.raises(SystemExit) as info:
+        main(["compile", "x", "--budget", "4bits", "--solver", "magic"])
+    assert info.value.code == 2 and "invalid choice: 'magic'" in capsys.readouterr().err
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    args = build_parser().parse_args(["--quiet", "estimate"])
+    assert args.quiet

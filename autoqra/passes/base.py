@@ -80,13 +80,13 @@ class PassManager:
             except AutoQRAError as exc:
                 if isinstance(exc, PassFailedError):
                     raise
-                before = ", ".join(q.name for q in self.passes[:index]) or "(none)"
                 # keep the typed error the user can catch, with the pass named in front
-                exc.args = (f"{p.name} failed (after {before}): {exc}",) + exc.args[1:]
+                exc.args = (f"{p.name}: {exc}",) + exc.args[1:]
                 raise
             except Exception as exc:
-                before = ", ".join(q.name for q in self.passes[:index]) or "(none)"
-                raise PassFailedError(f"{p.name} failed (after {before}): {type(exc).__name__}: {exc}") from exc
+                before = ", ".join(q.name for q in self.passes[:index])
+                after = f" (passes run before it: {before})" if before else ""
+                raise PassFailedError(f"{p.name} failed{after}: {type(exc).__name__}: {exc}") from exc
             seconds = time.perf_counter() - start
             self.timings.append(PassTiming(p.name, seconds, dict(result.info)))
             logger.info("%s: %.3f s %s", p.name, seconds, result.info or "")

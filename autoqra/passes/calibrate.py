@@ -31,6 +31,7 @@ from autoqra.errors import DataError
 from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
 from autoqra.passes.base import PassBase, PassResult
+from autoqra.progress import tqdm_disable
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ class CalibratePass(PassBase):
         tokens = 0
         batches = shard(self.batches)  # all of them in one process; a share under torch.distributed
         try:
-            iterator = tqdm(batches, desc="calibrate", unit="batch", disable=not self.progress)
+            iterator = tqdm(batches, desc="calibrate", unit="batch", disable=tqdm_disable(self.progress))
             for batch in iterator:
                 batch = batch.to(device)
                 tokens += batch.numel()

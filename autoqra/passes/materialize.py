@@ -17,6 +17,7 @@ from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.passes.base import PassBase, PassResult
+from autoqra.progress import tqdm_disable
 from autoqra.search.estimators import clamp_weights
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class MaterializePass(PassBase):
         modules = dict(model.named_modules(remove_duplicate=False))
         # check, then mutate once: every new module is built before the first swap
         new_modules: dict[str, QuantLoRALinear] = {}
-        for name in tqdm(graph.order(), desc="materialize", unit="layer", disable=not self.progress):
+        for name in tqdm(graph.order(), desc="materialize", unit="layer", disable=tqdm_disable(self.progress)):
             ann, layer = graph.annotation(name), graph.layer(name)
             if layer.kind is LayerKind.EMBEDDING:
                 continue  # validated to stay at 16 bits, rank 0: kept as it is

@@ -12,9 +12,10 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
 from autoqra.budget import Budget
-from autoqra.errors import ConfigError
+from autoqra.errors import BudgetInfeasibleError, ConfigError
 from autoqra.ir.program import Program
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.search.problem import SearchProblem
@@ -119,3 +120,73 @@ class SearchPass(PassBase):
         program.state["assignment"] = result
         return PassResult(info={"solver": self.solver_name, "groups": problem.n_groups,
                                 "bytes": result.cost, "budget": problem.budget, "error": result.error})
+
+
+class CheckBudgetPass(PassBase):
+    """Fails fast: the smallest plan the cost tables and pins allow is known right after costing,
+    so an infeasible budget raises `BudgetInfeasibleError` (with ``min_bytes``) before calibration."""
+
+    reads = ("graph", "cost")
+    writes = ()
+
+    def __init__(self, budget: Budget, *, patterns: Patterns | None = None) -> None:
+        self.budget = budget
+        self.patterns = patterns
+
+    def call(self, program: Program) -> PassResult:
+        graph = program.require_graph()
+        constraints = apply_patterns(graph.order(), self.patterns)
+        budget_bytes = self.budget.resolve(graph.total_numel())
+        need = 0
+        for members in graph.groups().values():
+            keys = None
+            for m in members:
+                c = constraints.get(m, {})
+                allowed = {k for k in graph.annotation(m).cost
+                           if k[0] in c.get("bits", {k[0]}) and k[1] in c.get("rank", {k[1]})}
+                keys = allowed if keys is None else keys & allowed
+            if not keys:
+                raise ConfigError(
+                    f"no (bits, rank) choice is left for {members}: the pinning patterns exclude every choice "
+                    "in the search space; loosen them or add the pinned values to bits/ranks"
+                )
+            need += min(sum(graph.annotation(m).cost[k] for m in members) for k in keys)
+        if need > budget_bytes:
+            raise BudgetInfeasibleError(
+                f"budget of {budget_bytes:,} bytes is infeasible: the smallest plan needs {need:,} bytes "
+                f"({need / 2**20:.2f} MiB); raise the budget to at least that, or allow fewer bits / rank 0",
+                min_bytes=need,
+            )
+        return PassResult(changed=False, info={"min_bytes": need, "budget": budget_bytes})
+
+
+class CheckWeightsPass(PassBase):
+    """Fails fast on weights that cannot be quantized — on the meta device, or with NaN / Inf values —
+    naming the layer, before calibration and estimation spend minutes (and before any module changes)."""
+
+    reads = ("graph",)
+    writes = ()
+
+    def call(self, program: Program) -> PassResult:
+        from autoqra.errors import QuantizationError
+        from autoqra.passes.sensitivity import weight_matrix
+
+        graph = program.require_graph()
+        modules = dict(program.model.named_modules(remove_duplicate=False))
+        bad: list[str] = []
+        for name in graph.order():
+            w = weight_matrix(modules[name], graph.layer(name))
+            if w.device.type == "meta":
+                raise ConfigError(
+                    f"layer {name!r} has its weight on the meta device: load the model's weights before compiling "
+                    "(autoqra.compile quantizes real values)"
+                )
+            if w.numel() and not bool(torch.isfinite(w).all()):
+                n_nan, n_inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
+                bad.append(f"{name} ({n_nan} NaN, {n_inf} Inf)")
+        if bad:
+            raise QuantizationError(
+                f"non-finite weights in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: fix the checkpoint, or "
+                "leave the layers out with exclude=(...)"
+            )
+        return PassResult(changed=False)

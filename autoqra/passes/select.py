@@ -41,6 +41,7 @@ from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.passes.materialize import MaterializePass
 from autoqra.passes.search import SearchPass
+from autoqra.progress import tqdm_disable
 from autoqra.search.problem import Choice, SearchProblem
 
 __all__ = ["OBJECTIVES", "Candidate", "SelectConfig", "SelectPlanPass", "lambda_unit"]
@@ -195,9 +196,11 @@ class SelectPlanPass(PassBase):
         unit = lambda_unit(base, plasticity, program, uniform) if plasticity else 0.0
         found: list[Candidate] = list(uniform)
         seen = {c.choices for c in found}
+        if not plasticity and any(self.config.grid):
+            logger.warning("no plasticity (no weight gradients were collected): only the deploy plan and the uniform "
+                           "plans are candidates; calibrate with weight_gradients=True for objective='finetune'")
         for lam in self.config.grid:
-            if lam and not unit:
-                logger.warning("no plasticity (no weight gradients): the λ = %g plan equals the deploy plan", lam)
+            if lam and not unit:  # no plasticity, or nothing to trade it against (every error is 0)
                 continue
             problem = self.search.build_problem(program, lambda_=lam * unit)
             result = self.search.solve(problem, self.search.seed)
@@ -313,7 +316,7 @@ class SelectPlanPass(PassBase):
         if len(cands) == 1:  # nothing to choose between (e.g. a uniform search space): no measurement
             cands[0].note = "only candidate: not measured"
             return self._choose(program, base, cands, 0, built, unit, finetuned=False)
-        bar = tqdm(total=len(cands), desc="score candidates", unit="plan", disable=self.progress is False or None)
+        bar = tqdm(total=len(cands), desc="score candidates", unit="plan", disable=tqdm_disable(self.progress))
         for cand in cands:
             modules = self._modules_for(program, cand, built, base)
             swapped = self._swap(program, modules)
@@ -331,7 +334,7 @@ class SelectPlanPass(PassBase):
             best_uniform = next((i for i in order if cands[i].uniform), None)
             if best_uniform is not None and best_uniform not in chosen:
                 chosen = [*chosen[: cfg.max_finetuned - 1], best_uniform]
-            for i in tqdm(sorted(chosen), desc="short fine-tunes", unit="plan", disable=self.progress is False or None):
+            for i in tqdm(sorted(chosen), desc="short fine-tunes", unit="plan", disable=tqdm_disable(self.progress)):
                 cand = cands[i]
                 modules = self._modules_for(program, cand, built, base)
                 swapped = self._swap(program, modules)

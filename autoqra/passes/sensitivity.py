@@ -15,6 +15,7 @@ from autoqra.ir.cost import DENSE_BITS
 from autoqra.ir.layer import LayerKind, LayerNode
 from autoqra.ir.program import Program
 from autoqra.passes.base import PassBase, PassResult
+from autoqra.progress import tqdm_disable
 from autoqra.quant.base import QuantSpec, get_backend
 from autoqra.quant.gptq import damped_cholesky, gptq_quantize
 from autoqra.search.estimators import ErrorCache, get_estimator
@@ -70,7 +71,7 @@ class EstimateSensitivityPass(PassBase):
         tables: dict[str, dict[tuple[int, int], float]] = {}
         mine = shard(graph.order())  # every layer in one process; a share of them under torch.distributed
         for name in tqdm(mine, desc=f"sensitivity ({self.estimator.name})", unit="layer",
-                         disable=not self.progress):
+                         disable=tqdm_disable(self.progress)):
             layer = graph.layer(name)
             cost = graph.annotation(name).cost
             bits = tuple(sorted({b for b, _ in cost}))

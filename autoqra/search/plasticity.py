@@ -28,6 +28,7 @@ from autoqra.errors import ConfigError
 from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
 from autoqra.passes.base import PassBase, PassResult
+from autoqra.progress import tqdm_disable
 
 __all__ = ["EstimatePlasticityPass", "plasticity_table"]
 
@@ -58,7 +59,7 @@ class EstimatePlasticityPass(PassBase):
         stats = program.state.get("stats", {})
         table: dict[str, dict[int, float]] = {}
         names = [n for n in graph.order() if graph.layer(n).kind is not LayerKind.EMBEDDING]
-        for name in tqdm(names, desc="plasticity", unit="layer", disable=self.progress is False or None):
+        for name in tqdm(names, desc="plasticity", unit="layer", disable=tqdm_disable(self.progress)):
             st = stats.get(name)
             grad = None if st is None else st.grad
             if grad is None:
