@@ -43,7 +43,18 @@ def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def window_nll(model: nn.Module, windows: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (fp32, no grad) of a batch of windows and its token count."""
+    """Summed next-token negative log-likelihood (fp32, no grad) of a batch of windows and its token count.
+    Hugging Face causal LMs run their output module and the loss in chunks of target tokens
+    (`autoqra.loss`), so memory does not grow with ``[batch, seq, vocab]`` logits."""
+    from autoqra.loss import auto_chunk_tokens, causal_lm_loss
+
+    chunk = auto_chunk_tokens(model) if hasattr(model, "get_output_embeddings") else None
+    if chunk is not None:
+        with torch.no_grad():
+            config = getattr(model, "config", None)
+            mean, count = causal_lm_loss(model, {"input_ids": windows}, chunk_tokens=chunk,
+                                         use_cache_flag=config is not None and hasattr(config, "use_cache"))
+        return float(mean) * count, count
     with torch.no_grad():
         logits = _logits(model, windows)
         pred = logits[:, :-1, :].float()

@@ -111,8 +111,17 @@ def as_batches(calib: object, *, batch_size: int = 1) -> list[torch.Tensor]:
     return batches
 
 
-def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Token-summed next-token cross-entropy of a causal LM (logits from ``model(input_ids)``)."""
+def _lm_loss(model: nn.Module, batch: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Token-summed next-token cross-entropy of a causal LM (logits from ``model(input_ids)``);
+    with ``chunk_tokens`` the output module and the loss run per chunk (`autoqra.loss`): no
+    ``[batch, seq, vocab]`` logits (only when the output module is not a calibrated layer: a
+    checkpointed chunk would run its hooks twice)."""
+    if chunk_tokens is not None:
+        from autoqra.loss import causal_lm_loss
+
+        mean, count = causal_lm_loss(model, {"input_ids": batch}, chunk_tokens=chunk_tokens,
+                                     use_cache_flag=hasattr(getattr(model, "config", None), "use_cache"))
+        return mean * count
     out = model(input_ids=batch) if hasattr(model, "config") else model(batch)
     logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
     if logits.dim() != 3 or logits.shape[:2] != batch.shape:
@@ -264,6 +273,14 @@ class CalibratePass(PassBase):
         for p in model.parameters():
             p.requires_grad_(False)
         tokens = 0
+        chunk = None
+        if self.gradients and hasattr(model, "get_output_embeddings"):
+            from autoqra.loss import auto_chunk_tokens
+
+            head = model.get_output_embeddings()
+            calibrated = {id(modules[a]) for n in graph.order() for a in (n, *graph.layer(n).tied)}
+            if head is not None and id(head) not in calibrated:
+                chunk = auto_chunk_tokens(model)
         batches = shard(self.batches)  # all of them in one process; a share under torch.distributed
         try:
             iterator = tqdm(batches, desc="calibrate", unit="batch", disable=tqdm_disable(self.progress))
@@ -272,7 +289,7 @@ class CalibratePass(PassBase):
                 tokens += batch.numel()
                 if self.gradients:
                     with torch.enable_grad():
-                        _lm_loss(model, batch).backward()
+                        _lm_loss(model, batch, chunk).backward()
                     inputs.clear()
                 else:
                     with torch.no_grad():
