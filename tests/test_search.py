@@ -118,3 +118,22 @@ def test_exact_keeps_the_c_stdout_clean():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "cost True"
+
+
+def test_evolutionary_is_seeded_repairs_to_budget_and_is_never_worse_than_exact():
+    from autoqra.search.evolutionary import _repair_index, evolve
+
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        problem = random_problem(rng, 15, 6)
+        first, again = evolve(problem, 3, generations=5), evolve(problem, 3, generations=5)
+        assert first.best.index == again.best.index  # seeded: deterministic
+        assert first.best.cost <= problem.budget and all(a.cost <= problem.budget for a in first.front)
+        assert first.best.error <= get_solver("exact")(problem).error + 1e-12  # warm-started from exact
+        costs = [a.cost for a in first.front]
+        errors = [a.error for a in first.front]
+        assert costs == sorted(costs) and errors == sorted(errors, reverse=True)  # a real front
+        # the repair steps the most expensive plan down until it fits, least objective per byte first
+        priciest = np.asarray([int(np.argmax(k)) for k in problem.cost])
+        repaired = _repair_index(problem, priciest)
+        assert problem.evaluate(repaired)[0] <= problem.budget

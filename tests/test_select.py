@@ -141,3 +141,14 @@ def test_tightest_budget_has_one_plan_and_reused_calibration_scores_on_its_holdo
     assert result.report["selection"]["candidates"][0]["note"] == "only candidate: not measured"
     result = autoqra.compile(tiny_llama(), "5bits", calib=cal, select=SMALL, **FAST)
     assert len(result.report["selection"]["candidates"]) > 1
+
+
+def test_evolutionary_front_joins_the_measured_candidates() -> None:
+    result = autoqra.compile(tiny_llama(), "5bits", calib=CALIB, solver="evolutionary",
+                             select=SelectConfig(score_steps=1, max_finetuned=2, lambdas=(0.5,)), **FAST)
+    rows = result.report["selection"]["candidates"]
+    labels = [c["label"] for c in rows] + [c["note"] for c in rows]
+    assert any("front #" in text for text in labels)
+    assert result.plan.settings["solver"] == "evolutionary"
+    scores = _scores(result.report)
+    assert scores[result.report["selection"]["winner"]] == min(scores.values())

@@ -203,18 +203,29 @@ class SelectPlanPass(PassBase):
             if lam and not unit:  # no plasticity, or nothing to trade it against (every error is 0)
                 continue
             problem = self.search.build_problem(program, lambda_=lam * unit)
-            result = self.search.solve(problem, self.search.seed)
-            choices = tuple(result.choices)
-            proxy = float(sum(float(e[ch.index(c)]) for e, ch, c in zip(base.error, base.choices, choices,
-                                                                        strict=True)))
             label = "deploy (λ=0)" if lam == 0 else f"finetune λ={lam:g}"
-            if choices in seen:
-                for c in found:
-                    if c.choices == choices:
-                        c.note = (c.note + "; " if c.note else "") + f"also {label}"
-                continue
-            seen.add(choices)
-            found.append(Candidate(label=label, choices=choices, bytes=int(result.cost), proxy=proxy, uniform=False))
+            if self.search.solver_name == "evolutionary":
+                # the Pareto set's best plans by the objective join the candidates (measurement decides)
+                from autoqra.search.evolutionary import evolve
+
+                evolved = evolve(problem, self.search.seed)
+                ranked = sorted(evolved.front, key=lambda a: (a.error, a.cost, a.index))
+                results = [(label, evolved.best)] + [(f"{label} front #{i + 2}", a)
+                                                     for i, a in enumerate(x for x in ranked if x != evolved.best)][:2]
+            else:
+                results = [(label, self.search.solve(problem, self.search.seed))]
+            for name, result in results:
+                choices = tuple(result.choices)
+                proxy = float(sum(float(e[ch.index(c)]) for e, ch, c in zip(base.error, base.choices, choices,
+                                                                            strict=True)))
+                if choices in seen:
+                    for c in found:
+                        if c.choices == choices:
+                            c.note = (c.note + "; " if c.note else "") + f"also {name}"
+                    continue
+                seen.add(choices)
+                found.append(Candidate(label=name, choices=choices, bytes=int(result.cost), proxy=proxy,
+                                       uniform=False))
         return found, unit
 
     # -- measurement ----------------------------------------------------------------------------

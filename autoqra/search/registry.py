@@ -20,7 +20,7 @@ def register_solver(name: str) -> Callable[[SolverFn], SolverFn]:
 
 
 def _load_builtin() -> None:
-    from autoqra.search import differentiable, exact, greedy  # noqa: F401  (registers them)
+    from autoqra.search import differentiable, evolutionary, exact, greedy  # noqa: F401  (registers them)
 
 
 def available_solvers() -> list[str]:
