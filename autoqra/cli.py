@@ -12,6 +12,7 @@ from pathlib import Path
 
 from autoqra.analysis import analyze, min_feasible_bytes, uniform_costs, untouched_bytes
 from autoqra.config import SearchSpace
+from autoqra.data import lee_windows
 from autoqra.errors import AutoQRAError
 from autoqra.ir.capture import CaptureConfig
 from autoqra.ir.cost import CostModel
@@ -96,15 +97,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(print, budget=args.budget, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
              solver=args.solver, group_size=args.group_size, finetune_steps=args.finetune_steps)
     return 0
-
-
-def lee_windows(tokenizer, *, split: str, seq_len: int, n: int | None):
-    """Windows of the Lee corpus calibration ("calib") or evaluation ("eval") split."""
-    from autoqra.data import lee_corpus_text, split_tokens, window_bos_id, windows
-
-    splits = split_tokens(lee_corpus_text(), tokenizer)
-    tokens = splits.calibration if split == "calib" else splits.evaluation
-    return windows(tokens, seq_len=seq_len, max_windows=n, bos_token_id=window_bos_id(tokenizer))
 
 
 def _calib_windows(args: argparse.Namespace, tokenizer):

@@ -334,3 +334,10 @@ def text_to_token_windows(
     tokens = tokenize_text(text, tokenizer)
     logger.info("%s: %d tokens", file, tokens.numel())
     return windows(tokens, seq_len=seq_len, max_windows=max_windows, bos_token_id=window_bos_id(tokenizer))
+
+
+def lee_windows(tokenizer, *, split: str, seq_len: int, n: int | None):
+    """Windows of the Lee corpus calibration ("calib") or evaluation ("eval") split."""
+    splits = split_tokens(lee_corpus_text(), tokenizer)
+    tokens = splits.calibration if split == "calib" else splits.evaluation
+    return windows(tokens, seq_len=seq_len, max_windows=n, bos_token_id=window_bos_id(tokenizer))

@@ -71,7 +71,7 @@ def model_table(layer_counts: list[int], quick: bool, calib_windows: int) -> lis
             model = tiny_llama(layers=n)
             calib = torch.randint(3, 128, (calib_windows, 64), generator=torch.Generator().manual_seed(0))
         else:
-            from autoqra.cli import lee_windows
+            from autoqra.data import lee_windows
 
             model, tokenizer = truncated_smollm2(n)
             calib = lee_windows(tokenizer, split="calib", seq_len=512, n=calib_windows)

@@ -128,7 +128,7 @@ def load(quick: bool, seq_len: int, model_name: str = "smollm2-135m"):
         tokens = torch.randperm(125, generator=torch.Generator().manual_seed(2))[:40].add(3).repeat(64)
         windows = tokens[: tokens.numel() // seq_len * seq_len].view(-1, seq_len)
         return tiny_llama(), windows
-    from autoqra.cli import lee_windows
+    from autoqra.data import lee_windows
     from autoqra.zoo import load_default_model
 
     model, tokenizer = load_default_model()

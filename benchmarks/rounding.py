@@ -95,7 +95,7 @@ def load(quick: bool, eval_windows: int, calib_windows: int, seq_len: int):
         eval_w = torch.randint(3, VOCAB, (eval_windows, seq_len), generator=gen)
         calib_w = torch.randint(3, VOCAB, (calib_windows, seq_len), generator=gen)
         return model, eval_w, calib_w, "tiny Llama (config in code, random weights), random tokens"
-    from autoqra.cli import lee_windows
+    from autoqra.data import lee_windows
     from autoqra.zoo import load_default_model
 
     model, tokenizer = load_default_model()
