@@ -341,3 +341,12 @@ def lee_windows(tokenizer, *, split: str, seq_len: int, n: int | None):
     splits = split_tokens(lee_corpus_text(), tokenizer)
     tokens = splits.calibration if split == "calib" else splits.evaluation
     return windows(tokens, seq_len=seq_len, max_windows=n, bos_token_id=window_bos_id(tokenizer))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

