@@ -110,3 +110,11 @@ def test_quality_quick() -> None:
         assert row["held_bytes"] == row["plan_bytes"]
     assert rows["default"]["held_bytes"] <= rows["uniform"]["held_bytes"]
     assert "u3_default_vs_uniform" in data["figures"]
+
+
+def test_proxy_fidelity_quick() -> None:
+    data = run_quick("proxy_fidelity.py", "proxy_fidelity_quick")
+    assert len(data["rows"]) == 6  # 4 random plans + deploy + finetune at the fitted λ
+    assert all(r["bytes"] <= data["budget"] for r in data["rows"])
+    for key in ("spearman_deploy_vs_ppl0", "spearman_finetune_vs_ppl_ft", "best_plan"):
+        assert key in data["figures"]
