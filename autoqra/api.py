@@ -58,7 +58,9 @@ def _front_half(
     estimator: str | None, capture_config: CaptureConfig, example_inputs: object, gradients: bool,
     calib_batches: int | None, cache_dir: Path | None, progress: bool, rounding: str = "rtn",
     weight_gradients: bool = False, budget: Budget | None = None, patterns: Patterns | None = None,
+    back: tuple = (),
 ) -> tuple[Program, PassManager, str]:
+    """Capture, then ONE pipeline: the analysis passes followed by ``back`` (search ... materialize)."""
     program = capture(model, example_inputs, config=capture_config)
     calibrate = CalibratePass(calib, gradients=gradients, max_batches=calib_batches, progress=progress,
                               weight_gradients=weight_gradients)
@@ -77,6 +79,7 @@ def _front_half(
                                 cache_dir=None if cache_dir is None else cache_dir / "errors", progress=progress,
                                 rounding=rounding),
         EstimatePlasticityPass(progress=progress),
+        *back,
     ])
     manager.run(program)
     return program, manager, name
@@ -273,14 +276,6 @@ def compile(  # noqa: A001  (the product's verb)
         raise ConfigError("measured selection needs held-back calibration batches: this Calibration has none; "
                           "collect it with autoqra.calibrate(model, calib, holdout=0.25) or pass select=False")
     stats_calib = reuse if reuse is not None else (train or None)
-    program, front, est_name = _front_half(
-        model, calib=stats_calib, space=space, cost_model=cost_model, backend=backend, estimator=estimator,
-        capture_config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)), example_inputs=example_inputs,
-        gradients=gradients, calib_batches=None, cache_dir=cache, progress=progress, rounding=rounding,
-        weight_gradients=objective == "finetune", budget=budget, patterns=patterns,
-    )
-    graph = program.require_graph()
-    budget_bytes = budget.resolve(graph.total_numel())
     materializer = MaterializePass(backend=backend, group_size=group_size, alpha=alpha, loftq_iters=loftq_iters,
                                    progress=progress, rounding=rounding, adapter_dtype=adapter_dtype)
     search = SearchPass(budget, solver=solver, seed=seed, patterns=patterns)
@@ -290,11 +285,17 @@ def compile(  # noqa: A001  (the product's verb)
                                    progress=progress))
     else:
         back.append(search)
-    back.append(ValidatePlanPass(backend=backend, group_size=group_size, budget_bytes=budget_bytes))
+    back.append(ValidatePlanPass(backend=backend, group_size=group_size, budget=budget))
     if materialize:
         back.append(materializer)
-    PassManager(back, initial=frozenset({"model", "fx", "graph", "groups", "cost", "stats", "error",
-                                         "plasticity"})).run(program)
+    program, front, est_name = _front_half(
+        model, calib=stats_calib, space=space, cost_model=cost_model, backend=backend, estimator=estimator,
+        capture_config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)), example_inputs=example_inputs,
+        gradients=gradients, calib_batches=None, cache_dir=cache, progress=progress, rounding=rounding,
+        weight_gradients=objective == "finetune", budget=budget, patterns=patterns, back=tuple(back),
+    )
+    graph = program.require_graph()
+    budget_bytes = budget.resolve(graph.total_numel())
     program.state.pop("built_layers", None)
     layers = {n: (graph.annotation(n).bits, graph.annotation(n).rank) for n in graph.order()}
     plan = Plan(

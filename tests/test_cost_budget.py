@@ -149,6 +149,33 @@ def test_pass_manager_checks_order_and_names_failures():
     from autoqra.ir.capture import capture
 
     manager = PassManager([BuildLayerGraphPass(), AssignGroupsPass(), AnnotateCostPass(), _Writes(), _ReadsStats()])
-    with pytest.raises(PassFailedError, match=r"_ReadsStats failed \(after BuildLayerGraphPass, .*_Writes\): RuntimeError: boom"):
+    with pytest.raises(PassFailedError, match=r"_ReadsStats failed \(passes run before it: BuildLayerGraphPass, .*_Writes\): RuntimeError: boom"):
         manager.run(capture(tiny_llama()))
     assert [t.name for t in manager.timings] == ["BuildLayerGraphPass", "AssignGroupsPass", "AnnotateCostPass", "_Writes"]
+
+
+class _SneaksStats(PassBase):
+    """Reads calibration statistics without declaring ``stats``."""
+
+    reads = ("graph",)
+
+    def call(self, program):
+        program.state.get("stats")
+        return PassResult()
+
+
+class _WritesUndeclared(PassBase):
+    reads = ("graph",)
+
+    def call(self, program):
+        program.state["plasticity"] = {}
+        return PassResult()
+
+
+@pytest.mark.parametrize(("bad", "words"), [(_SneaksStats, "reads program.state['stats']"),
+                                            (_WritesUndeclared, "writes program.state['plasticity']")])
+def test_pass_manager_enforces_declared_state(bad, words):
+    from autoqra.ir.capture import capture
+
+    with pytest.raises(PassOrderError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        PassManager([BuildLayerGraphPass(), bad()]).run(capture(tiny_llama()))

@@ -1,8 +1,11 @@
 """Pass contract and `PassManager`.
 
-A pass declares the program fields it ``reads`` and ``writes``; the manager checks, when it is
-built, that every field read is available initially or written by an earlier pass, times every
-pass, and wraps a failure with the pass name and the passes that ran before it.
+A pass declares the program fields it ``reads`` and ``writes`` (and ``optional_reads``: fields it
+uses when an earlier pass wrote them); the manager checks, when it is built, that every field read
+is available initially or written by an earlier pass, times every pass, and wraps a failure with
+the pass name and the passes that ran before it. While a pass runs, ``program.state`` is guarded:
+reading or writing a state entry that belongs to a field the pass did not declare raises
+`PassOrderError` (the declaration is the contract, and the tests run every pipeline).
 """
 
 from __future__ import annotations
@@ -21,6 +24,57 @@ logger = logging.getLogger(__name__)
 #: fields a freshly captured `Program` provides.
 INITIAL_FIELDS: frozenset[str] = frozenset({"model", "fx"})
 
+#: which declared field each ``program.state`` entry belongs to (entries not listed are free)
+STATE_FIELDS: dict[str, str] = {
+    "layer_inputs": "graph",
+    "cost_model": "cost", "space": "cost",
+    "stats": "stats", "calib_tokens": "stats", "calibration": "stats",
+    "plasticity": "plasticity",
+    "problem": "bits", "assignment": "bits",
+    "selection": "selection", "built_layers": "built_layers",
+}
+
+
+class GuardedState(dict):
+    """``program.state`` while one pass runs: entries of undeclared fields cannot be read or written."""
+
+    def __init__(self, data: dict[str, Any], owner: str, readable: frozenset[str], writable: frozenset[str]) -> None:
+        super().__init__(data)
+        self._owner, self._readable, self._writable = owner, readable, writable
+
+    def _check(self, key: str, allowed: frozenset[str], verb: str) -> None:
+        owner_field = STATE_FIELDS.get(key)
+        if owner_field is not None and owner_field not in allowed:
+            raise PassOrderError(
+                f"{self._owner} {verb} program.state[{key!r}] (field {owner_field!r}) without declaring it; "
+                f"add {owner_field!r} to its {'reads' if verb == 'reads' else 'writes'}"
+            )
+
+    def __getitem__(self, key: str) -> Any:
+        self._check(key, self._readable, "reads")
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._check(key, self._readable, "reads")
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self._check(key, self._readable, "reads")
+        return super().__contains__(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._check(key, self._writable, "writes")
+        super().__setitem__(key, value)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._check(key, self._writable, "writes")
+        return super().pop(key, *default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._check(key, self._writable, "writes")
+        return super().setdefault(key, default)
+
 
 @dataclass
 class PassResult:
@@ -35,6 +89,7 @@ class PassBase(ABC):
 
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
+    optional_reads: ClassVar[tuple[str, ...]] = ()
 
     @property
     def name(self) -> str:
@@ -75,6 +130,8 @@ class PassManager:
     def run(self, program: Program) -> Program:
         for index, p in enumerate(self.passes):
             start = time.perf_counter()
+            readable = frozenset(p.reads) | frozenset(p.optional_reads) | frozenset(p.writes)
+            program.state = GuardedState(program.state, p.name, readable, frozenset(p.writes))
             try:
                 result = p(program)
             except AutoQRAError as exc:
@@ -87,6 +144,8 @@ class PassManager:
                 before = ", ".join(q.name for q in self.passes[:index])
                 after = f" (passes run before it: {before})" if before else ""
                 raise PassFailedError(f"{p.name} failed{after}: {type(exc).__name__}: {exc}") from exc
+            finally:
+                program.state = dict(program.state)
             seconds = time.perf_counter() - start
             self.timings.append(PassTiming(p.name, seconds, dict(result.info)))
             logger.info("%s: %.3f s %s", p.name, seconds, result.info or "")

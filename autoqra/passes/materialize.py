@@ -48,6 +48,7 @@ def restore(model: torch.nn.Module, swapped: list[tuple[str, torch.nn.Module]]) 
 
 class MaterializePass(PassBase):
     reads = ("graph", "bits", "rank", "validated")
+    optional_reads = ("stats", "built_layers")
     writes = ("materialized",)
 
     def __init__(self, *, backend: str = "packed", group_size: int = 64, alpha: float | None = None,

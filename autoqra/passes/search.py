@@ -54,6 +54,7 @@ class SearchPass(PassBase):
     """Writes ``bits`` and ``rank`` of every layer (members of a group share one choice)."""
 
     reads = ("graph", "cost", "error")
+    optional_reads = ("plasticity",)
     writes = ("bits", "rank")
 
     def __init__(self, budget: Budget, *, solver: str = "exact", seed: int = 0, patterns: Patterns | None = None,

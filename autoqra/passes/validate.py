@@ -18,13 +18,18 @@ class ValidatePlanPass(PassBase):
     reads = ("graph", "bits", "rank")
     writes = ("validated",)
 
-    def __init__(self, *, backend: str = "packed", group_size: int = 64, budget_bytes: int | None = None) -> None:
+    def __init__(self, *, backend: str = "packed", group_size: int = 64, budget_bytes: int | None = None,
+                 budget: object | None = None) -> None:
+        """``budget``: a `Budget`, resolved against the graph when the pass runs (or ``budget_bytes``)."""
         self.backend = get_backend(backend)
         self.group_size = group_size
         self.budget_bytes = budget_bytes
+        self.budget = budget
 
     def call(self, program: Program) -> PassResult:
         graph = program.require_graph()
+        if self.budget_bytes is None and self.budget is not None:
+            self.budget_bytes = self.budget.resolve(graph.total_numel())
         failures: list[str] = []
         total = 0
         for name in graph.order():
