@@ -118,3 +118,11 @@ def test_proxy_fidelity_quick() -> None:
     assert all(r["bytes"] <= data["budget"] for r in data["rows"])
     for key in ("spearman_deploy_vs_ppl0", "spearman_finetune_vs_ppl_ft", "best_plan"):
         assert key in data["figures"]
+
+
+def test_compile_memory_quick() -> None:
+    data = run_quick("compile_memory.py", "compile_memory_quick")
+    assert [(r["kind"], r["task"]) for r in data["rows"]] == [("tiny", "compile"), ("tiny", "eval")]
+    for row in data["rows"]:
+        assert "error" not in row, row.get("error")
+        assert row["peak_rss"] >= row["rss_after_load"] > 0
