@@ -97,3 +97,13 @@ class WorldSizeError(ConfigError):
 
 class UnsupportedPlatformError(AutoQRAError, RuntimeError):
     """A feature needs something this platform lacks (e.g. glibc's ``mallopt``)."""
+
+
+class ExportError(AutoQRAError, RuntimeError):
+    """A model cannot be exported as asked (unsupported layer format, dtype, merge of a quantized
+    layer, missing exporter packages); the message names what to change."""
+
+
+class ExportVerificationError(ExportError):
+    """The exported file runs but disagrees with the PyTorch model beyond the tolerance; the
+    message gives the measured error and the tolerance."""

@@ -1,0 +1,309 @@
+"""``export_onnx``: a compiled model as an ONNX file that onnxruntime (and onnxruntime-genai) runs.
+
+The graph is captured with torch's dynamo ONNX exporter (``torch.onnx.export(dynamo=True)``, which
+uses ``torch.export`` and onnxscript); every packed layer is swapped for an
+:class:`~autoqra.export.layers.OnnxQuantLinear` for the duration of the export (the model is
+restored afterwards, also on failure), whose ``autoqra::matmul_nbits`` op the exporter translates
+into one ``com.microsoft::MatMulNBits`` node holding the layer's own codes, scales and zero points.
+Then the written file is run in onnxruntime and compared with the PyTorch model
+(:mod:`autoqra.export.verify`).
+
+Output folder: ``model.onnx`` (+ ``model.onnx.data`` when the weights pass 2 GB: ONNX external
+data), ``genai_config.json`` and the tokenizer files when ``with_past`` (for
+``onnxruntime_genai.Model(DIR)``), and ``export_report.json`` (layers, bytes, parity).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoqra.errors import ConfigError, ExportError, MissingDependencyError
+from autoqra.export import verify
+from autoqra.export.decoder import DecoderLogits, DecoderShape, DecoderWithPast, decoder_shape
+from autoqra.export.genai import write_genai_config
+from autoqra.export.layers import ACCURACY_LEVELS, ADAPTER_MODES, OnnxQuantLinear, container_bytes
+from autoqra.export.ops import onnx_translation_table
+from autoqra.ir.cost import DENSE_BITS
+from autoqra.modules.quant_lora_linear import QuantLoRALinear
+
+__all__ = ["DEFAULT_RTOL", "OnnxExportResult", "export_onnx"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+#: default logits tolerance (max relative error) per MatMulNBits accuracy level
+DEFAULT_RTOL = {0: 1e-3, 1: 1e-3, 2: 1e-2, 3: 3e-2, 4: 5e-2}
+_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB: leave room for the graph
+_SUPPORTED_DTYPES = (torch.float32, torch.float16)
+
+
+@dataclass(frozen=True)
+class OnnxExportResult:
+    """Where the export went and what it measured."""
+
+    directory: Path
+    model_file: Path
+    file_bytes: int
+    layers: dict[str, int]
+    container_extra_bytes: int
+    parity: verify.Parity | None
+    seconds: float
+    files: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "directory": str(self.directory),
+            "model_file": str(self.model_file),
+            "file_bytes": self.file_bytes,
+            "layers": self.layers,
+            "container_extra_bytes": self.container_extra_bytes,
+            "parity": None if self.parity is None else self.parity.as_dict(),
+            "seconds": self.seconds,
+            "files": list(self.files),
+        }
+
+
+def _check_dependencies(with_genai: bool) -> None:
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(
+                f"ONNX export needs the package {module!r}: pip install 'autoqra[onnx]' "
+                "(onnx, onnxscript, onnxruntime)"
+            )
+    if with_genai and importlib.util.find_spec("onnxruntime_genai") is None:
+        raise MissingDependencyError(
+            "verify_genai=True needs onnxruntime-genai: pip install onnxruntime-genai (or verify_genai=False)"
+        )
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    dtypes = {p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _SUPPORTED_DTYPES:
+        raise ExportError(
+            f"ONNX export needs a float32 (or float16) model, got parameters of {sorted(map(str, dtypes))}; "
+            "cast it first with model.float() (packed layers keep their format)"
+        )
+    return next(iter(dtypes))
+
+
+def _layer_kind(layer: QuantLoRALinear) -> str:
+    if layer.bits == DENSE_BITS:
+        return "16-bit (float MatMul)"
+    if layer.bits == 3:
+        return "3-bit (MatMulNBits 4-bit container)"
+    return f"{layer.bits}-bit (MatMulNBits)"
+
+
+def _swap_for_export(model: nn.Module, adapters: str, accuracy_level: int, dtype: torch.dtype,
+                     swapped: list[tuple[str, nn.Module]]) -> dict[str, int]:
+    """Build every export module first, then swap them in (aliases share one); returns layer counts."""
+    built: dict[int, OnnxQuantLinear] = {}
+    places: list[tuple[str, nn.Module]] = []
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantLoRALinear):
+            if id(module) not in built:
+                built[id(module)] = OnnxQuantLinear(module, name=name, adapters=adapters,
+                                                    accuracy_level=accuracy_level, dtype=dtype)
+                kind = _layer_kind(module)
+                counts[kind] = counts.get(kind, 0) + 1
+            places.append((name, module))
+    for name, module in places:
+        swapped.append((name, module))
+        model.set_submodule(name, built[id(module)])
+    return counts
+
+
+def _restore(model: nn.Module, swapped: list[tuple[str, nn.Module]]) -> None:
+    for name, module in reversed(swapped):
+        model.set_submodule(name, module)
+
+
+def _trace_inputs(wrapper: nn.Module, shape: DecoderShape | None, vocab: int, dtype: torch.dtype
+                  ) -> tuple[tuple[Any, ...], Any, list[str], list[str]]:
+    from torch.export import Dim
+
+    gen = torch.Generator().manual_seed(0)
+    batch, seq, past = 2, 8, 3
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    b, s = Dim("batch"), Dim("sequence_length")
+    if shape is None:
+        mask = torch.ones(batch, seq, dtype=torch.int64)
+        dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}}
+        return (ids, mask), dynamic, ["input_ids", "attention_mask"], ["logits"]
+    p, t = Dim("past_sequence_length"), Dim("total_sequence_length")
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = wrapper.empty_past(batch, dtype, past)
+    dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s},
+               "past": [{0: b, 2: p} for _ in cache]}
+    inputs, outputs = wrapper.names()
+    return (ids, mask, positions, cache), dynamic, inputs, outputs
+
+
+def _verification_ids(tokenizer: Any, vocab: int, seq: int) -> torch.Tensor:
+    if tokenizer is not None:
+        text = ("The quick brown fox jumps over the lazy dog. Edge runtimes read quantized weights "
+                "straight from the file, so the model that was fine-tuned is the model that runs.")
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :seq]
+        return torch.cat([ids, ids.flip(1)], dim=0)
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (2, seq), generator=gen)
+
+
+def _file_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith(MODEL_FILE))
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    with_past: bool = True,
+    adapters: str = "separate",
+    opset: int | None = None,
+    accuracy_level: int = 4,
+    verify_export: bool = True,
+    rtol: float | None = None,
+    decode_steps: int = 16,
+    tokenizer: Any = None,
+    verify_genai: bool | None = None,
+) -> OnnxExportResult:
+    """Export ``model`` (a compiled Hugging Face causal LM, or a plain one) to the folder ``path``.
+
+    ``with_past``: KV-cache inputs/outputs in onnxruntime-genai's layout + ``genai_config.json``
+    (and the tokenizer files when ``tokenizer`` is given); else a plain logits model.
+    ``adapters``: ``"separate"`` (each adapter its own ``MatMul`` pair) or ``"merged"`` (16-bit
+    layers only). ``accuracy_level``: ``MatMulNBits``'s compute precision on CPU — 4 (int8
+    activations, default: the fast kernels; without it 2/8-bit run ~40× slower) or 0 (exact fp32).
+    ``verify_export``: run the file in onnxruntime and compare logits (tolerance ``rtol``, default
+    :data:`DEFAULT_RTOL` for the level) and ``decode_steps`` greedy tokens with PyTorch;
+    ``verify_genai`` (default: when onnxruntime-genai is installed and ``with_past``) also decodes
+    with ``onnxruntime_genai``. Raises :class:`~autoqra.errors.ExportError` (unsupported input) or
+    :class:`~autoqra.errors.ExportVerificationError` (the file disagrees); the model is unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"export_onnx expects a torch.nn.Module, got {type(model).__name__}")
+    if adapters not in ADAPTER_MODES:
+        raise ConfigError(f"adapters must be one of {ADAPTER_MODES}, got {adapters!r}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ConfigError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
+    if rtol is not None and not rtol > 0:
+        raise ConfigError(f"rtol must be > 0, got {rtol!r}")
+    if not isinstance(decode_steps, int) or decode_steps < 0:
+        raise ConfigError(f"decode_steps must be an int >= 0, got {decode_steps!r}")
+    if verify_genai is None:
+        verify_genai = verify_export and with_past and importlib.util.find_spec("onnxruntime_genai") is not None
+    if verify_genai and not with_past:
+        raise ConfigError("verify_genai=True needs with_past=True (onnxruntime-genai decodes with the KV cache)")
+    _check_dependencies(verify_genai)
+    dtype = _model_dtype(model)
+    shape = decoder_shape(model)
+    tolerance = rtol if rtol is not None else DEFAULT_RTOL[accuracy_level]
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"export path {directory} is a file; give a folder for the ONNX files")
+
+    start = time.perf_counter()
+    layers = [m for m in {id(m): m for m in model.modules() if isinstance(m, QuantLoRALinear)}.values()]
+    extra = sum(container_bytes(m) for m in layers if m.bits != DENSE_BITS)
+    weight_bytes = sum(t.numel() * t.element_size() for t in {
+        t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}.values())
+    was_training = model.training
+    swapped: list[tuple[str, nn.Module]] = []
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        counts = _swap_for_export(model, adapters, accuracy_level, dtype, swapped)
+        model.eval()
+        wrapper = DecoderWithPast(model) if with_past else DecoderLogits(model)
+        args, dynamic, input_names, output_names = _trace_inputs(wrapper, shape if with_past else None,
+                                                                 shape.vocab, dtype)
+        logger.info("exporting to ONNX (%d packed layers: %s)", len(layers), counts)
+        try:
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, custom_translation_table=onnx_translation_table(),
+                input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
+                opset_version=opset, optimize=True, verbose=False,
+            )
+        except Exception as exc:  # the exporter's errors are long; keep the cause, name the fix
+            raise ExportError(
+                f"torch's ONNX exporter failed on {type(model).__name__} ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:300]}); try with_past=False, or report the model type"
+            ) from exc
+        program.save(str(tmp / MODEL_FILE), external_data=weight_bytes > _EXTERNAL_DATA_BYTES)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _restore(model, swapped)
+        model.train(was_training)
+
+    try:
+        if with_past:
+            write_genai_config(tmp, model, shape, MODEL_FILE)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        parity = None
+        if verify_export:
+            parity = _verify(tmp, model, shape if with_past else None, tolerance, decode_steps, tokenizer,
+                             verify_genai, dtype)
+        directory.mkdir(parents=True, exist_ok=True)
+        for item in sorted(tmp.iterdir()):
+            target = directory / item.name
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            item.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = OnnxExportResult(
+        directory=directory,
+        model_file=directory / MODEL_FILE,
+        file_bytes=_file_bytes(directory),
+        layers=counts,
+        container_extra_bytes=extra,
+        parity=parity,
+        seconds=time.perf_counter() - start,
+        files=tuple(sorted(p.name for p in directory.iterdir())),
+    )
+    (directory / "export_report.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    logger.info("wrote %s (%.1f MB) in %.0f s", result.model_file, result.file_bytes / 1e6, result.seconds)
+    return result
+
+
+def _verify(directory: Path, model: nn.Module, shape: DecoderShape | None, tolerance: float, steps: int,
+            tokenizer: Any, with_genai: bool, dtype: torch.dtype) -> verify.Parity:
+    sess = verify.session(directory / MODEL_FILE)
+    ids = _verification_ids(tokenizer, shape.vocab if shape else model.config.vocab_size, 16)
+    parity = verify.logits_parity(sess, model, ids, shape, tolerance)
+    if shape is None or steps == 0:
+        return parity
+    np_dtype = np.dtype(str(dtype).removeprefix("torch."))
+    prompt = ids[:1]
+    torch_tokens, margins = verify.greedy_torch(model, prompt, steps)
+    onnx_tokens = verify.greedy_onnx(sess, prompt, shape, steps, np_dtype)
+    matched, tie = verify.compare_tokens(onnx_tokens, torch_tokens, margins, parity.max_abs)
+    genai_match = None
+    if with_genai:
+        genai = verify.genai_tokens(directory, prompt[0].tolist(), steps)
+        # genai stops at the end-of-sequence token: compare what it produced
+        genai_match = genai == onnx_tokens[: len(genai)] and len(genai) > 0
+        if not genai_match:
+            raise verify.ExportVerificationError(
+                f"onnxruntime-genai decoded {genai} but the ONNX graph run step by step gives "
+                f"{onnx_tokens[: len(genai)]}: genai_config.json does not describe the graph; report this"
+            )
+    return verify.Parity(parity.max_rel, parity.mean_rel, parity.max_abs, tolerance, len(torch_tokens), matched,
+                         tie, genai_match)
