@@ -13,7 +13,7 @@ from pathlib import Path
 from autoqra.analysis import analyze, min_feasible_bytes, uniform_costs, untouched_bytes
 from autoqra.config import SearchSpace
 from autoqra.data import lee_windows
-from autoqra.errors import AutoQRAError
+from autoqra.errors import AutoQRAError, ConfigError
 from autoqra.ir.capture import CaptureConfig
 from autoqra.ir.cost import CostModel
 from autoqra.report import fmt_bytes, table
@@ -177,6 +177,52 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
             save(result.model, out / "model")
         print(f"wrote {out}/plan.json, report.json, report.txt" + ("" if args.plan_only else ", model/"))
+    if args.export_onnx:
+        _export_and_report(result.model, args.export_onnx, tokenizer, args)
+    return 0
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-past", action="store_true", help="a plain logits model (default: with the KV cache)")
+    p.add_argument("--adapters", choices=("separate", "merged"), default="separate",
+                   help="separate: each adapter its own MatMul pair (default); merged: 16-bit layers only")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
+                   help="MatMulNBits compute precision: 4 int8 activations (default, fast), 0 exact fp32")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-verify", action="store_true", help="skip running the file in onnxruntime")
+
+
+def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    from autoqra.export import export_onnx
+
+    if args.plan_only:
+        raise ConfigError("--export-onnx needs a rewritten model; drop --plan-only")
+    result = export_onnx(model, out, with_past=not args.no_past, adapters=args.adapters, opset=args.opset,
+                         accuracy_level=args.accuracy_level, verify_export=not args.no_verify, tokenizer=tokenizer)
+    print(table(["layers", "count"], [[k, v] for k, v in result.layers.items()]))
+    line = f"wrote {result.model_file} ({result.file_bytes / 1e6:.1f} MB) in {result.seconds:.0f} s"
+    if result.parity is not None:
+        p = result.parity
+        line += (f"; onnxruntime vs PyTorch logits: max rel {p.max_rel:.1e}, mean rel {p.mean_rel:.1e}"
+                 f" (tolerance {p.tolerance:.0e})")
+        if p.tokens_checked:
+            line += f"; greedy tokens equal {p.tokens_matched}/{p.tokens_checked}"
+        if p.genai_tokens_match is not None:
+            line += "; onnxruntime-genai tokens equal" if p.genai_tokens_match else ""
+    print(line)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from autoqra.io import load
+    from autoqra.zoo import load_model
+
+    if not (Path(args.compiled_dir) / "manifest.json").is_file():  # checked before the base model is loaded
+        raise ConfigError(f"{args.compiled_dir} is not a folder written by autoqra.save / `autoqra compile --out` "
+                          "(no manifest.json); give the model/ folder of a compile or finetune output")
+    base, tokenizer = load_model(args.base)
+    model = load(args.compiled_dir, base)
+    args.plan_only = False
+    _export_and_report(model, args.out, tokenizer, args)
     return 0
 
 
@@ -333,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="short fine-tune steps that score each candidate plan (default 8; 0: step-0 loss only)")
     p.add_argument("--no-select", action="store_true",
                    help="trust the proxy: no candidate plan is measured (uniform plans are not compared)")
+    p.add_argument("--export-onnx", metavar="DIR", default=None,
+                   help="also export the compiled model to ONNX in DIR (see `autoqra export`)")
+    _add_export(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("pareto", help="front of bytes vs predicted error: CSV + PNG")
@@ -376,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (the fine-tuned model, loadable by autoqra.load)")
     p.add_argument("--peft-out", default=None, help="also write the adapters as a peft adapter to this directory")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="export a compiled model to ONNX (MatMulNBits, KV cache, onnxruntime-genai)")
+    p.add_argument("compiled_dir", help="directory written by autoqra.save / `autoqra compile --out` (its model/)")
+    p.add_argument("--base", default=DEFAULT_MODEL, help="the base model it was compiled from (default smollm2-135m)")
+    p.add_argument("--out", required=True, help="output folder (model.onnx, genai_config.json, tokenizer files)")
+    _add_export(p)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

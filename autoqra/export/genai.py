@@ -2,8 +2,10 @@
 
 The layout follows onnxruntime-genai's configuration reference (decoder file, attention geometry,
 input/output names with ``%d`` for the block index, token ids, greedy search defaults). The model
-``type`` is the Hugging Face ``model_type`` (genai runs llama, mistral, qwen2, phi, gemma, ... as
-plain decoders with these inputs).
+``type`` is the Hugging Face ``model_type`` where genai runs that type as a plain decoder with these
+input names (llama, mistral, qwen2, phi3, gemma, ...); any other architecture (e.g. gpt2, whose
+genai class expects another cache layout) is declared ``llama``: the generic decoder that reads the
+names from this file (checked by decoding in genai after export).
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from torch import nn
 
 from autoqra.export.decoder import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, DecoderShape
 
-__all__ = ["genai_config", "write_genai_config"]
+__all__ = ["GENAI_DECODER_TYPES", "genai_config", "write_genai_config"]
+
+#: Hugging Face model types that onnxruntime-genai runs as plain decoders with the names below
+GENAI_DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "granite",
+                                 "olmo", "nemotron", "smollm3"})
 
 
 def _token_id(cfg: Any, name: str, default: int) -> int | list[int]:
@@ -31,6 +37,7 @@ def genai_config(model: nn.Module, shape: DecoderShape, filename: str, *, thread
     """The config as a dict (see the module docstring)."""
     cfg = model.config
     eos = _token_id(cfg, "eos_token_id", 0)
+    model_type = str(getattr(cfg, "model_type", "llama"))
     session_options: dict[str, Any] = {"log_id": "autoqra", "provider_options": []}
     if threads:
         session_options["intra_op_num_threads"] = threads
@@ -61,7 +68,7 @@ def genai_config(model: nn.Module, shape: DecoderShape, filename: str, *, thread
             },
             "eos_token_id": eos,
             "pad_token_id": _token_id(cfg, "pad_token_id", eos[0] if isinstance(eos, list) else eos),
-            "type": str(getattr(cfg, "model_type", "llama")),
+            "type": model_type if model_type in GENAI_DECODER_TYPES else "llama",
             "vocab_size": shape.vocab,
         },
         "search": {

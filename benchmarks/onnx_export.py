@@ -1,0 +1,192 @@
+"""ONNX export of a compiled SmolLM2: file size, onnxruntime latency, parity (one run, ratios).
+
+Plans (data-free, ``objective="deploy"``, so the run needs no calibration):
+
+* ``mostly 4-bit``: bits {4, 8}, rank 8, at 5.3 bits a weight (uniform 4-bit r8 is 5.24 on SmolLM2);
+* ``mixed 2/3/4/8``: bits {2, 3, 4, 8}, ranks {0, 8}, at 3.5 bits a weight.
+
+Each is exported with the KV cache (``accuracy_level`` 4, the fast CPU kernels) and verified
+(logits vs PyTorch, 16 greedy tokens through the cache graph and onnxruntime-genai). Measured, all
+in this process with the same thread count: the file's bytes against the plan's bytes plus the
+untouched parameters (3-bit container cost separately); prompt latency (128 tokens, empty cache)
+and per-token decode latency (32 steps after the prompt) under onnxruntime CPU, against the fp32
+ONNX export of the same base model and against PyTorch eager on the compiled model.
+
+    python benchmarks/onnx_export.py            # SmolLM2-135M, ~15 min on 2 cores
+    python benchmarks/onnx_export.py --quick    # a tiny Llama (CI smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import autoqra  # noqa: E402
+from autoqra.export import export_onnx  # noqa: E402
+from autoqra.export.decoder import DecoderShape, decoder_shape  # noqa: E402
+from autoqra.export.verify import _feeds, session  # noqa: E402
+from autoqra.report import table  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
+
+logger = logging.getLogger("bench.onnx_export")
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _median_of(fn, repeats: int) -> float:
+    """Median of what ``fn`` returns (seconds it timed itself), after one warm-up call."""
+    fn()
+    return float(np.median([fn() for _ in range(repeats)]))
+
+
+def onnx_latency(path: Path, shape: DecoderShape, prompt_len: int, decode_steps: int, threads: int,
+                 repeats: int) -> tuple[float, float]:
+    """(prompt seconds, seconds per decoded token) of the KV-cache graph in onnxruntime."""
+    sess = session(path, threads)
+    names = [o.name for o in sess.get_outputs()]
+    prompt = torch.randint(0, shape.vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    feeds = _feeds(prompt, shape, np.dtype("float32"))
+    prompt_s = _median_seconds(lambda: sess.run(names, feeds), repeats)
+
+    def decode() -> float:
+        outs = sess.run(names, feeds)
+        start = time.perf_counter()
+        for step in range(decode_steps):
+            token = torch.tensor([[int(np.argmax(outs[0][0, -1]))]])
+            outs = sess.run(names, _feeds(token, shape, np.dtype("float32"), past=list(outs[1:]),
+                                          offset=prompt_len + step))
+        return (time.perf_counter() - start) / decode_steps
+
+    return prompt_s, _median_of(decode, max(1, repeats // 2))
+
+
+@torch.no_grad()
+def torch_latency(model: torch.nn.Module, vocab: int, prompt_len: int, decode_steps: int,
+                  repeats: int) -> tuple[float, float]:
+    """The same two figures for PyTorch eager (the model's cache, its fast CPU paths)."""
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt_s = _median_seconds(lambda: model(input_ids=prompt, use_cache=True), repeats)
+    cache_arg = "cache" if "cache" in model.forward.__code__.co_varnames else "past_key_values"
+
+    def decode() -> float:
+        out = model(input_ids=prompt, use_cache=True)
+        start = time.perf_counter()
+        for _ in range(decode_steps):
+            token = out.logits[:, -1:].argmax(-1)
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
+        return (time.perf_counter() - start) / decode_steps
+
+    return prompt_s, _median_of(decode, max(1, repeats // 2))
+
+
+def _untouched_bytes(model: torch.nn.Module) -> int:
+    """Bytes of what the plan does not count: embeddings, norms, biases (also of packed layers)."""
+    from autoqra.modules.quant_lora_linear import QuantLoRALinear
+
+    inside = {id(t) for m in model.modules() if isinstance(m, QuantLoRALinear)
+              for n, t in list(m.named_parameters()) + list(m.named_buffers()) if n != "bias"}
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in inside:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny Llama, few repeats (CI smoke)")
+    parser.add_argument("--accuracy-level", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    if args.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from tiny_models import tiny_llama
+
+        base, tokenizer = tiny_llama(), None
+        prompt_len, decode_steps, repeats = 16, 4, 2
+        plans = {"mostly 4-bit": dict(bits=(4, 8), ranks=(4,), budget=78_000),
+                 "mixed 2/3/4/8": dict(bits=(2, 3, 4, 8), ranks=(0, 4), budget="3.5bits")}
+    else:
+        from autoqra.zoo import load_default_model
+
+        base, tokenizer = load_default_model()
+        prompt_len, decode_steps, repeats = 128, 32, 5
+        plans = {"mostly 4-bit": dict(bits=(4, 8), ranks=(8,), budget="5.3bits"),
+                 "mixed 2/3/4/8": dict(bits=(2, 3, 4, 8), ranks=(0, 8), budget="3.5bits")}
+    shape = decoder_shape(base)
+    out_root = Path(tempfile.mkdtemp(prefix="autoqra-onnx-bench-"))
+    rows = []
+    payload: dict = {"quick": args.quick, "accuracy_level": args.accuracy_level, "threads": args.threads,
+                     "prompt_len": prompt_len, "decode_steps": decode_steps, "rows": rows}
+    name = "onnx_export_quick" if args.quick else "onnx_export"
+
+    logger.info("fp32 ONNX export of the base model")
+    fp32 = export_onnx(base, out_root / "fp32", tokenizer=tokenizer, accuracy_level=0)
+    fp32_prompt, fp32_decode = onnx_latency(fp32.model_file, shape, prompt_len, decode_steps, args.threads, repeats)
+    rows.append(dict(plan="fp32 base", file_bytes=fp32.file_bytes, plan_bytes=None, untouched_bytes=None,
+                     container_extra_bytes=0, onnx_prompt_s=fp32_prompt, onnx_decode_s=fp32_decode,
+                     parity=fp32.parity.as_dict(), export_s=fp32.seconds, layers={}))
+    write_json(name, payload)
+
+    for label, spec in plans.items():
+        model = copy.deepcopy(base)
+        result = autoqra.compile(model, spec["budget"], bits=spec["bits"], ranks=spec["ranks"], objective="deploy",
+                                 select=False, cache_dir=None, progress=False)
+        exported = export_onnx(model, out_root / label.replace(" ", "_").replace("/", ""),
+                               tokenizer=tokenizer, accuracy_level=args.accuracy_level)
+        o_prompt, o_decode = onnx_latency(exported.model_file, shape, prompt_len, decode_steps, args.threads,
+                                          repeats)
+        t_prompt, t_decode = torch_latency(model, shape.vocab, prompt_len, decode_steps, repeats)
+        rows.append(dict(
+            plan=label, file_bytes=exported.file_bytes, plan_bytes=int(result.plan.total_bytes),
+            untouched_bytes=_untouched_bytes(model), container_extra_bytes=exported.container_extra_bytes,
+            onnx_prompt_s=o_prompt, onnx_decode_s=o_decode, torch_prompt_s=t_prompt, torch_decode_s=t_decode,
+            parity=exported.parity.as_dict(), export_s=exported.seconds, layers=exported.layers,
+        ))
+        write_json(name, payload)
+        del model
+
+    header = ["plan", "file MB", "plan + untouched MB", "file / expected", "3-bit container MB",
+              "prompt ms", "decode ms/token", "decode vs fp32 ONNX", "decode vs torch", "logits max rel",
+              "tokens equal"]
+    body = []
+    for r in rows:
+        expected = None if r["plan_bytes"] is None else r["plan_bytes"] + r["untouched_bytes"]
+        body.append([
+            r["plan"], f"{r['file_bytes'] / 1e6:.1f}", "—" if expected is None else f"{expected / 1e6:.1f}",
+            "—" if expected is None else f"{r['file_bytes'] / expected:.3f}",
+            f"{r['container_extra_bytes'] / 1e6:.2f}", f"{r['onnx_prompt_s'] * 1e3:.1f}",
+            f"{r['onnx_decode_s'] * 1e3:.2f}", f"{r['onnx_decode_s'] / fp32_decode:.2f}",
+            "—" if "torch_decode_s" not in r else f"{r['onnx_decode_s'] / r['torch_decode_s']:.2f}",
+            f"{r['parity']['max_rel']:.1e}",
+            f"{r['parity']['tokens_matched']}/{r['parity']['tokens_checked']}",
+        ])
+    print(table(header, body))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""ONNX export: MatMulNBits from the packed codes, the KV-cache graph, verification, the model unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnx  # noqa: E402
+from tiny_models import tiny_gpt2, tiny_llama, tiny_qwen2  # noqa: E402
+
+from autoqra.errors import ConfigError, ExportError, ExportVerificationError  # noqa: E402
+from autoqra.export import export_onnx  # noqa: E402
+from autoqra.export.decoder import decoder_shape  # noqa: E402
+from autoqra.export.layers import OnnxQuantLinear, container_bytes  # noqa: E402
+from autoqra.export.verify import _feeds, compare_tokens, exact_reference, session  # noqa: E402
+from autoqra.modules.quant_lora_linear import QuantLoRALinear  # noqa: E402
+from autoqra.quant.pack import pack  # noqa: E402
+
+HAS_GENAI = __import__("importlib").util.find_spec("onnxruntime_genai") is not None
+
+
+def _compiled(model: nn.Module, bits_cycle=(2, 3, 4, 8, 16), rank_cycle=(0, 4)) -> nn.Module:
+    """Every linear layer (Linear or GPT-2 Conv1D) → QuantLoRALinear, bits and ranks cycling, with
+    non-zero adapters (as after fine-tuning)."""
+    from autoqra.modules.quant_lora_linear import _is_hf_conv1d
+
+    i = 0
+    gen = torch.Generator().manual_seed(0)
+    for _, parent in list(model.named_modules()):
+        for cname, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) or _is_hf_conv1d(child):
+                layer = QuantLoRALinear.from_linear(child, bits_cycle[i % len(bits_cycle)],
+                                                    rank_cycle[i % len(rank_cycle)])
+                if layer.rank:
+                    with torch.no_grad():
+                        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
+                setattr(parent, cname, layer)
+                i += 1
+    return model
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# -- the layer: what the graph computes equals the compiled layer ------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.parametrize("in_features", [64, 96])
+def test_export_layer_matches_compiled_layer(bits: int, rank: int, in_features: int) -> None:
+    torch.manual_seed(bits + rank)
+    linear = nn.Linear(in_features, 128)
+    layer = QuantLoRALinear.from_linear(linear, bits, rank)
+    if rank:
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.05)
+    x = torch.randn(3, 5, in_features)
+    with torch.no_grad(), exact_reference(layer):
+        ref = layer(x)
+    export = OnnxQuantLinear(layer, name="l", adapters="separate", accuracy_level=0, dtype=torch.float32)
+    with torch.no_grad():
+        got = export(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eight_bit_fractional_zero_points_go_into_a_residual() -> None:
+    layer = QuantLoRALinear.from_linear(nn.Linear(64, 64), 8, 0)
+    export = OnnxQuantLinear(layer, name="l", adapters="separate", accuracy_level=0, dtype=torch.float32)
+    assert export.zero_points.dtype == torch.uint8
+    assert export.zero_residual is not None and export.zero_residual.shape == (1, 64)
+
+
+def test_three_bit_container_cost_is_a_third_of_the_codes() -> None:
+    layer = QuantLoRALinear.from_linear(nn.Linear(128, 64), 3, 0)
+    assert container_bytes(layer) == 64 * 128 // 2 - layer.packed_qweight().numel()
+    assert container_bytes(layer) * 3 == layer.packed_qweight().numel()
+    assert container_bytes(QuantLoRALinear.from_linear(nn.Linear(128, 64), 4, 0)) == 0
+
+
+def test_packed_layout_is_matmulnbits_layout() -> None:
+    """Two 4-bit codes per byte, low nibble first: autoqra's packing is MatMulNBits's blob."""
+    codes = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    assert pack(codes, 4).tolist() == [0x21, 0x43]
+    assert pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+
+
+# -- whole models ------------------------------------------------------------------------------
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_gpt2], ids=["llama", "qwen2", "gpt2"])
+def test_export_with_past_runs_and_decodes(tmp_path, factory) -> None:
+    model = _compiled(factory())
+    before = _state(model)
+    types = {n: type(m) for n, m in model.named_modules()}
+    result = export_onnx(model, tmp_path / "onnx", accuracy_level=0)
+    p = result.parity
+    assert p.max_rel < 1e-4 and p.tokens_checked == 16 and p.tokens_matched == 16
+    if HAS_GENAI:
+        assert p.genai_tokens_match is True
+    # the model is exactly as before
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the files
+    assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "genai_config.json").is_file()
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    n_quant = sum(isinstance(m, QuantLoRALinear) and m.bits != 16 for m in model.modules())
+    assert ops.count("MatMulNBits") == n_quant
+    nbits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert nbits == {2, 4, 8}  # 3-bit layers run in the 4-bit container
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {0}
+    names = {i.name for i in graph.initializer}
+    assert any(n.endswith(".lora_A_t") for n in names) and any(n.endswith(".lora_B_t") for n in names)
+    config = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())
+    inputs = {i.name for i in graph.input}
+    assert config["model"]["decoder"]["inputs"]["past_key_names"] % 0 in inputs
+    assert config["model"]["decoder"]["num_hidden_layers"] == decoder_shape(model).layers
+    report = json.loads((tmp_path / "onnx" / "export_report.json").read_text())
+    assert report["parity"]["tokens_matched"] == 16
+
+
+def test_export_without_past_has_dynamic_batch_and_length(tmp_path) -> None:
+    model = _compiled(tiny_llama())
+    export_onnx(model, tmp_path / "plain", with_past=False, accuracy_level=0)
+    sess = session(tmp_path / "plain" / "model.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    for batch, seq in ((1, 3), (4, 21)):
+        ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(batch))
+        got = sess.run(["logits"], _feeds(ids, None, np.dtype("float32")))[0]
+        with torch.no_grad(), exact_reference(model):
+            ref = model(input_ids=ids).logits.numpy()
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_fast_accuracy_level_within_its_tolerance(tmp_path) -> None:
+    model = _compiled(tiny_llama())
+    result = export_onnx(model, tmp_path / "fast", accuracy_level=4, verify_genai=False)
+    graph = onnx.load(str(tmp_path / "fast" / "model.onnx")).graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    assert 0 < result.parity.max_rel <= result.parity.tolerance
+
+
+def test_plain_model_exports_as_float(tmp_path) -> None:
+    result = export_onnx(tiny_llama(), tmp_path / "fp32", verify_genai=False)
+    graph = onnx.load(str(tmp_path / "fp32" / "model.onnx")).graph
+    assert "MatMulNBits" not in {n.op_type for n in graph.node}
+    assert result.parity.max_rel < 1e-4 and result.layers == {}
+
+
+def test_merged_adapters(tmp_path) -> None:
+    sixteen = _compiled(tiny_llama(), bits_cycle=(16,), rank_cycle=(4,))
+    result = export_onnx(sixteen, tmp_path / "merged", adapters="merged", accuracy_level=0, verify_genai=False)
+    names = {i.name for i in onnx.load(str(tmp_path / "merged" / "model.onnx")).graph.initializer}
+    assert not any("lora_" in n for n in names)
+    assert result.parity.max_rel < 1e-4
+    quantized = _compiled(tiny_llama(), bits_cycle=(4,), rank_cycle=(4,))
+    before = _state(quantized)
+    with pytest.raises(ExportError, match="adapters='separate'"):
+        export_onnx(quantized, tmp_path / "refused", adapters="merged")
+    assert not (tmp_path / "refused").exists()
+    assert all(torch.equal(before[k], v) for k, v in quantized.state_dict().items())
+    assert all(type(m) is not OnnxQuantLinear for m in quantized.modules())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(adapters="fused"), ConfigError, "adapters must be one of"),
+        (dict(accuracy_level=7), ConfigError, "accuracy_level must be one of"),
+        (dict(rtol=0), ConfigError, "rtol must be > 0"),
+        (dict(decode_steps=-1), ConfigError, "decode_steps"),
+        (dict(with_past=False, verify_genai=True), ConfigError, "with_past=True"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, error, words) -> None:
+    model = _compiled(tiny_llama())
+    with pytest.raises(error, match=words):
+        export_onnx(model, tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+def test_bf16_model_is_refused_with_the_fix(tmp_path) -> None:
+    model = _compiled(tiny_llama()).to(torch.bfloat16)
+    with pytest.raises(ExportError, match=r"model\.float\(\)"):
+        export_onnx(model, tmp_path / "bf16")
+
+
+def test_code_book_layers_are_refused(tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    model = tiny_llama()
+    model.model.layers[0].mlp.up_proj = QuantLoRALinear.from_linear(model.model.layers[0].mlp.up_proj, 4, 0,
+                                                                    backend="bnb")
+    with pytest.raises(ExportError, match="backend='packed'"):
+        export_onnx(model, tmp_path / "nf4")
+
+
+def test_verification_failure_writes_nothing(tmp_path) -> None:
+    model = _compiled(tiny_llama())
+    with pytest.raises(ExportVerificationError, match="accuracy_level=0"):
+        export_onnx(model, tmp_path / "strict", accuracy_level=4, rtol=1e-9)
+    assert not (tmp_path / "strict").exists()
+    assert not list(tmp_path.glob(".strict*"))
+
+
+@pytest.mark.parametrize(
+    "onnx_tokens, torch_tokens, margins, max_abs, expect",
+    [
+        ([1, 2, 3], [1, 2, 3], [1.0, 1.0, 1.0], 1e-3, (3, None)),
+        ([1, 2, 9], [1, 2, 3], [1.0, 1.0, 1e-4], 1e-3, (2, 2)),  # a near-tie: accepted
+        ([1, 9, 3], [1, 2, 3], [1.0, 1.0, 1.0], 1e-3, ExportVerificationError),
+    ],
+)
+def test_compare_tokens(onnx_tokens, torch_tokens, margins, max_abs, expect) -> None:
+    if isinstance(expect, type):
+        with pytest.raises(expect, match="step 1"):
+            compare_tokens(onnx_tokens, torch_tokens, margins, max_abs)
+    else:
+        assert compare_tokens(onnx_tokens, torch_tokens, margins, max_abs) == expect
