@@ -11,6 +11,7 @@ from autoqra.errors import (
     CaptureError,
     NoQuantizableLayersError,
 )
+from autoqra.export import export_onnx
 from autoqra.io import load, save
 from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
@@ -38,6 +39,7 @@ __all__ = [
     "NoQuantizableLayersError",
     "SearchSpace",
     "analyze",
+    "export_onnx",
     "calibrate",
     "capture",
     "compile",

@@ -128,3 +128,27 @@ def test_version_quiet_and_name_choices(capsys, monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     args = build_parser().parse_args(["--quiet", "estimate"])
     assert args.quiet
+
+
+def test_compile_export_onnx_then_export_command(model_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out_dir = tmp_path / "out"
+    code = main(["compile", str(model_dir), "--budget", "5bits", "--calib", "none", "--out", str(out_dir),
+                 "--export-onnx", str(tmp_path / "onnx"), "--accuracy-level", "0"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "MatMulNBits" in out and "greedy tokens equal 16/16" in out
+    assert {"model.onnx", "genai_config.json", "export_report.json", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "onnx").iterdir()}
+    code = main(["export", str(out_dir / "model"), "--base", str(model_dir), "--out", str(tmp_path / "plain"),
+                 "--no-past"])
+    assert code == 0
+    assert "max rel" in capsys.readouterr().out
+    assert not (tmp_path / "plain" / "genai_config.json").exists()
+
+
+def test_export_checks_the_folder_before_loading_the_base(tmp_path, capsys):
+    code = main(["export", str(tmp_path), "--base", "/does/not/exist", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "no manifest.json" in capsys.readouterr().err

@@ -70,11 +70,18 @@ def test_export_layer_matches_compiled_layer(bits: int, rank: int, in_features: 
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_eight_bit_fractional_zero_points_go_into_a_residual() -> None:
-    layer = QuantLoRALinear.from_linear(nn.Linear(64, 64), 8, 0)
+@pytest.mark.parametrize("bits, zp_bytes_per_row", [(2, 1), (3, 2), (4, 2), (8, 3)])
+def test_fractional_zero_points_split_into_uint8_and_an_exact_fraction(bits, zp_bytes_per_row) -> None:
+    """onnxruntime's fast kernels take uint8 zero points: round(zero) packed per row + the fp16 rest."""
+    layer = QuantLoRALinear.from_linear(nn.Linear(192, 64), bits, 0)  # 3 groups a row
     export = OnnxQuantLinear(layer, name="l", adapters="separate", accuracy_level=0, dtype=torch.float32)
-    assert export.zero_points.dtype == torch.uint8
-    assert export.zero_residual is not None and export.zero_residual.shape == (1, 64)
+    assert export.zero_points.dtype == torch.uint8 and export.zero_points.numel() == 64 * zp_bytes_per_row
+    assert export.scales.dtype == torch.float16  # as in autoqra's format: the file does not double them
+    fraction = export.zero_fraction
+    assert fraction is not None and fraction.dtype == torch.float16 and fraction.abs().max() <= 0.5
+    kb = 4 if bits == 3 else bits
+    integer = layer.zero.float().round().clamp(0, (1 << kb) - 1)
+    assert torch.equal(integer + fraction.float(), layer.zero.float())  # the split loses nothing
 
 
 def test_three_bit_container_cost_is_a_third_of_the_codes() -> None:
@@ -116,6 +123,9 @@ def test_export_with_past_runs_and_decodes(tmp_path, factory) -> None:
     assert nbits == {2, 4, 8}  # 3-bit layers run in the 4-bit container
     levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {0}
+    assert not any(n.metadata_props for n in graph.node)  # no stack traces / local paths shipped
+    scales = [i for i in graph.initializer if i.name.endswith(".scales")]
+    assert scales and all(i.data_type == onnx.TensorProto.FLOAT16 for i in scales)  # not doubled to fp32
     names = {i.name for i in graph.initializer}
     assert any(n.endswith(".lora_A_t") for n in names) and any(n.endswith(".lora_B_t") for n in names)
     config = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())

@@ -4,14 +4,16 @@ Built from a compiled layer just before export and swapped back right after, it 
 in the form onnxruntime's ``MatMulNBits`` reads (see :mod:`autoqra.export.ops`) and its forward is
 what the ONNX graph computes:
 
-* **2 / 4 bits**: ``MatMulNBits`` with autoqra's packed codes as they are (the byte layouts are the
-  same), the fp16 scales and *fractional* zero points cast to the activation dtype (exact).
+* **2 / 4 / 8 bits**: ``MatMulNBits`` with autoqra's packed codes as they are (the byte layouts are
+  the same) and the fp16 scales (cast to the activation dtype in the graph; onnxruntime folds the
+  cast at load). autoqra's zero points are *fractional*; onnxruntime's fast CPU kernels take only
+  integer (uint8) zero points (float zero points run ~60x slower at 4 bits and are refused at 8),
+  so each zero point is split into ``round(zero)`` (uint8, packed like the codes, in the op) and
+  the exact fp16 fraction ``zero - round(zero)``, whose term ``-Σ_group(x) · fraction · scale`` is
+  one small ``MatMul`` over the group sums (exact up to float rounding; omitted when every zero
+  point is an integer). File cost over autoqra's format: ``bits / 8`` bytes a group.
 * **3 bits**: onnxruntime has no 3-bit kernel; the codes (0..7) go into a 4-bit container with the
   same scales and zero points: exact, at 4/3 of the codes' bytes (:func:`container_bytes`).
-* **8 bits**: onnxruntime's CPU kernel refuses float zero points at 8 bits, so the zero point is
-  split into ``round(zero)`` (uint8, in the op) and the residual ``zero - round(zero)``, whose
-  product ``-Σ_group(x) · (residual · scale)`` is added by one small ``MatMul`` over the group
-  sums (exact up to float rounding; omitted when every zero point is an integer).
 * **16 bits**: a float ``MatMul`` with the fp16 weight cast to the activation dtype (``weight_t [in, out]``).
 * **Adapters**: ``separate`` keeps ``x @ A^T @ (scaling · B)^T`` as its own ``MatMul`` pair
   beside the quantized product (initializers ``<layer>.lora_A_t = A^T [in, r]`` and
@@ -94,36 +96,34 @@ class OnnxQuantLinear(nn.Module):
         n, n_blocks, block = layer.out_features, layer.scale.shape[1], layer.group_size
         packed = layer.packed_qweight()
         self.block_size = block
-        self.kernel_bits = 4 if layer.bits == 3 else layer.bits
+        self.kernel_bits = kb = 4 if layer.bits == 3 else layer.bits
         if layer.bits == 3:  # codes 0..7 in a 4-bit container
             packed = pack(unpack(packed, 3, n * n_blocks * block), 4)
-        self.register_buffer("qweight", packed.view(n, n_blocks, block * self.kernel_bits // 8).clone())
-        self.register_buffer("scales", layer.scale.to(dtype).reshape(-1).clone())
-        zero = layer.zero.float()
-        self.register_buffer("zero_residual", None)
-        if layer.bits == 8:
-            integer = zero.round().clamp(0, 255)
-            self.register_buffer("zero_points", integer.to(torch.uint8).reshape(-1).clone())
-            residual = (zero - integer) * layer.scale.float()
-            if bool((residual != 0).any()):
-                self.register_buffer("zero_residual", residual.T.to(dtype).contiguous())  # [n_blocks, out]
-        else:
-            self.register_buffer("zero_points", layer.zero.to(dtype).reshape(-1).clone())
+        self.register_buffer("qweight", packed.view(n, n_blocks, block * kb // 8).clone())
+        # fp16 in the file (as in autoqra's format); cast in the graph, folded by onnxruntime at load
+        self.register_buffer("scales", layer.scale.reshape(-1).clone())
+        integer = layer.zero.float().round().clamp(0, (1 << kb) - 1)
+        per_byte = 8 // kb  # zero points packed like the codes, each row padded to whole bytes
+        rows = torch.nn.functional.pad(integer.to(torch.uint8), (0, (-n_blocks) % per_byte))
+        self.register_buffer("zero_points", pack(rows, kb))
+        fraction = (layer.zero.float() - integer).to(torch.float16)  # exact: fp16 minus a small integer
+        self.register_buffer("zero_fraction", fraction.clone() if bool((fraction != 0).any()) else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == DENSE_BITS:
             y = x @ self.weight_t
         else:
             y = torch.ops.autoqra.matmul_nbits(
-                x, self.qweight, self.scales, self.zero_points, self.in_features, self.out_features,
+                x, self.qweight, self.scales.to(x.dtype), self.zero_points, self.in_features, self.out_features,
                 self.kernel_bits, self.block_size, self.accuracy_level,
             )
-            if self.zero_residual is not None:
-                n_blocks = self.zero_residual.shape[0]
+            if self.zero_fraction is not None:  # - sum_group(x) · (zero - round(zero)) · scale
+                n_blocks = self.zero_fraction.shape[1]
                 pad = n_blocks * self.block_size - self.in_features
                 xs = F.pad(x, (0, pad)) if pad else x
                 sums = xs.reshape(*x.shape[:-1], n_blocks, self.block_size).sum(-1)
-                y = y - sums @ self.zero_residual
+                residual = self.zero_fraction.to(x.dtype) * self.scales.view(-1, n_blocks).to(x.dtype)
+                y = y - sums @ residual.T
         if self.lora_A_t is not None:
             y = y + (x @ self.lora_A_t) @ self.lora_B_t
         if self.bias is not None:

@@ -153,6 +153,28 @@ def _trace_inputs(wrapper: nn.Module, shape: DecoderShape | None, vocab: int, dt
     return (ids, mask, positions, cache), dynamic, inputs, outputs
 
 
+def _keep_format(node: Any) -> bool | None:
+    """onnxscript's constant folder must not fold the casts of the fp16 scales / zero fractions into
+    fp32 initializers (that would double them in the file); onnxruntime folds them at load."""
+    if node.op_type == "Cast" and node.inputs and node.inputs[0] is not None:
+        name = node.inputs[0].name or ""
+        if name.endswith((".scales", ".zero_fraction")):
+            return False
+    return None
+
+
+def _optimize(program: Any) -> None:
+    """The exporter's own graph optimization (constant folding, dead code), minus :func:`_keep_format`;
+    then the per-node debugging metadata (source stack traces with local paths, FX node text) is
+    dropped: it is most of a small model's graph bytes and does not belong in a shipped file."""
+    import onnx_ir
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize_ir(program.model, should_fold=_keep_format)
+    for node in onnx_ir.traversal.RecursiveGraphIterator(program.model.graph):
+        node.metadata_props.clear()
+
+
 def _verification_ids(tokenizer: Any, vocab: int, seq: int) -> torch.Tensor:
     if tokenizer is not None:
         text = ("The quick brown fox jumps over the lazy dog. Edge runtimes read quantized weights "
@@ -236,8 +258,9 @@ def export_onnx(
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, custom_translation_table=onnx_translation_table(),
                 input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
-                opset_version=opset, optimize=True, verbose=False,
+                opset_version=opset, optimize=False, verbose=False,
             )
+            _optimize(program)
         except Exception as exc:  # the exporter's errors are long; keep the cause, name the fix
             raise ExportError(
                 f"torch's ONNX exporter failed on {type(model).__name__} ({type(exc).__name__}: "
