@@ -6,7 +6,8 @@ Plans (data-free, ``objective="deploy"``, so the run needs no calibration):
 * ``mixed 2/3/4/8``: pinned by pattern (q/k/v share a fusion group) — attention q/k/v 2-bit, o 4-bit, MLP gate/up 3-bit, down 8-bit —
   ranks {0, 8} chosen by the solver at 5 bits a weight.
 
-Each is exported with the KV cache (``accuracy_level`` 4, the fast CPU kernels) and verified
+Each is exported with the KV cache at ``accuracy_level`` 4 (int8 activations: the fast CPU kernels)
+and 0 (exact fp32) and verified
 (logits vs PyTorch, 16 greedy tokens through the cache graph and onnxruntime-genai). Measured, all
 in this process with the same thread count: the file's bytes against the plan's bytes plus the
 untouched parameters (3-bit container cost separately); prompt latency (128 tokens, empty cache)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -115,7 +117,8 @@ def _untouched_bytes(model: torch.nn.Module) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny Llama, few repeats (CI smoke)")
-    parser.add_argument("--accuracy-level", type=int, default=4)
+    parser.add_argument("--accuracy-levels", default="4,0",
+                        help="MatMulNBits accuracy levels to export each plan at (default 4,0)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -144,14 +147,15 @@ def main() -> None:
     shape = decoder_shape(base)
     out_root = Path(tempfile.mkdtemp(prefix="autoqra-onnx-bench-"))
     rows = []
-    payload: dict = {"quick": args.quick, "accuracy_level": args.accuracy_level, "threads": args.threads,
+    levels = [int(v) for v in args.accuracy_levels.split(",")]
+    payload: dict = {"quick": args.quick, "accuracy_levels": levels, "threads": args.threads,
                      "prompt_len": prompt_len, "decode_steps": decode_steps, "rows": rows}
     name = "onnx_export_quick" if args.quick else "onnx_export"
 
     logger.info("fp32 ONNX export of the base model")
     fp32 = export_onnx(base, out_root / "fp32", tokenizer=tokenizer, accuracy_level=0)
     fp32_prompt, fp32_decode = onnx_latency(fp32.model_file, shape, prompt_len, decode_steps, args.threads, repeats)
-    rows.append(dict(plan="fp32 base", file_bytes=fp32.file_bytes, plan_bytes=None, untouched_bytes=None,
+    rows.append(dict(plan="fp32 base", accuracy_level=None, file_bytes=fp32.file_bytes, plan_bytes=None, untouched_bytes=None,
                      container_extra_bytes=0, onnx_prompt_s=fp32_prompt, onnx_decode_s=fp32_decode,
                      parity=fp32.parity.as_dict(), export_s=fp32.seconds, layers={}))
     write_json(name, payload)
@@ -160,28 +164,32 @@ def main() -> None:
         model = copy.deepcopy(base)
         result = autoqra.compile(model, spec["budget"], bits=spec["bits"], ranks=spec["ranks"], objective="deploy",
                                  select=False, cache_dir=None, progress=False, patterns=spec.get("patterns"))
-        exported = export_onnx(model, out_root / label.replace(" ", "_").replace("/", ""),
-                               tokenizer=tokenizer, accuracy_level=args.accuracy_level)
-        o_prompt, o_decode = onnx_latency(exported.model_file, shape, prompt_len, decode_steps, args.threads,
-                                          repeats)
         t_prompt, t_decode = torch_latency(model, shape.vocab, prompt_len, decode_steps, repeats)
-        rows.append(dict(
-            plan=label, file_bytes=exported.file_bytes, plan_bytes=int(result.plan.total_bytes),
-            untouched_bytes=_untouched_bytes(model), container_extra_bytes=exported.container_extra_bytes,
-            onnx_prompt_s=o_prompt, onnx_decode_s=o_decode, torch_prompt_s=t_prompt, torch_decode_s=t_decode,
-            parity=exported.parity.as_dict(), export_s=exported.seconds, layers=exported.layers,
-        ))
+        for level in levels:
+            exported = export_onnx(model, out_root / f"{label.replace(' ', '_').replace('/', '')}_{level}",
+                                   tokenizer=tokenizer, accuracy_level=level)
+            o_prompt, o_decode = onnx_latency(exported.model_file, shape, prompt_len, decode_steps, args.threads,
+                                              repeats)
+            rows.append(dict(
+                plan=label, accuracy_level=level, file_bytes=exported.file_bytes,
+                plan_bytes=int(result.plan.total_bytes), untouched_bytes=_untouched_bytes(model),
+                container_extra_bytes=exported.container_extra_bytes, onnx_prompt_s=o_prompt,
+                onnx_decode_s=o_decode, torch_prompt_s=t_prompt, torch_decode_s=t_decode,
+                parity=exported.parity.as_dict(), export_s=exported.seconds, layers=exported.layers,
+            ))
+            write_json(name, payload)
+            shutil.rmtree(exported.directory, ignore_errors=True)
         write_json(name, payload)
         del model
 
-    header = ["plan", "file MB", "plan + untouched MB", "file / expected", "3-bit container MB",
+    header = ["plan", "level", "file MB", "plan + untouched MB", "file / expected", "3-bit container MB",
               "prompt ms", "decode ms/token", "decode vs fp32 ONNX", "decode vs torch", "logits max rel",
               "tokens equal"]
     body = []
     for r in rows:
         expected = None if r["plan_bytes"] is None else r["plan_bytes"] + r["untouched_bytes"]
         body.append([
-            r["plan"], f"{r['file_bytes'] / 1e6:.1f}", "—" if expected is None else f"{expected / 1e6:.1f}",
+            r["plan"], "—" if r["accuracy_level"] is None else r["accuracy_level"], f"{r['file_bytes'] / 1e6:.1f}", "—" if expected is None else f"{expected / 1e6:.1f}",
             "—" if expected is None else f"{r['file_bytes'] / expected:.3f}",
             f"{r['container_extra_bytes'] / 1e6:.2f}", f"{r['onnx_prompt_s'] * 1e3:.1f}",
             f"{r['onnx_decode_s'] * 1e3:.2f}", f"{r['onnx_decode_s'] / fp32_decode:.2f}",
