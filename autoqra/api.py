@@ -62,8 +62,11 @@ def _front_half(
 ) -> tuple[Program, PassManager, str]:
     """Capture, then ONE pipeline: the analysis passes followed by ``back`` (search ... materialize)."""
     program = capture(model, example_inputs, config=capture_config)
+    # the inputs' full second moments ([in, in] per layer, ~the fp32 weights' size in all) are read only by
+    # gptq rounding: not collected otherwise
     calibrate = CalibratePass(calib, gradients=gradients, max_batches=calib_batches, progress=progress,
-                              weight_gradients=weight_gradients)
+                              weight_gradients=weight_gradients,
+                              covariance_max_dim=2048 if rounding == "gptq" else 0)
     if isinstance(calib, Calibration):
         gradients = calib.gradients
     name = estimator or default_estimator(calib is not None, gradients)
@@ -78,7 +81,7 @@ def _front_half(
         EstimateSensitivityPass(name, backend=backend, group_size=cost_model.group_size,
                                 cache_dir=None if cache_dir is None else cache_dir / "errors", progress=progress,
                                 rounding=rounding),
-        EstimatePlasticityPass(progress=progress),
+        EstimatePlasticityPass(progress=progress, release_gradients=not isinstance(calib, Calibration)),
         *back,
     ])
     manager.run(program)
@@ -176,14 +179,18 @@ def calibrate(
     progress: bool = True,
     weight_gradients: bool = True,
     holdout: float = HOLDOUT_FRACTION,
+    covariance: bool = False,
 ) -> Calibration:
     """Collect calibration statistics once; pass the result as ``calib=`` to several `compile` calls.
     A ``holdout`` fraction of the batches is kept out of the statistics for scoring candidate plans;
-    ``weight_gradients`` collects what ``objective="finetune"`` needs."""
+    ``weight_gradients`` collects what ``objective="finetune"`` needs; ``covariance`` the inputs'
+    second-moment matrices that ``rounding="gptq"`` needs (off by default: about the size of the fp32
+    weights)."""
     train, held = split_holdout(calib, holdout, calib_batches)
     program = capture(model, None, config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)))
     PassManager([BuildLayerGraphPass(), CalibratePass(train, gradients=gradients, progress=progress,
-                                                      weight_gradients=weight_gradients)]).run(program)
+                                                      weight_gradients=weight_gradients,
+                                                      covariance_max_dim=2048 if covariance else 0)]).run(program)
     cal = program.state["calibration"]
     cal.holdout = held
     return cal
@@ -268,6 +275,9 @@ def compile(  # noqa: A001  (the product's verb)
     objective = resolve_objective(objective, calib)
     select_config = _select_config(select, objective, lambda_, seed, calib)
     reuse = calib if isinstance(calib, Calibration) else None
+    if reuse is not None and rounding == "gptq" and not reuse.covariance:
+        raise ConfigError("rounding='gptq' needs the inputs' second moments: collect the Calibration with "
+                          "autoqra.calibrate(model, calib, covariance=True), or use rounding='rtn'")
     if calib is None or reuse is not None:
         train, held = (reuse.batches, reuse.holdout) if reuse is not None else ([], [])
     else:

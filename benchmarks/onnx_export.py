@@ -101,6 +101,18 @@ def torch_latency(model: torch.nn.Module, vocab: int, prompt_len: int, decode_st
     return prompt_s, _median_of(decode, max(1, repeats // 2))
 
 
+def onnx_perplexity(path: Path, shape: DecoderShape, windows: torch.Tensor, threads: int) -> float:
+    """Perplexity of the exported graph over ``windows [n, seq]`` (one window at a time, empty cache)."""
+    sess = session(path, threads)
+    nll, count = 0.0, 0
+    for window in windows:
+        logits = sess.run(["logits"], _feeds(window[None], shape, np.dtype("float32")))[0][0]
+        logp = torch.log_softmax(torch.from_numpy(logits[:-1]).double(), dim=-1)
+        nll -= float(logp.gather(1, window[1:, None]).sum())
+        count += window.numel() - 1
+    return float(np.exp(nll / count))
+
+
 def _untouched_bytes(model: torch.nn.Module) -> int:
     """Bytes of what the plan does not count: embeddings, norms, biases (also of packed layers)."""
     from autoqra.modules.quant_lora_linear import QuantLoRALinear
@@ -120,6 +132,10 @@ def main() -> None:
     parser.add_argument("--accuracy-levels", default="4,0",
                         help="MatMulNBits accuracy levels to export each plan at (default 4,0)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--ppl-windows", type=int, default=4,
+                        help="Lee evaluation windows of 512 tokens for the perplexity of each file (default 4; 0: skip)")
+    parser.add_argument("--skip-latency", action="store_true",
+                        help="quality only: no latency figures (writes onnx_export_quality.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
@@ -131,13 +147,16 @@ def main() -> None:
         from tiny_models import tiny_llama
 
         base, tokenizer = tiny_llama(), None
+        windows = torch.randint(0, 128, (max(args.ppl_windows, 0), 32), generator=torch.Generator().manual_seed(2))
         prompt_len, decode_steps, repeats = 16, 4, 2
         plans = {"mostly 4-bit": dict(bits=(4, 8), ranks=(4,), budget=78_000),
                  "mixed 2/3/4/8": dict(bits=(2, 3, 4, 8), ranks=(0, 4), budget="9bits")}
     else:
+        from autoqra.data import lee_windows
         from autoqra.zoo import load_default_model
 
         base, tokenizer = load_default_model()
+        windows = lee_windows(tokenizer, split="eval", seq_len=512, n=args.ppl_windows) if args.ppl_windows else None
         prompt_len, decode_steps, repeats = 128, 32, 5
         plans = {"mostly 4-bit": dict(bits=(4, 8), ranks=(8,), budget="5.3bits"),
                  "mixed 2/3/4/8": dict(bits=(2, 3, 4, 8), ranks=(0, 8), budget="5bits")}
@@ -151,31 +170,50 @@ def main() -> None:
     payload: dict = {"quick": args.quick, "accuracy_levels": levels, "threads": args.threads,
                      "prompt_len": prompt_len, "decode_steps": decode_steps, "rows": rows}
     name = "onnx_export_quick" if args.quick else "onnx_export"
+    if args.skip_latency:
+        name += "_quality"
+    if windows is not None and not len(windows):
+        windows = None
+
+    def latency(fn, *a):  # type: ignore[no-untyped-def]
+        return (float("nan"), float("nan")) if args.skip_latency else fn(*a)
+
+    def quality(model, path):  # type: ignore[no-untyped-def]
+        if windows is None:
+            return None, None
+        from autoqra.evaluate import perplexity
+
+        return onnx_perplexity(path, shape, windows, args.threads), perplexity(model, windows, progress=False)
 
     logger.info("fp32 ONNX export of the base model")
     fp32 = export_onnx(base, out_root / "fp32", tokenizer=tokenizer, accuracy_level=0)
-    fp32_prompt, fp32_decode = onnx_latency(fp32.model_file, shape, prompt_len, decode_steps, args.threads, repeats)
+    fp32_prompt, fp32_decode = latency(onnx_latency, fp32.model_file, shape, prompt_len, decode_steps, args.threads,
+                                       repeats)
+    fp32_onnx_ppl, fp32_torch_ppl = quality(base, fp32.model_file)
     rows.append(dict(plan="fp32 base", accuracy_level=None, file_bytes=fp32.file_bytes, plan_bytes=None, untouched_bytes=None,
                      container_extra_bytes=0, onnx_prompt_s=fp32_prompt, onnx_decode_s=fp32_decode,
-                     parity=fp32.parity.as_dict(), export_s=fp32.seconds, layers={}))
+                     parity=fp32.parity.as_dict(), export_s=fp32.seconds, layers={}, onnx_ppl=fp32_onnx_ppl,
+                     torch_ppl=fp32_torch_ppl))
     write_json(name, payload)
 
     for label, spec in plans.items():
         model = copy.deepcopy(base)
         result = autoqra.compile(model, spec["budget"], bits=spec["bits"], ranks=spec["ranks"], objective="deploy",
                                  select=False, cache_dir=None, progress=False, patterns=spec.get("patterns"))
-        t_prompt, t_decode = torch_latency(model, shape.vocab, prompt_len, decode_steps, repeats)
+        t_prompt, t_decode = latency(torch_latency, model, shape.vocab, prompt_len, decode_steps, repeats)
         for level in levels:
             exported = export_onnx(model, out_root / f"{label.replace(' ', '_').replace('/', '')}_{level}",
                                    tokenizer=tokenizer, accuracy_level=level)
-            o_prompt, o_decode = onnx_latency(exported.model_file, shape, prompt_len, decode_steps, args.threads,
-                                              repeats)
+            o_prompt, o_decode = latency(onnx_latency, exported.model_file, shape, prompt_len, decode_steps,
+                                         args.threads, repeats)
+            onnx_ppl, torch_ppl = quality(model, exported.model_file)
             rows.append(dict(
                 plan=label, accuracy_level=level, file_bytes=exported.file_bytes,
                 plan_bytes=int(result.plan.total_bytes), untouched_bytes=_untouched_bytes(model),
                 container_extra_bytes=exported.container_extra_bytes, onnx_prompt_s=o_prompt,
                 onnx_decode_s=o_decode, torch_prompt_s=t_prompt, torch_decode_s=t_decode,
                 parity=exported.parity.as_dict(), export_s=exported.seconds, layers=exported.layers,
+                onnx_ppl=onnx_ppl, torch_ppl=torch_ppl,
             ))
             write_json(name, payload)
             shutil.rmtree(exported.directory, ignore_errors=True)
@@ -184,7 +222,7 @@ def main() -> None:
 
     header = ["plan", "level", "file MB", "plan + untouched MB", "file / expected", "3-bit container MB",
               "prompt ms", "decode ms/token", "decode vs fp32 ONNX", "decode vs torch", "logits max rel",
-              "tokens equal"]
+              "tokens equal", "ppl ONNX", "ppl torch"]
     body = []
     for r in rows:
         expected = None if r["plan_bytes"] is None else r["plan_bytes"] + r["untouched_bytes"]
@@ -196,6 +234,8 @@ def main() -> None:
             "—" if "torch_decode_s" not in r else f"{r['onnx_decode_s'] / r['torch_decode_s']:.2f}",
             f"{r['parity']['max_rel']:.1e}",
             f"{r['parity']['tokens_matched']}/{r['parity']['tokens_checked']}",
+            "—" if r.get("onnx_ppl") is None else f"{r['onnx_ppl']:.2f}",
+            "—" if r.get("torch_ppl") is None else f"{r['torch_ppl']:.2f}",
         ])
     print(table(header, body))
 

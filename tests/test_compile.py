@@ -225,3 +225,24 @@ def test_rounding_defaults_and_errors(calib):
         compile(tiny_llama(), "4bits", rounding="gptq", **PLAN)
     with pytest.raises(ConfigError, match="available: auto, gptq, rtn"):
         compile(tiny_llama(), "4bits", rounding="best", **PLAN)
+
+
+def test_compile_keeps_only_the_statistics_it_needs(calib):
+    """Bounded memory: the [in, in] second moments are collected only for gptq rounding, and compile's
+    own weight gradients are dropped once plasticity is computed."""
+    from autoqra import calibrate
+    from autoqra.errors import ConfigError
+
+    rtn = compile(tiny_llama(), "4bits", calib=calib, objective="finetune", select=False, **PLAN)
+    stats = rtn.program.state["stats"]
+    assert all(st.xtx_sum is None and st.grad_sum is None for st in stats.values())
+    assert rtn.program.state["plasticity"]  # computed before the gradients were dropped
+    gptq = compile(tiny_llama(), "4bits", calib=calib, rounding="gptq", select=False, **PLAN)
+    assert all(st.xtx_sum is not None for st in gptq.program.state["stats"].values())
+    cal = calibrate(tiny_llama(), calib, progress=False)
+    assert not cal.covariance and all(st.grad_sum is not None for st in cal.stats.values())
+    with pytest.raises(ConfigError, match="covariance=True"):
+        compile(tiny_llama(), "4bits", calib=cal, rounding="gptq", **PLAN)
+    kept = compile(tiny_llama(), "4bits", calib=cal, select=False, **PLAN)
+    assert kept.plan is not None and all(st.grad_sum is not None for st in cal.stats.values())  # user's: kept
+    assert calibrate(tiny_llama(), calib, progress=False, covariance=True).covariance

@@ -146,6 +146,8 @@ class Calibration:
     batches: list[torch.Tensor] = field(default_factory=list)
     #: token batches held back from the statistics: candidate plans are scored by their loss there
     holdout: list[torch.Tensor] = field(default_factory=list)
+    #: whether the inputs' second moments ``E[x xᵀ]`` were collected (what ``rounding="gptq"`` needs)
+    covariance: bool = True
 
 
 def _reduce_stats(graph, stats: dict[str, LayerStats], gradients: bool, covariance_max_dim: int,
@@ -309,6 +311,6 @@ class CalibratePass(PassBase):
         program.state["stats"] = stats
         program.state["calib_tokens"] = tokens
         program.state["calibration"] = Calibration(stats, tokens, self.gradients, self.weight_gradients,
-                                                   list(self.batches))
+                                                   list(self.batches), covariance=self.covariance_max_dim > 0)
         return PassResult(info={"batches": len(self.batches), "tokens": tokens, "gradients": self.gradients,
                                 "weight_gradients": self.weight_gradients})

@@ -335,6 +335,10 @@ class SelectPlanPass(PassBase):
             best_uniform = next((i for i in order if cands[i].uniform), None)
             if best_uniform is not None and best_uniform not in chosen:
                 chosen = [*chosen[: cfg.max_finetuned - 1], best_uniform]
+            # only the fine-tuned candidates' modules are needed again: drop the others' (bounded memory)
+            needed = {(n, *c) for i in chosen for n, c in cands[i].layers.items()}
+            for key in [k for k in built if k not in needed]:
+                del built[key]
             for i in tqdm(sorted(chosen), desc="short fine-tunes", unit="plan", disable=tqdm_disable(self.progress)):
                 cand = cands[i]
                 modules = self._modules_for(program, cand, built, base)

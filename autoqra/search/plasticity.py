@@ -51,8 +51,11 @@ class EstimatePlasticityPass(PassBase):
     reads = ("graph", "cost", "stats")
     writes = ("plasticity",)
 
-    def __init__(self, *, progress: bool | None = None) -> None:
+    def __init__(self, *, progress: bool | None = None, release_gradients: bool = False) -> None:
         self.progress = progress
+        #: drop each layer's weight gradient once its table is made (compile's own calibration: nothing
+        #: else reads them, and they are as large as the fp32 weights)
+        self.release_gradients = release_gradients
 
     def call(self, program: Program) -> PassResult:
         graph = program.require_graph()
@@ -66,6 +69,8 @@ class EstimatePlasticityPass(PassBase):
                 continue
             ranks = tuple(sorted({r for _, r in graph.annotation(name).cost}))
             table[name] = plasticity_table(grad, ranks)
+            if self.release_gradients:
+                st.grad_sum = None
         program.state["plasticity"] = table
         if names and not table:
             logger.warning("no weight gradients were collected: plasticity is zero everywhere")
