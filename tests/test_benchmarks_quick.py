@@ -20,14 +20,14 @@ def _results_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOQRA_BENCH_RESULTS", str(tmp_path))
 
 
-def run_quick(script: str, result: str) -> dict:
+def run_quick(script: str, result: str, timeout: int = 120) -> dict:
     path = Path(os.environ["AUTOQRA_BENCH_RESULTS"]) / f"{result}.json"
     proc = subprocess.run(
         [sys.executable, f"benchmarks/{script}", "--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -126,3 +126,16 @@ def test_compile_memory_quick() -> None:
     for row in data["rows"]:
         assert "error" not in row, row.get("error")
         assert row["peak_rss"] >= row["rss_after_load"] > 0
+
+
+def test_onnx_export_quick() -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    data = run_quick("onnx_export.py", "onnx_export_quick", timeout=600)
+    rows = data["rows"]
+    assert [r["plan"] for r in rows] == ["fp32 base"] + ["mostly 4-bit"] * 2 + ["mixed 2/3/4/8"] * 2
+    for r in rows:
+        assert r["parity"]["tokens_checked"] == 16 and r["onnx_decode_s"] > 0 and r["file_bytes"] > 0
+        assert r["onnx_ppl"] > 1 and abs(r["onnx_ppl"] / r["torch_ppl"] - 1) < 0.05
+    mixed = [r for r in rows if r["plan"] == "mixed 2/3/4/8"]
+    assert {"2-bit (MatMulNBits)", "8-bit (MatMulNBits)"} <= set(mixed[0]["layers"])
