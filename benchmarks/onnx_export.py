@@ -35,8 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import autoqra  # noqa: E402
+from autoqra.analysis import untouched_bytes  # noqa: E402
 from autoqra.export import export_onnx  # noqa: E402
-from autoqra.export.decoder import DecoderShape, decoder_shape  # noqa: E402
+from autoqra.export.decoder import DecoderShape, _cache_argument, decoder_shape  # noqa: E402
 from autoqra.export.verify import _feeds, session  # noqa: E402
 from autoqra.report import table  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
@@ -87,7 +88,7 @@ def torch_latency(model: torch.nn.Module, vocab: int, prompt_len: int, decode_st
     """The same two figures for PyTorch eager (the model's cache, its fast CPU paths)."""
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     prompt_s = _median_seconds(lambda: model(input_ids=prompt, use_cache=True), repeats)
-    cache_arg = "cache" if "cache" in model.forward.__code__.co_varnames else "past_key_values"
+    cache_arg = _cache_argument(model)
 
     def decode() -> float:
         out = model(input_ids=prompt, use_cache=True)
@@ -111,19 +112,6 @@ def onnx_perplexity(path: Path, shape: DecoderShape, windows: torch.Tensor, thre
         nll -= float(logp.gather(1, window[1:, None]).sum())
         count += window.numel() - 1
     return float(np.exp(nll / count))
-
-
-def _untouched_bytes(model: torch.nn.Module) -> int:
-    """Bytes of what the plan does not count: embeddings, norms, biases (also of packed layers)."""
-    from autoqra.modules.quant_lora_linear import QuantLoRALinear
-
-    inside = {id(t) for m in model.modules() if isinstance(m, QuantLoRALinear)
-              for n, t in list(m.named_parameters()) + list(m.named_buffers()) if n != "bias"}
-    seen: dict[int, int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in inside:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(seen.values())
 
 
 def main() -> None:
@@ -209,7 +197,7 @@ def main() -> None:
             onnx_ppl, torch_ppl = quality(model, exported.model_file)
             rows.append(dict(
                 plan=label, accuracy_level=level, file_bytes=exported.file_bytes,
-                plan_bytes=int(result.plan.total_bytes), untouched_bytes=_untouched_bytes(model),
+                plan_bytes=int(result.plan.total_bytes), untouched_bytes=untouched_bytes(base, result.program.graph),
                 container_extra_bytes=exported.container_extra_bytes, onnx_prompt_s=o_prompt,
                 onnx_decode_s=o_decode, torch_prompt_s=t_prompt, torch_decode_s=t_decode,
                 parity=exported.parity.as_dict(), export_s=exported.seconds, layers=exported.layers,

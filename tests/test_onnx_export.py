@@ -235,3 +235,23 @@ def test_compare_tokens(onnx_tokens, torch_tokens, margins, max_abs, expect) -> 
             compare_tokens(onnx_tokens, torch_tokens, margins, max_abs)
     else:
         assert compare_tokens(onnx_tokens, torch_tokens, margins, max_abs) == expect
+
+
+@pytest.mark.parametrize(
+    "make_model, make_path, error, words",
+    [
+        (lambda: "not a model", lambda t: t / "o", ConfigError, "torch.nn.Module"),
+        (lambda: nn.Sequential(nn.Linear(64, 64)), lambda t: t / "o", ExportError, "Hugging Face causal LMs"),
+        (lambda: _compiled(tiny_llama()), lambda t: (t / "file.onnx").write_text("x") and t / "file.onnx",
+         ConfigError, "give a folder"),
+    ],
+    ids=["not-a-module", "no-config", "path-is-a-file"],
+)
+def test_bad_model_or_path(tmp_path, make_model, make_path, error, words) -> None:
+    model = make_model()
+    path = make_path(tmp_path)
+    before = _state(model) if isinstance(model, nn.Module) else None
+    with pytest.raises(error, match=words):
+        export_onnx(model, path)
+    if before is not None:
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -37,6 +37,7 @@ from autoqra.export.layers import ACCURACY_LEVELS, ADAPTER_MODES, OnnxQuantLinea
 from autoqra.export.ops import onnx_translation_table
 from autoqra.ir.cost import DENSE_BITS
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.passes.materialize import restore
 
 __all__ = ["DEFAULT_RTOL", "OnnxExportResult", "export_onnx"]
 
@@ -126,11 +127,6 @@ def _swap_for_export(model: nn.Module, adapters: str, accuracy_level: int, dtype
         swapped.append((name, module))
         model.set_submodule(name, built[id(module)])
     return counts
-
-
-def _restore(model: nn.Module, swapped: list[tuple[str, nn.Module]]) -> None:
-    for name, module in reversed(swapped):
-        model.set_submodule(name, module)
 
 
 def _trace_inputs(wrapper: nn.Module, shape: DecoderShape | None, vocab: int, dtype: torch.dtype
@@ -273,7 +269,7 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        _restore(model, swapped)
+        restore(model, swapped)
         model.train(was_training)
 
     try:
@@ -310,6 +306,14 @@ def export_onnx(
 
 def _verify(directory: Path, model: nn.Module, shape: DecoderShape | None, tolerance: float, steps: int,
             tokenizer: Any, with_genai: bool, dtype: torch.dtype) -> verify.Parity:
+    # one switch to the exact float path for every PyTorch reference below (each switch re-lays out
+    # every 4-bit layer's codes; the nested switches inside are then no-ops)
+    with verify.exact_reference(model):
+        return _verify_exact(directory, model, shape, tolerance, steps, tokenizer, with_genai, dtype)
+
+
+def _verify_exact(directory: Path, model: nn.Module, shape: DecoderShape | None, tolerance: float, steps: int,
+                  tokenizer: Any, with_genai: bool, dtype: torch.dtype) -> verify.Parity:
     sess = verify.session(directory / MODEL_FILE)
     ids = _verification_ids(tokenizer, shape.vocab if shape else model.config.vocab_size, 16)
     parity = verify.logits_parity(sess, model, ids, shape, tolerance)
