@@ -108,7 +108,7 @@ def test_exact_at_its_time_limit_falls_back_to_the_best_plan_it_has(monkeypatch,
 
 
 def test_exact_keeps_the_c_stdout_clean():
-    """HiGHS's stray debug lines go to the log, not to the terminal: the solve prints nothing."""
+    """HiGHS prints nothing (its own output_flag, set before anything else): not a banner, not a debug line."""
     import subprocess
     import sys
 
@@ -118,6 +118,21 @@ def test_exact_keeps_the_c_stdout_clean():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "cost True"
+
+
+def test_exact_leaves_the_process_file_descriptors_alone():
+    """No process-wide stdout redirection: the solve never duplicates a file descriptor."""
+    import os
+
+    calls: list[tuple] = []
+    saved = os.dup, os.dup2
+    os.dup, os.dup2 = (lambda *a: calls.append(a) or saved[0](*a)), (lambda *a, **k: calls.append(a) or saved[1](*a, **k))
+    try:
+        problem = random_problem(np.random.default_rng(3), 300, 8)
+        assert get_solver("exact")(problem).cost <= problem.budget
+    finally:
+        os.dup, os.dup2 = saved
+    assert calls == []
 
 
 def test_evolutionary_is_seeded_repairs_to_budget_and_is_never_worse_than_exact():

@@ -1,4 +1,4 @@
-"""``exact``: the multiple-choice knapsack solved to optimality with ``scipy.optimize.milp`` (HiGHS).
+"""``exact``: the multiple-choice knapsack solved to optimality with HiGHS (``highspy``).
 
 Optimal for the additive proxy. Dominated choices (more bytes and more error than another choice
 of the same group) are removed first; they can never be in an optimal solution.
@@ -9,22 +9,23 @@ solution (convex-hull fill, ~0.1 s for 2,000 groups) is computed too; the better
 returned. HiGHS accepts a point within its feasibility tolerance, which a byte budget of ~1e8 can
 turn into a plan a few bytes over; the repair that follows can then land a hair above greedy's
 error, and this comparison makes ``exact`` never worse than ``greedy``.
+
+**Quiet by HiGHS's own option.** The solver is driven through ``highspy`` with ``output_flag``
+off, set before anything else happens: nothing reaches the terminal and no file descriptor of
+the process is touched (``scipy.optimize.milp``'s HiGHS build writes stray debug lines to the C
+stdout past ``disp=False``, which could only be hidden by redirecting the whole process's
+stdout). ``highspy.Highs()`` registers its Python callbacks in its constructor, which makes HiGHS
+log its banner before any option can be set; this solver uses no callbacks, so `_QuietHighs`
+skips that registration.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import sys
-import tempfile
-from collections.abc import Iterator
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import csr_array
 
-from autoqra.errors import AutoQRAError
+from autoqra.errors import AutoQRAError, MissingDependencyError
 from autoqra.search.problem import Assignment, SearchProblem
 from autoqra.search.registry import register_solver
 
@@ -34,29 +35,64 @@ logger = logging.getLogger(__name__)
 TIME_LIMIT = 20.0
 
 
-@contextlib.contextmanager
-def _c_stdout_to_log() -> Iterator[None]:
-    """HiGHS writes some debug lines (``HighsMipSolverData::transformNewIntegerFeasibleSolution``)
-    straight to the C stdout, past ``disp=False``: send the process's fd 1 to a temporary file
-    for the call and log what it caught at DEBUG level."""
+def _highs():  # noqa: ANN202 (highspy is imported lazily)
+    """A HiGHS instance that prints nothing (see the module docstring)."""
     try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (e.g. captured): nothing to redirect
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(fd)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), fd)
-        try:
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
-            sink.seek(0)
-            caught = sink.read().decode(errors="replace").strip()
-            if caught:
-                logger.debug("HiGHS printed: %s", caught)
+        import highspy
+    except ImportError as exc:  # a core dependency; only a broken install lands here
+        raise MissingDependencyError("solver='exact' needs highspy: pip install highspy") from exc
+
+    class _QuietHighs(highspy.Highs):
+        def enableCallbacks(self) -> None:  # noqa: N802 (highspy's name)
+            """No Python callbacks: registering them would log HiGHS's banner before output_flag is off."""
+
+    h = _QuietHighs()
+    h.setOptionValue("output_flag", False)
+    return h, highspy
+
+
+def _milp(error: np.ndarray, group_of: np.ndarray, extra: np.ndarray, room: float, n_groups: int):  # noqa: ANN202
+    """min error·x  s.t.  one choice per group, extra·x ≤ room, x binary. Returns (x or None, timed out)."""
+    h, highspy = _highs()
+    n = len(error)
+    lp = highspy.HighsLp()
+    lp.num_col_ = n
+    lp.num_row_ = n_groups + 1
+    lp.col_cost_ = error.astype(np.float64)
+    lp.col_lower_ = np.zeros(n)
+    lp.col_upper_ = np.ones(n)
+    lp.row_lower_ = np.r_[np.ones(n_groups), -highspy.kHighsInf]
+    lp.row_upper_ = np.r_[np.ones(n_groups), room]
+    # column-wise: column k has a 1 in its group's row and its extra bytes in the knapsack row (if any)
+    nonzero = extra != 0
+    counts = 1 + nonzero.astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    index = np.empty(int(starts[-1]), dtype=np.int32)
+    value = np.empty(int(starts[-1]), dtype=np.float64)
+    index[starts[:-1]] = group_of
+    value[starts[:-1]] = 1.0
+    second = starts[:-1][nonzero] + 1
+    index[second] = n_groups
+    value[second] = extra[nonzero]
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = starts.astype(np.int32)
+    lp.a_matrix_.index_ = index
+    lp.a_matrix_.value_ = value
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * n
+    for option, setting in (("mip_rel_gap", 1e-9), ("presolve", "on"), ("time_limit", TIME_LIMIT),
+                            ("random_seed", 0)):
+        h.setOptionValue(option, setting)
+    h.passModel(lp)
+    h.run()
+    status = h.getModelStatus()
+    timed_out = status == highspy.HighsModelStatus.kTimeLimit
+    has_point = h.getInfo().primal_solution_status == 2  # kSolutionStatusFeasible
+    if status != highspy.HighsModelStatus.kOptimal and not (timed_out and has_point):
+        if timed_out:
+            return None, True
+        raise AutoQRAError(f"the exact solver found no solution (HiGHS: {h.modelStatusToString(status)}); "
+                           "try solver='greedy'")
+    return np.asarray(h.getSolution().col_value), timed_out
 
 
 @register_solver("exact")
@@ -64,7 +100,6 @@ def solve_exact(problem: SearchProblem, seed: int = 0) -> Assignment:
     keep = [problem.pareto_choices(g) for g in range(problem.n_groups)]
     sizes = np.array([len(k) for k in keep])
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    n = int(offsets[-1])
     cost = np.concatenate([problem.cost[g][k] for g, k in enumerate(keep)]).astype(np.float64)
     error = np.concatenate([problem.error[g][k] for g, k in enumerate(keep)])
     from autoqra.search.greedy import repair, solve_greedy
@@ -74,34 +109,20 @@ def solve_exact(problem: SearchProblem, seed: int = 0) -> Assignment:
     # the plan's total error is ~1e4 (greedy's is within a few % of optimal), not each coefficient
     # to <= 1, or small layers' errors fall under the tolerance and the plan is not quite optimal
     scale = (greedy.error / 1e4 if greedy.error > 0 else float(np.abs(error).max())) or 1.0
-    rows = np.repeat(np.arange(problem.n_groups), sizes)
-    one_hot = csr_array((np.ones(n), (rows, np.arange(n))), shape=(problem.n_groups, n))
     # subtract each group's cheapest cost so the knapsack row has small, well-scaled numbers
     base = np.array([problem.cost[g][k[0]] for g, k in enumerate(keep)], dtype=np.float64)
     extra = cost - np.repeat(base, sizes)
     room = float(problem.budget - base.sum())
-    constraints = [
-        LinearConstraint(one_hot, 1, 1),
-        LinearConstraint(extra.reshape(1, -1), -np.inf, room),
-    ]
-    with _c_stdout_to_log():
-        result = milp(
-            error / scale,
-            constraints=constraints,
-            integrality=np.ones(n),
-            bounds=Bounds(0, 1),
-            options={"mip_rel_gap": 1e-9, "presolve": True, "time_limit": TIME_LIMIT},
-        )
-    if result.x is None:
-        if result.status == 1:  # time limit, no integer point yet
-            logger.warning("exact: HiGHS found no plan in %.0f s (%d groups); using the greedy plan", TIME_LIMIT,
-                           problem.n_groups)
-            return problem.assignment(list(greedy.index), "exact")
-        raise AutoQRAError(f"the exact solver found no solution ({result.message}); try solver='greedy'")
-    if result.status == 1:
+    x, timed_out = _milp(error / scale, np.repeat(np.arange(problem.n_groups), sizes), extra, room,
+                         problem.n_groups)
+    if x is None:  # time limit, no integer point yet
+        logger.warning("exact: HiGHS found no plan in %.0f s (%d groups); using the greedy plan", TIME_LIMIT,
+                       problem.n_groups)
+        return problem.assignment(list(greedy.index), "exact")
+    if timed_out:
         logger.warning("exact: HiGHS stopped at its %.0f s time limit (%d groups); the plan may not be optimal",
                        TIME_LIMIT, problem.n_groups)
-    x = np.round(result.x).astype(np.int64)
+    x = np.round(x).astype(np.int64)
     index = []
     for g in range(problem.n_groups):
         local = int(np.argmax(x[offsets[g] : offsets[g + 1]]))
