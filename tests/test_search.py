@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -133,6 +134,30 @@ def test_exact_leaves_the_process_file_descriptors_alone():
     finally:
         os.dup, os.dup2 = saved
     assert calls == []
+
+
+def test_evolutionary_reports_each_generation_and_ctrl_c_returns_the_best_so_far(caplog):
+    from autoqra.search.evolutionary import evolve
+
+    problem = random_problem(np.random.default_rng(11), 20, 6)
+    seen: list[tuple[int, float]] = []
+
+    def interrupt_at_three(generation: int, best: float) -> None:
+        seen.append((generation, best))
+        if generation == 3:
+            raise KeyboardInterrupt
+
+    with caplog.at_level(logging.WARNING, logger="autoqra.search.evolutionary"):
+        result = evolve(problem, 0, generations=10, on_generation=interrupt_at_three)
+    assert result.interrupted and result.generations == 3
+    assert [g for g, _ in seen] == [1, 2, 3]
+    bests = [b for _, b in seen]
+    assert bests == sorted(bests, reverse=True)  # elitist: the best feasible objective never gets worse
+    assert "interrupted after 3 of 10 generations" in caplog.text
+    assert result.best.cost <= problem.budget
+    assert result.best.error <= get_solver("exact")(problem).error + 1e-12  # the exact warm start is kept
+    full = evolve(problem, 0, generations=10)
+    assert not full.interrupted and full.generations == 10 and full.best.error <= result.best.error
 
 
 def test_evolutionary_is_seeded_repairs_to_budget_and_is_never_worse_than_exact():

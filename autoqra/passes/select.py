@@ -207,7 +207,7 @@ class SelectPlanPass(PassBase):
                 # the Pareto set's best plans by the objective join the candidates (measurement decides)
                 from autoqra.search.evolutionary import evolve
 
-                evolved = evolve(problem, self.search.seed)
+                evolved = evolve(problem, self.search.seed, progress=self.progress)
                 ranked = sorted(evolved.front, key=lambda a: (a.error, a.cost, a.index))
                 results = [(label, evolved.best)] + [(f"{label} front #{i + 2}", a)
                                                      for i, a in enumerate(x for x in ranked if x != evolved.best)][:2]

@@ -9,6 +9,11 @@ is **warm-started** from the exact and greedy solutions and from the uniform-lik
 group at the same bit-width, the largest rank that fits), then random plans; seeded, so the
 same problem and seed give the same plan.
 
+A progress bar shows the best feasible objective after every generation (tqdm's own decision
+whether to draw, ``TQDM_DISABLE`` respected). **Ctrl-C** during the generations stops the search
+where it is: the plans met so far are used, with a warning (the exact solution it was seeded with
+is among them, so the result is never worse than ``exact``).
+
 The solver returns the feasible plan of least objective it met (never worse than the exact
 solution it was seeded with); :func:`evolve` also returns the final Pareto set of (bytes,
 objective), which `autoqra.passes.select` adds to the candidates it scores by *measured* loss
@@ -18,11 +23,14 @@ objective), which `autoqra.passes.select` adds to the candidates it scores by *m
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from autoqra.errors import MissingDependencyError
+from autoqra.progress import tqdm_disable
 from autoqra.search.problem import Assignment, SearchProblem
 from autoqra.search.registry import register_solver
 
@@ -38,7 +46,8 @@ GENERATIONS = 40
 class EvolutionResult:
     best: Assignment
     front: tuple[Assignment, ...]  # non-dominated feasible plans, by increasing bytes
-    generations: int
+    generations: int  # generations completed
+    interrupted: bool = False  # stopped by Ctrl-C: the best of what was met so far
 
 
 def _repair_index(problem: SearchProblem, index: np.ndarray) -> np.ndarray:
@@ -79,9 +88,23 @@ def _warm_starts(problem: SearchProblem, seed: int) -> list[np.ndarray]:
     return starts
 
 
-def evolve(problem: SearchProblem, seed: int = 0, *, pop_size: int = POP_SIZE,
-           generations: int = GENERATIONS) -> EvolutionResult:
-    """NSGA-II on (bytes, objective) under the budget; see the module docstring."""
+def _best_feasible(pop, upper: np.ndarray, problem: SearchProblem) -> float:  # noqa: ANN001 (a pymoo Population)
+    """Least objective among the population's plans that fit (inf when none does)."""
+    if pop is None or len(pop) == 0:
+        return float("inf")
+    errors = [problem.evaluate(np.clip(np.rint(x), 0, upper).astype(int)) for x in pop.get("X")]
+    return min((e for c, e in errors if c <= problem.budget), default=float("inf"))
+
+
+def evolve(problem: SearchProblem, seed: int = 0, *, pop_size: int = POP_SIZE, generations: int = GENERATIONS,
+           progress: bool | None = None,
+           on_generation: Callable[[int, float], None] | None = None) -> EvolutionResult:
+    """NSGA-II on (bytes, objective) under the budget; see the module docstring.
+
+    Args:
+        progress: False hides the bar; None/True let tqdm decide (a terminal gets it).
+        on_generation: called after each generation with (generation, best feasible objective).
+    """
     try:
         from pymoo.algorithms.moo.nsga2 import NSGA2
         from pymoo.core.problem import ElementwiseProblem
@@ -89,7 +112,6 @@ def evolve(problem: SearchProblem, seed: int = 0, *, pop_size: int = POP_SIZE,
         from pymoo.operators.crossover.sbx import SBX
         from pymoo.operators.mutation.pm import PM
         from pymoo.operators.repair.rounding import RoundingRepair
-        from pymoo.optimize import minimize
     except ImportError as exc:
         raise MissingDependencyError(
             "solver='evolutionary' needs pymoo: pip install 'autoqra[search]' (or pip install pymoo)"
@@ -123,9 +145,24 @@ def evolve(problem: SearchProblem, seed: int = 0, *, pop_size: int = POP_SIZE,
         crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
         mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
     )
-    res = minimize(Knapsack(), algorithm, ("n_gen", generations), seed=int(seed) % (2**31), verbose=False,
-                   save_history=False)
-    pop_x = np.clip(np.rint(res.pop.get("X")), 0, upper).astype(int)
+    algorithm.setup(Knapsack(), termination=("n_gen", generations), seed=int(seed) % (2**31), verbose=False)
+    done, interrupted = 0, False
+    with tqdm(total=generations, desc="evolutionary", unit="gen", disable=tqdm_disable(progress)) as bar:
+        try:
+            while algorithm.has_next():
+                algorithm.next()
+                done += 1
+                best_so_far = _best_feasible(algorithm.pop, upper, problem)
+                bar.set_postfix(best=f"{best_so_far:.4g}")
+                bar.update(1)
+                if on_generation is not None:
+                    on_generation(done, best_so_far)
+        except KeyboardInterrupt:
+            interrupted = True
+            logger.warning("evolutionary: interrupted after %d of %d generations; returning the best plan met so far",
+                           done, generations)
+    pop = algorithm.pop
+    pop_x = np.clip(np.rint(pop.get("X")), 0, upper).astype(int) if pop is not None and len(pop) else []
     seen: dict[tuple[int, ...], Assignment] = {}
     for row in [*pop_x, *starts]:
         a = problem.assignment(row, "evolutionary")
@@ -138,8 +175,8 @@ def evolve(problem: SearchProblem, seed: int = 0, *, pop_size: int = POP_SIZE,
             front.append(a)
     best = min(plans, key=lambda a: (a.error, a.cost, a.index))
     logger.info("evolutionary: %d generations × %d, %d plans on the front, best %.6g at %d bytes",
-                generations, pop_size, len(front), best.error, best.cost)
-    return EvolutionResult(best=best, front=tuple(front), generations=generations)
+                done, pop_size, len(front), best.error, best.cost)
+    return EvolutionResult(best=best, front=tuple(front), generations=done, interrupted=interrupted)
 
 
 @register_solver("evolutionary")
