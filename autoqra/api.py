@@ -292,7 +292,7 @@ def compile(  # noqa: A001  (the product's verb)
     back: list = []
     if select_config is not None:
         back.append(SelectPlanPass(search, materializer, select_config, train=list(train), holdout=list(held),
-                                   progress=progress))
+                                   progress=progress, cache_dir=None if cache is None else cache / "selection"))
     else:
         back.append(search)
     back.append(ValidatePlanPass(backend=backend, group_size=group_size, budget=budget))

@@ -152,3 +152,36 @@ def test_evolutionary_front_joins_the_measured_candidates() -> None:
     assert result.plan.settings["solver"] == "evolutionary"
     scores = _scores(result.report)
     assert scores[result.report["selection"]["winner"]] == min(scores.values())
+
+
+def test_selection_scores_are_cached_by_model_data_and_settings(tmp_path, monkeypatch) -> None:
+    from autoqra.passes.select import SelectPlanPass
+
+    first = autoqra.compile(tiny_llama(), "5bits", calib=CALIB, select=SMALL, cache_dir=tmp_path, progress=False)
+    assert first.report["selection"]["cached"] is False
+    assert list((tmp_path / "selection").glob("selection-*.json"))
+
+    def no_measuring(self, model):  # noqa: ANN001
+        raise AssertionError("a cached selection measured a candidate")
+
+    monkeypatch.setattr(SelectPlanPass, "_holdout_loss", no_measuring)
+    model = tiny_llama()
+    again = autoqra.compile(model, "5bits", calib=CALIB, select=SMALL, cache_dir=tmp_path, progress=False)
+    assert again.report["selection"]["cached"] is True
+    assert again.plan.to_json() == first.plan.to_json()
+    assert again.report["selection"]["candidates"] == first.report["selection"]["candidates"]
+    x = CALIB[:2]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, first.model(x).logits)  # the winner, built as when measured
+    monkeypatch.undo()
+    # another weight, other data, another λ or another budget: measured again
+    changed = tiny_llama()
+    with torch.no_grad():
+        changed.model.norm.weight[0] += 1e-3
+    other_calib = CALIB.flip(0)
+    for model, kwargs in ((changed, {}), (tiny_llama(), {"calib": other_calib}),
+                          (tiny_llama(), {"lambda_": 0.75}), (tiny_llama(), {"budget": "5.5bits"})):
+        args = {"calib": CALIB, "select": None if "lambda_" in kwargs else SMALL, **kwargs}
+        budget = args.pop("budget", "5bits")
+        result = autoqra.compile(model, budget, cache_dir=tmp_path, progress=False, **args)
+        assert result.report["selection"]["cached"] is False, kwargs

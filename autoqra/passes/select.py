@@ -18,13 +18,24 @@ reach). So the proxy only *proposes*; measurement *chooses*:
 The winner is the lowest score at the highest fidelity reached; ties go to the earlier
 candidate (uniform plans come first). The scores are in ``program.state['selection']`` and in
 the compile report. The model is unchanged when this pass ends, whatever happens.
+
+**Cache.** With a ``cache_dir``, the measured scores are stored under a key of everything they
+depend on: every parameter and buffer of the model (raw bytes), the calibration and held-back
+tokens, the candidates (which encode the error tables, the budget and λ's unit), how layers are
+built, this config, and autoqra's and torch's versions. A second compile of the same model, data
+and budget skips the measurement (minutes) and builds only the winner; ``lambda_=`` or any other
+setting changes the key.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -161,13 +172,56 @@ class SelectPlanPass(PassBase):
     writes = ("bits", "rank", "selection", "built_layers")
 
     def __init__(self, search: SearchPass, materialize: MaterializePass, config: SelectConfig, *,
-                 train: list[torch.Tensor], holdout: list[torch.Tensor], progress: bool | None = None) -> None:
+                 train: list[torch.Tensor], holdout: list[torch.Tensor], progress: bool | None = None,
+                 cache_dir: Path | None = None) -> None:
         self.search = search
         self.materialize = materialize
         self.config = config
         self.train = train
         self.holdout = holdout
         self.progress = progress
+        self.cache_dir = cache_dir
+
+    # -- cache ----------------------------------------------------------------------------------
+    def _cache_key(self, program: Program, cands: list[Candidate], unit: float) -> str:
+        from autoqra.search.estimators import ErrorCache
+
+        m = self.materialize
+        parts = {
+            "kind": "selection",
+            "config": self.config.to_dict(),
+            "candidates": [[c.label, [list(ch) for ch in c.choices], c.bytes] for c in cands],
+            "groups": list(self.search.build_problem(program, lambda_=0.0).groups),
+            "lambda_unit": repr(unit),
+            "build": {"backend": m.backend, "group_size": m.group_size, "alpha": m.alpha,
+                      "loftq_iters": m.loftq_iters, "weighted_init": m.weighted_init, "rounding": m.rounding,
+                      "adapter_dtype": str(m.adapter_dtype)},
+            "names": [n for n, _ in program.model.state_dict(keep_vars=True).items()],
+        }
+        tensors = [t for t in program.model.state_dict(keep_vars=True).values()]
+        return ErrorCache(self.cache_dir).key(parts, [*tensors, *self.train, None, *self.holdout])
+
+    def _cache_get(self, key: str) -> dict[str, Any] | None:
+        if self.cache_dir is None or not key:
+            return None
+        path = self.cache_dir / f"selection-{key}.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            logger.warning("ignoring an unreadable selection cache file %s (%s)", path, exc)
+            return None
+
+    def _cache_put(self, key: str, cands: list[Candidate], finetuned: bool) -> None:
+        if self.cache_dir is None or not key:
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        payload = {"finetuned": finetuned, "scores": [[c.loss0, c.loss_ft, c.note] for c in cands]}
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh)
+        os.replace(tmp, self.cache_dir / f"selection-{key}.json")
 
     # -- candidates -----------------------------------------------------------------------------
     def _uniform(self, problem: SearchProblem) -> list[Candidate]:
@@ -229,7 +283,9 @@ class SelectPlanPass(PassBase):
 
     # -- measurement ----------------------------------------------------------------------------
     def _modules_for(self, program: Program, cand: Candidate, built: dict[tuple[str, int, int], QuantLoRALinear],
-                     problem: SearchProblem) -> dict[str, QuantLoRALinear]:
+                     problem: SearchProblem, *, build: bool = True) -> dict[str, QuantLoRALinear]:
+        """The candidate's module per layer (built once per (layer, choice) into ``built``); with
+        ``build=False`` only ``cand.layers`` is filled."""
         graph = program.require_graph()
         groups = graph.groups()
         out: dict[str, QuantLoRALinear] = {}
@@ -237,11 +293,13 @@ class SelectPlanPass(PassBase):
             for name in groups[group]:
                 if graph.layer(name).kind is LayerKind.EMBEDDING:
                     continue
+                cand.layers[name] = choice
+                if not build:
+                    continue
                 key = (name, *choice)
                 if key not in built:
                     built[key] = self.materialize.build(program, name, *choice)
                 out[name] = built[key]
-                cand.layers[name] = choice
         return out
 
     def _swap(self, program: Program, new: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -317,6 +375,16 @@ class SelectPlanPass(PassBase):
         if len(cands) == 1:  # nothing to choose between (e.g. a uniform search space): no measurement
             cands[0].note = "only candidate: not measured"
             return self._choose(program, base, cands, 0, built, unit, finetuned=False)
+        cache_key = self._cache_key(program, cands, unit) if self.cache_dir is not None else ""
+        cached = self._cache_get(cache_key)
+        if cached is not None and len(cached.get("scores", ())) == len(cands):
+            for cand, (loss0, loss_ft, note) in zip(cands, cached["scores"], strict=True):
+                cand.loss0, cand.loss_ft, cand.note = loss0, loss_ft, note
+                self._modules_for(program, cand, {}, base, build=False)
+            finetuned = bool(cached["finetuned"])
+            win = self._winner(cands, finetuned)
+            logger.info("selection scores from the cache (%s): %s", cache_key[:12], cands[win].label)
+            return self._choose(program, base, cands, win, built, unit, finetuned, cached=True)
         bar = tqdm(total=len(cands), desc="score candidates", unit="plan", disable=tqdm_disable(self.progress))
         for cand in cands:
             modules = self._modules_for(program, cand, built, base)
@@ -349,6 +417,12 @@ class SelectPlanPass(PassBase):
                     self._restore(program, swapped)
                 if note:
                     cand.note = (cand.note + "; " if cand.note else "") + note
+        win = self._winner(cands, finetuned)
+        self._cache_put(cache_key, cands, finetuned)
+        return self._choose(program, base, cands, win, built, unit, finetuned)
+
+    @staticmethod
+    def _winner(cands: list[Candidate], finetuned: bool) -> int:
         scores = [c.score(finetuned) for c in cands]
         if not any(math.isfinite(s) for s in scores):
             raise ConfigError("every candidate plan diverged or scored non-finite; check the model and data "
@@ -356,10 +430,11 @@ class SelectPlanPass(PassBase):
         win = int(np.argmin(scores))
         best_uniform_score = min((s for s, c in zip(scores, cands, strict=True) if c.uniform), default=math.inf)
         logger.info("selected %s (score %.4f; best uniform %.4f)", cands[win].label, scores[win], best_uniform_score)
-        return self._choose(program, base, cands, win, built, unit, finetuned)
+        return win
 
     def _choose(self, program: Program, base: SearchProblem, cands: list[Candidate], win: int,
-                built: dict[tuple[str, int, int], QuantLoRALinear], unit: float, finetuned: bool) -> PassResult:
+                built: dict[tuple[str, int, int], QuantLoRALinear], unit: float, finetuned: bool,
+                cached: bool = False) -> PassResult:
         cfg = self.config
         graph = program.require_graph()
         winner = cands[win]
@@ -374,6 +449,7 @@ class SelectPlanPass(PassBase):
             "fidelity": "short fine-tune" if finetuned else "step-0 loss",
             "lambda_unit": unit,
             "winner": winner.label,
+            "cached": cached,
             "candidates": [c.row() for c in cands],
             "config": cfg.to_dict(),
         }
