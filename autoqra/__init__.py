@@ -1,7 +1,7 @@
 """autoqra: choose, per layer, the quantization bit-width and the LoRA rank under a memory budget."""
 
 from autoqra.analysis import analyze, min_feasible_bytes, uniform_costs
-from autoqra.api import CompileResult, calibrate, compile, pareto
+from autoqra.api import CompileResult, apply_plan, calibrate, compile, pareto
 from autoqra.budget import Budget
 from autoqra.config import SearchSpace
 from autoqra.errors import (
@@ -39,6 +39,7 @@ __all__ = [
     "NoQuantizableLayersError",
     "SearchSpace",
     "analyze",
+    "apply_plan",
     "export_onnx",
     "calibrate",
     "capture",

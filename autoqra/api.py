@@ -321,6 +321,7 @@ def compile(  # noqa: A001  (the product's verb)
             "rounding": rounding, "objective": objective,
             "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
             "select": None if select_config is None else select_config.to_dict(),
+            "include": list(include), "exclude": list(exclude), "loftq_iters": loftq_iters,
         },
     )
     report = {
@@ -374,14 +375,18 @@ def pareto(
     cache_dir: Path | str | None = "default",
     progress: bool = True,
     rounding: str = "rtn",
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
 ) -> list[ParetoPoint]:
-    """The front of bytes vs predicted error (one estimation, many solves). No module is changed."""
+    """The front of bytes vs predicted error (one estimation, many solves). No module is changed.
+    ``include`` / ``exclude``: regexes of layers to add to / leave out of the search, as in `compile`."""
     space = SearchSpace(bits=bits, ranks=ranks)
     cost_model = CostModel(group_size=group_size)
     cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
     program, _, _ = _front_half(
         model, calib=calib, space=space, cost_model=cost_model, backend=backend, estimator=estimator,
-        capture_config=CaptureConfig(), example_inputs=None, gradients=gradients, calib_batches=calib_batches,
+        capture_config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)), example_inputs=None,
+        gradients=gradients, calib_batches=calib_batches,
         cache_dir=cache, progress=progress, rounding=resolve_rounding(rounding, calib, backend),
     )
     graph = program.require_graph()
@@ -389,3 +394,76 @@ def pareto(
     problem = SearchPass(Budget(nbytes=1), solver=solver).build_problem(program)
     resolved = None if budgets is None else [Budget.parse(b).resolve(numel) for b in budgets]
     return pareto_front(problem, resolved, n_points=n_points, solver=solver, seed=seed)
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan | str | Path,
+    *,
+    calib: object | None = None,
+    example_inputs: object = None,
+    progress: bool = True,
+) -> CompileResult:
+    """Materialize a saved `Plan` (``plan.json`` from ``autoqra compile --plan-only`` or
+    ``plan.to_json()``) on ``model``, in place: no estimation and no search.
+
+    The layers are built with the plan's settings (group size, backend, rounding, alpha, LoftQ
+    iterations, adapter dtype, include/exclude). With ``calib`` — the calibration data the plan
+    was compiled with — the adapters' initialization is weighted as in `compile` (the same
+    batches are held back), so the result equals what ``compile`` would have built; without it the
+    initialization is unweighted. A plan that does not fit the model raises `PlanMismatchError`
+    listing every difference, before anything changes.
+    """
+    from autoqra.passes.apply import ApplyPlanPass
+    from autoqra.passes.materialize import MaterializePass
+
+    start = time.perf_counter()
+    check_model(model)
+    if isinstance(plan, (str, Path)):
+        path = Path(plan)
+        if path.is_dir():
+            path = path / "plan.json"
+        if not path.is_file():
+            raise ConfigError(f"no plan file at {path}: give the plan.json written by `autoqra compile --out DIR`")
+        try:
+            plan = Plan.from_json(path.read_text())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a readable autoqra plan ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(plan, Plan):
+        raise ConfigError(f"plan must be a Plan or the path of a plan.json, got {type(plan).__name__}")
+    settings = plan.settings
+    rounding = settings.get("rounding", "rtn")
+    if rounding == "gptq" and calib is None:
+        raise ConfigError("this plan was compiled with rounding='gptq', which needs the calibration data: pass calib=")
+    adapter_dtype = getattr(torch, str(settings.get("adapter_dtype", "float32")))
+    group_size = int(settings.get("group_size", 64))
+    backend = settings.get("backend", "packed")
+    # the menu the plan was chosen from (a choice outside it is reported by ApplyPlanPass)
+    space = SearchSpace(bits=tuple(settings.get("bits") or sorted({b for b, _ in plan.layers.values()})),
+                        ranks=tuple(settings.get("ranks") or sorted({r for _, r in plan.layers.values()})))
+    cost_model = CostModel(group_size=group_size, adapter_bytes=adapter_dtype.itemsize)
+    front: list = [BuildLayerGraphPass(), AssignGroupsPass(), AnnotateCostPass(cost_model, space), CheckWeightsPass()]
+    if calib is not None:
+        reuse = calib if isinstance(calib, Calibration) else None
+        if reuse is not None:
+            train = reuse
+        else:
+            train, _ = split_holdout(calib, HOLDOUT_FRACTION if settings.get("select") else 0.0)
+        front.append(CalibratePass(train, gradients=True, progress=progress,
+                                   covariance_max_dim=2048 if rounding == "gptq" else 0))
+    materializer = MaterializePass(backend=backend, group_size=group_size, alpha=settings.get("alpha"),
+                                   loftq_iters=int(settings.get("loftq_iters", 2)), progress=progress,
+                                   rounding=rounding, adapter_dtype=adapter_dtype)
+    program = capture(model, example_inputs, config=CaptureConfig(include=tuple(settings.get("include", ())),
+                                                                   exclude=tuple(settings.get("exclude", ()))))
+    PassManager([*front, ApplyPlanPass(plan), ValidatePlanPass(backend=backend, group_size=group_size,
+                                                               budget_bytes=plan.budget_bytes), materializer]
+                ).run(program)
+    from autoqra.footprint import layers_held_bytes
+
+    report = {"applied": True, "capture_route": program.route, "layers": len(plan.layers),
+              "timings": program.state.get("timings", []), "seconds": round(time.perf_counter() - start, 3),
+              "total_bytes": plan.total_bytes, "budget_bytes": plan.budget_bytes,
+              "held_bytes": layers_held_bytes(model), "weighted_init": calib is not None}
+    model.autoqra_plan = plan
+    return CompileResult(model=model, plan=plan, report=report, program=program)

@@ -226,6 +226,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_apply(args: argparse.Namespace) -> int:
+    import autoqra
+    from autoqra.io import save
+    from autoqra.report import plan_table
+    from autoqra.zoo import load_model
+
+    plan_path = Path(args.plan)
+    if plan_path.is_dir():
+        plan_path = plan_path / "plan.json"
+    if not plan_path.is_file():  # checked before the model is loaded
+        raise ConfigError(f"no plan file at {plan_path}: give the plan.json written by `autoqra compile --out DIR`")
+    plan = autoqra.Plan.from_json(plan_path.read_text())
+    model, tokenizer = load_model(args.model)
+    calib = _calib_windows(args, tokenizer)
+    result = autoqra.apply_plan(model, plan, calib=calib)
+    print(plan_table(result.plan))
+    out = Path(args.out)
+    save(result.model, out / "model")
+    (out / "plan.json").write_text(result.plan.to_json() + "\n")
+    print(f"applied {plan_path} ({len(plan.layers)} layers, {result.report['held_bytes']:,} bytes held"
+          f"{'' if calib is not None else ', unweighted adapter init (no calibration data)'}) in "
+          f"{result.report['seconds']:.0f} s; wrote {out}/model and {out}/plan.json")
+    if args.export_onnx:
+        args.plan_only = False
+        _export_and_report(result.model, args.export_onnx, tokenizer, args)
+    return 0
+
+
 def cmd_pareto(args: argparse.Namespace) -> int:
     import autoqra
     from autoqra.zoo import load_model
@@ -235,6 +263,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     front = autoqra.pareto(
         model, calib=calib, bits=_ints(args.bits), ranks=_ints(args.ranks), group_size=args.group_size,
         estimator=args.estimator, solver=args.solver, n_points=args.points, seed=args.seed,
+        include=tuple(args.include), exclude=tuple(args.exclude),
     )
     rows = [[fmt_bytes(p.cost), p.cost, f"{p.error:.6g}"] for p in front]
     print(table(["bytes", "exact bytes", "predicted error"], rows))
@@ -383,6 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also export the compiled model to ONNX in DIR (see `autoqra export`)")
     _add_export(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("apply", help="materialize a saved plan (compile --plan-only's plan.json): no search")
+    p.add_argument("plan", help="plan.json (or the folder holding it) from `autoqra compile --out DIR`")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="HF model directory or 'smollm2-135m'")
+    p.add_argument("--out", required=True, help="output directory (model/, plan.json)")
+    p.add_argument("--calib", default="lee",
+                   help="calibration data the plan was compiled with, for the weighted adapter init: a text file, "
+                        "'lee' (default) or 'none' (unweighted)")
+    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--export-onnx", metavar="DIR", default=None, help="also export the model to ONNX in DIR")
+    _add_export(p)
+    p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("pareto", help="front of bytes vs predicted error: CSV + PNG")
     _add_search(p)

@@ -85,6 +85,33 @@ def test_compile_plan_only_data_free(model_dir, tmp_path, capsys):
     assert not (tmp_path / "model").exists()
 
 
+def test_plan_only_then_apply_materializes_the_saved_plan(model_dir, text_file, tmp_path, capsys):
+    plan_dir = tmp_path / "plan"
+    common = ["--calib", str(text_file), "--seq-len", "32", "--calib-windows", "4"]
+    assert main(["compile", str(model_dir), "--budget", "5bits", *common, "--plan-only", "--score-steps", "1",
+                 "--out", str(plan_dir)]) == 0
+    assert main(["apply", str(plan_dir / "plan.json"), str(model_dir), *common, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "applied" in out and "bytes held" in out
+    assert json.loads((tmp_path / "a" / "plan.json").read_text())["layers"] == \
+        json.loads((plan_dir / "plan.json").read_text())["layers"]
+    assert (tmp_path / "a" / "model" / "manifest.json").is_file()
+    # the plan file is checked before the model is loaded
+    assert main(["apply", str(tmp_path / "nothing.json"), "/does/not/exist", "--out", str(tmp_path / "b")]) == 2
+    assert "no plan file" in capsys.readouterr().err
+
+
+def test_pareto_honours_include_and_exclude(model_dir, tmp_path):
+    assert main(["pareto", str(model_dir), "--calib", "none", "--points", "3", "--out", str(tmp_path / "all")]) == 0
+    assert main(["pareto", str(model_dir), "--calib", "none", "--points", "3", "--exclude", "mlp",
+                 "--out", str(tmp_path / "some")]) == 0
+
+    def most_bytes(folder):
+        return max(int(line.split(",")[1]) for line in (folder / "pareto.csv").read_text().splitlines()[1:])
+
+    assert most_bytes(tmp_path / "some") < most_bytes(tmp_path / "all")
+
+
 def test_pareto_writes_csv_and_png(model_dir, tmp_path):
     assert main(["pareto", str(model_dir), "--calib", "none", "--points", "5", "--out", str(tmp_path)]) == 0
     lines = (tmp_path / "pareto.csv").read_text().splitlines()
