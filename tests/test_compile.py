@@ -191,6 +191,27 @@ def test_error_cache_skips_second_estimation(tmp_path, calib):
     assert len(list((tmp_path / "errors").glob("*.json"))) == 14
 
 
+def test_error_cache_serves_a_narrower_menu_and_grows_with_a_new_one(tmp_path, calib):
+    def hits(result):
+        (info,) = [t["info"] for t in result.program.state["timings"] if t["pass"] == "EstimateSensitivityPass"]
+        return info["cache_hits"]
+
+    full = compile(tiny_llama(), "4bits", calib=calib, materialize=False, cache_dir=tmp_path, progress=False)
+    assert hits(full) == 0
+    uniform = compile(tiny_llama(), "20bits", calib=calib, bits=(3,), ranks=(8,), materialize=False,
+                      cache_dir=tmp_path, progress=False)
+    assert hits(uniform) == 14  # the full table holds (3, 8): nothing estimated again
+    wider = compile(tiny_llama(), "4bits", calib=calib, ranks=(0, 4, 8, 16, 32, 6), materialize=False,
+                    cache_dir=tmp_path, progress=False)
+    assert hits(wider) == 0  # rank 6 is new: estimated, and merged into the entries
+    again = compile(tiny_llama(), "20bits", calib=calib, ranks=(6,), materialize=False, cache_dir=tmp_path,
+                    progress=False)
+    assert hits(again) == 14
+    assert len(list((tmp_path / "errors").glob("*.json"))) == 14
+    fresh = compile(tiny_llama(), "4bits", calib=calib, materialize=False, cache_dir=None, progress=False)
+    assert full.plan.to_json() == fresh.plan.to_json()  # a cached table gives the same plan
+
+
 def test_gpt2_conv1d_plans():
     plan = compile(tiny_gpt2(), "4bits", **PLAN).plan
     assert len(plan.layers) == 8 and plan.total_bytes <= plan.budget_bytes

@@ -150,6 +150,6 @@ class PassManager:
             self.timings.append(PassTiming(p.name, seconds, dict(result.info)))
             logger.info("%s: %.3f s %s", p.name, seconds, result.info or "")
         program.state.setdefault("timings", []).extend(
-            {"pass": t.name, "seconds": round(t.seconds, 4)} for t in self.timings
+            {"pass": t.name, "seconds": round(t.seconds, 4), "info": t.info} for t in self.timings
         )
         return program

@@ -81,18 +81,22 @@ class EstimateSensitivityPass(PassBase):
             st = stats.get(name)
             hessian = st.hessian if (self.rounding == "gptq" and self.estimator.use_d and st is not None) else None
             right = damped_cholesky(hessian) if hessian is not None else None
+            # one entry per (weight, statistics, settings), whatever the menu: each (bits, rank) error is
+            # computed independently, so a compile over a narrower or another menu reuses the entries it finds
+            # (the demo's uniform compiles read the default compile's table) and adds what it computes
             key = self.cache.key(
                 {"estimator": self.estimator.name, "backend": repr(self.backend), "group_size": self.group_size,
-                 "bits": list(bits), "ranks": list(ranks), "rounding": self.rounding, "version": 2},
+                 "rounding": self.rounding, "version": 3},
                 [weight, d, g, hessian],
             )
-            table = self.cache.get(key)
-            if table is None or set(table) != set(cost):
+            stored = self.cache.get(key) or {}
+            if set(cost) <= set(stored):
+                table = stored
+                hits += 1
+            else:
                 table = self.estimator.table(weight, tuple(b for b in bits if b != DENSE_BITS) + (
                     (DENSE_BITS,) if DENSE_BITS in bits else ()), ranks, quantize, d, g, right)
-                self.cache.put(key, table)
-            else:
-                hits += 1
+                self.cache.put(key, {**stored, **table})
             tables[name] = {k: table[k] for k in cost}
         tables = all_gather_dict(tables)
         for name in graph.order():
