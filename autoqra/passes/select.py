@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,7 @@ class SelectPlanPass(PassBase):
         self.holdout = holdout
         self.progress = progress
         self.cache_dir = cache_dir
+        self._seconds: dict[str, float] = {}  # where the measurement's time went (in the report)
 
     # -- cache ----------------------------------------------------------------------------------
     def _cache_key(self, program: Program, cands: list[Candidate], unit: float) -> str:
@@ -367,8 +369,11 @@ class SelectPlanPass(PassBase):
         program.require_graph()
         if not self.holdout:
             raise ConfigError("candidate plans are scored on held-back calibration data; pass calib=...")
+        clock = time.perf_counter()
+        self._seconds = {"propose": 0.0, "build": 0.0, "step0": 0.0, "finetune": 0.0}
         base = self.search.build_problem(program, lambda_=0.0)
         cands, unit = self.candidates(program)
+        self._seconds["propose"] = time.perf_counter() - clock
         if not cands:
             raise ConfigError("no candidate plan fits the budget; raise the budget or widen bits/ranks")
         built: dict[tuple[str, int, int], QuantLoRALinear] = {}
@@ -387,12 +392,16 @@ class SelectPlanPass(PassBase):
             return self._choose(program, base, cands, win, built, unit, finetuned, cached=True)
         bar = tqdm(total=len(cands), desc="score candidates", unit="plan", disable=tqdm_disable(self.progress))
         for cand in cands:
+            clock = time.perf_counter()
             modules = self._modules_for(program, cand, built, base)
+            self._seconds["build"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             swapped = self._swap(program, modules)
             try:
                 cand.loss0 = self._holdout_loss(program.model)
             finally:
                 self._restore(program, swapped)
+            self._seconds["step0"] += time.perf_counter() - clock
             bar.update(1)
             bar.set_postfix_str(f"{cand.label}: {cand.loss0:.4f}")
         bar.close()
@@ -409,12 +418,14 @@ class SelectPlanPass(PassBase):
                 del built[key]
             for i in tqdm(sorted(chosen), desc="short fine-tunes", unit="plan", disable=tqdm_disable(self.progress)):
                 cand = cands[i]
+                clock = time.perf_counter()
                 modules = self._modules_for(program, cand, built, base)
                 swapped = self._swap(program, modules)
                 try:
                     cand.loss_ft, note = self._finetune_loss(program, modules)
                 finally:
                     self._restore(program, swapped)
+                self._seconds["finetune"] += time.perf_counter() - clock
                 if note:
                     cand.note = (cand.note + "; " if cand.note else "") + note
         win = self._winner(cands, finetuned)
@@ -450,6 +461,7 @@ class SelectPlanPass(PassBase):
             "lambda_unit": unit,
             "winner": winner.label,
             "cached": cached,
+            "seconds": {k: round(v, 2) for k, v in self._seconds.items()},
             "candidates": [c.row() for c in cands],
             "config": cfg.to_dict(),
         }
