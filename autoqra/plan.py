@@ -9,6 +9,8 @@ from typing import Any
 from autoqra.errors import ConfigError
 
 PLAN_FORMAT_VERSION = 1
+_REQUIRED = frozenset({"format_version", "layers", "total_bytes", "budget_bytes", "predicted_error"})
+_KEYS = _REQUIRED | {"layer_bytes", "layer_error", "settings"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,14 +60,30 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """A plan from `to_dict`'s form; unknown or missing keys and malformed layers raise `ConfigError`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a plan is a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - _KEYS)
+        if unknown:
+            raise ConfigError(f"unknown plan keys {unknown} (known: {sorted(_KEYS)}); the file was edited or written "
+                              "by another program: write it with Plan.to_json / `autoqra compile --plan-only`")
+        missing = sorted(_REQUIRED - set(data))
+        if missing:
+            raise ConfigError(f"the plan lacks {missing}; write it with Plan.to_json / `autoqra compile --plan-only`")
         version = data.get("format_version")
         if not isinstance(version, int) or version > PLAN_FORMAT_VERSION:
             raise ConfigError(
                 f"plan format version {version!r} is newer than this autoqra reads ({PLAN_FORMAT_VERSION}); "
                 "upgrade autoqra"
             )
+        layers = data["layers"]
+        bad = [k for k, v in layers.items() if not isinstance(v, dict) or set(v) != {"bits", "rank"}
+               or any(isinstance(x, bool) or not isinstance(x, int) for x in v.values())] if isinstance(
+            layers, dict) else ["(layers is not an object)"]
+        if bad:
+            raise ConfigError(f"plan layers must be {{name: {{'bits': int, 'rank': int}}}}; bad: {bad[:3]}")
         return cls(
-            layers={k: (int(v["bits"]), int(v["rank"])) for k, v in data["layers"].items()},
+            layers={k: (int(v["bits"]), int(v["rank"])) for k, v in layers.items()},
             total_bytes=int(data["total_bytes"]),
             budget_bytes=int(data["budget_bytes"]),
             predicted_error=float(data["predicted_error"]),

@@ -39,6 +39,11 @@ def test_applied_plan_equals_the_compiled_model(tmp_path, data):
     assert torch.equal(_logits(autoqra.load(tmp_path / "m", tiny_llama())), _logits(model))
 
 
+@pytest.fixture(scope="module")
+def tiny_plan() -> autoqra.Plan:
+    return autoqra.compile(tiny_llama(), "5bits", materialize=False, **FAST).plan
+
+
 def _edited(plan: autoqra.Plan, **changes) -> autoqra.Plan:
     data = plan.to_dict()
     for name, choice in changes.items():
@@ -46,8 +51,8 @@ def _edited(plan: autoqra.Plan, **changes) -> autoqra.Plan:
     return autoqra.Plan.from_dict(data)
 
 
-def test_a_plan_that_does_not_fit_is_refused_with_every_difference_and_nothing_changes(tmp_path):
-    plan = autoqra.compile(tiny_llama(), "5bits", materialize=False, **FAST).plan
+def test_a_plan_that_does_not_fit_is_refused_with_every_difference_and_nothing_changes(tmp_path, tiny_plan):
+    plan = tiny_plan
     q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
     cases = [
         (tiny_gpt2(), plan, "not in the plan"),  # another architecture's layers
@@ -66,6 +71,20 @@ def test_a_plan_that_does_not_fit_is_refused_with_every_difference_and_nothing_c
         autoqra.apply_plan(tiny_llama(), tmp_path / "bad.json")
     with pytest.raises(autoqra.AutoQRAError, match="no plan file"):
         autoqra.apply_plan(tiny_llama(), tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d.update(extra=1), "unknown plan keys"),
+    (lambda d: d.pop("layers"), "lacks"),
+    (lambda d: d["layers"].update({"x": {"bits": "4", "rank": 0}}), "bad"),
+    (lambda d: d["layers"].update({"x": {"bits": 4}}), "bad"),
+    (lambda d: d.update(format_version=99), "newer"),
+])
+def test_a_malformed_plan_file_is_refused_by_name(edit, message, tiny_plan):
+    data = tiny_plan.to_dict()
+    edit(data)
+    with pytest.raises(autoqra.AutoQRAError, match=message):
+        autoqra.Plan.from_dict(data)
 
 
 def test_pareto_honours_include_and_exclude():
