@@ -159,6 +159,21 @@ def test_fast_accuracy_level_within_its_tolerance(tmp_path) -> None:
     assert 0 < result.parity.max_rel <= result.parity.tolerance
 
 
+def test_large_weights_go_to_external_data(tmp_path, monkeypatch) -> None:
+    """Past the protobuf limit the weights go to ``model.onnx.data`` (threshold lowered to exercise it)."""
+    import autoqra.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 0)
+    model = _compiled(tiny_llama())
+    result = export_onnx(model, tmp_path / "big", accuracy_level=0, verify_genai=True)
+    assert "model.onnx.data" in result.files
+    proto = onnx.load(str(tmp_path / "big" / "model.onnx"), load_external_data=False)
+    external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert any(name.endswith("qweight") or "lora" in name for name in external)
+    assert (tmp_path / "big" / "model.onnx").stat().st_size < (tmp_path / "big" / "model.onnx.data").stat().st_size
+    assert result.parity.max_rel < 1e-3 and result.parity.genai_tokens_match  # runs, from the external data
+
+
 def test_plain_model_exports_as_float(tmp_path) -> None:
     result = export_onnx(tiny_llama(), tmp_path / "fp32", verify_genai=False)
     graph = onnx.load(str(tmp_path / "fp32" / "model.onnx")).graph
