@@ -212,13 +212,22 @@ def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> 
     print(line)
 
 
+def _check_compiled_dir(folder: str) -> None:
+    if not (Path(folder) / "manifest.json").is_file():
+        raise ConfigError(f"{folder} is not a folder written by autoqra.save / `autoqra compile --out` "
+                          "(no manifest.json); give the model/ folder of a compile or finetune output")
+
+
+def _check_text_file(path: str, what: str, keywords: tuple[str, ...]) -> None:
+    if path not in keywords and not Path(path).is_file():
+        raise ConfigError(f"{what} {path!r} is not a file; give a UTF-8 text file or one of {', '.join(keywords)}")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from autoqra.io import load
     from autoqra.zoo import load_model
 
-    if not (Path(args.compiled_dir) / "manifest.json").is_file():  # checked before the base model is loaded
-        raise ConfigError(f"{args.compiled_dir} is not a folder written by autoqra.save / `autoqra compile --out` "
-                          "(no manifest.json); give the model/ folder of a compile or finetune output")
+    _check_compiled_dir(args.compiled_dir)  # before the base model is loaded
     base, tokenizer = load_model(args.base)
     model = load(args.compiled_dir, base)
     args.plan_only = False
@@ -326,6 +335,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         from autoqra.memory import set_malloc_mmap_threshold
 
         set_malloc_mmap_threshold(args.malloc_mmap_threshold)
+    # cheap checks before the base model is loaded (seconds to minutes)
+    _check_compiled_dir(args.compiled_dir)
+    _check_text_file(args.data, "--data", ("lee",))
+    _check_text_file(args.eval_data, "--eval-data", ("lee", "none"))
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     base, tokenizer = load_model(args.base)
     model = load(args.compiled_dir, base)
     if args.data == "lee":

@@ -181,6 +181,22 @@ def test_compile_export_onnx_then_export_command(model_dir, tmp_path, capsys):
     assert not (tmp_path / "plain" / "genai_config.json").exists()
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "no manifest.json"),
+    (["--data", "/no/such.txt"], "--data '/no/such.txt' is not a file"),
+    (["--eval-data", "/no/such.txt"], "--eval-data '/no/such.txt' is not a file"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_finetune_checks_its_inputs_before_loading_the_base(tmp_path, capsys, extra, message):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if extra:  # a folder that passes the first check, so the row's own check is the one that fires
+        (folder / "manifest.json").write_text("{}")
+    code = main(["finetune", str(folder), "--base", "/does/not/exist", "--out", str(tmp_path / "o"), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_export_checks_the_folder_before_loading_the_base(tmp_path, capsys):
     code = main(["export", str(tmp_path), "--base", "/does/not/exist", "--out", str(tmp_path / "o")])
     assert code == 2
