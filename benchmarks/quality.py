@@ -146,8 +146,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 del work
                 gc.collect()
     payload["figures"] = figures(rows, steps)
-    write_json(name, payload)
+    path = write_json(name, payload)
+    plot(rows, steps, payload["fp32_ppl"], path.with_suffix(".png"))
     return payload
+
+
+def plot(rows: list[dict[str, Any]], steps: list[int], fp32_ppl: float, path: Path) -> None:
+    """Perplexity against held bytes, every row (means over seeds): as compiled and after the last step;
+    the uniform plans joined by a line."""
+    from autoqra.demo_figures import DemoRow, summary_plot
+
+    last = str(max(steps))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if "ppl" in r:
+            groups.setdefault((r["budget"], r["row"]), []).append(r)
+    points = []
+    for (budget, row), rs in groups.items():
+        after = [r["ppl"][last] for r in rs if last in r["ppl"]]
+        points.append(DemoRow(f"{row} ({budget})" if row in ("default", "uniform", "deploy") else row,
+                              rs[0]["held_bytes"], sum(r["ppl"]["0"] for r in rs) / len(rs),
+                              sum(after) / len(after) if after else None, row in ("uniform", "uniform4")))
+    if points:
+        summary_plot(points, path, fp32_ppl=fp32_ppl, steps=int(last))
 
 
 def _line(r: dict[str, Any]) -> str:

@@ -110,6 +110,7 @@ def test_quality_quick() -> None:
         assert row["held_bytes"] == row["plan_bytes"]
     assert rows["default"]["held_bytes"] <= rows["uniform"]["held_bytes"]
     assert "u3_default_vs_uniform" in data["figures"]
+    assert (Path(os.environ["AUTOQRA_BENCH_RESULTS"]) / "quality_quick.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_proxy_fidelity_quick() -> None:
