@@ -185,3 +185,11 @@ def test_selection_scores_are_cached_by_model_data_and_settings(tmp_path, monkey
         budget = args.pop("budget", "5bits")
         result = autoqra.compile(model, budget, cache_dir=tmp_path, progress=False, **args)
         assert result.report["selection"]["cached"] is False, kwargs
+
+
+def test_one_rank_per_layer_skips_the_plasticity_svds() -> None:
+    result = autoqra.compile(tiny_llama(), "20bits", calib=CALIB, bits=(3, 4), ranks=(8,), select=SMALL, **FAST)
+    (info,) = [t["info"] for t in result.program.state["timings"] if t["pass"] == "EstimatePlasticityPass"]
+    assert info["skipped"] == "one rank per layer"
+    assert set(result.plan.layers.values()) <= {(3, 8), (4, 8)}
+    assert result.report["selection"]["winner"]  # candidates still measured (the bits differ)
