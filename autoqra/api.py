@@ -420,15 +420,7 @@ def apply_plan(
     start = time.perf_counter()
     check_model(model)
     if isinstance(plan, (str, Path)):
-        path = Path(plan)
-        if path.is_dir():
-            path = path / "plan.json"
-        if not path.is_file():
-            raise ConfigError(f"no plan file at {path}: give the plan.json written by `autoqra compile --out DIR`")
-        try:
-            plan = Plan.from_json(path.read_text())
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{path} is not a readable autoqra plan ({type(exc).__name__}: {exc})") from exc
+        plan = Plan.read(plan)
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan must be a Plan or the path of a plan.json, got {type(plan).__name__}")
     settings = plan.settings

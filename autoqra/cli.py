@@ -241,12 +241,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from autoqra.report import plan_table
     from autoqra.zoo import load_model
 
-    plan_path = Path(args.plan)
-    if plan_path.is_dir():
-        plan_path = plan_path / "plan.json"
-    if not plan_path.is_file():  # checked before the model is loaded
-        raise ConfigError(f"no plan file at {plan_path}: give the plan.json written by `autoqra compile --out DIR`")
-    plan = autoqra.Plan.from_json(plan_path.read_text())
+    plan = autoqra.Plan.read(args.plan)  # checked before the model is loaded
     model, tokenizer = load_model(args.model)
     calib = _calib_windows(args, tokenizer)
     result = autoqra.apply_plan(model, plan, calib=calib)
@@ -254,7 +249,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out = Path(args.out)
     save(result.model, out / "model")
     (out / "plan.json").write_text(result.plan.to_json() + "\n")
-    print(f"applied {plan_path} ({len(plan.layers)} layers, {result.report['held_bytes']:,} bytes held"
+    print(f"applied {args.plan} ({len(plan.layers)} layers, {result.report['held_bytes']:,} bytes held"
           f"{'' if calib is not None else ', unweighted adapter init (no calibration data)'}) in "
           f"{result.report['seconds']:.0f} s; wrote {out}/model and {out}/plan.json")
     if args.export_onnx:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from autoqra.errors import ConfigError
@@ -95,3 +96,17 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def read(cls, path: str | Path) -> Plan:
+        """The plan in ``path`` (a ``plan.json``, or the folder holding one); `ConfigError` naming
+        what to give when the file is missing or not a plan."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "plan.json"
+        if not path.is_file():
+            raise ConfigError(f"no plan file at {path}: give the plan.json written by `autoqra compile --out DIR`")
+        try:
+            return cls.from_json(path.read_text())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a readable autoqra plan ({type(exc).__name__}: {exc})") from exc

@@ -20,13 +20,7 @@ IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 FAST = dict(calib=CALIB, ranks=(4, 8), cache_dir=None, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the machine is shared, and spinning threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(model, ids=IDS):

@@ -18,13 +18,7 @@ from autoqra.quant.packed import PackedBackend
 BITS = (2, 3, 4, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 shared cores: one thread avoids stalls when a neighbour is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:

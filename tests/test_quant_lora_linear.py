@@ -14,14 +14,7 @@ from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.quant.base import QuantSpec, available_backends, get_backend
 from autoqra.quant.loftq import loftq_init
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 shared cores: one thread avoids stalls when a neighbour is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

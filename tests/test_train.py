@@ -26,13 +26,7 @@ TOKENS = torch.randperm(125, generator=torch.Generator().manual_seed(2))[:40].ad
 FAST = dict(seq_len=32, batch_size=4, lr=1e-2, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the machine is shared, and spinning threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

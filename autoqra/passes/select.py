@@ -29,11 +29,8 @@ setting changes the key.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoqra.cache import JsonCache
 from autoqra.errors import ConfigError, NonFiniteLossError, NotCompiledError
 from autoqra.evaluate import window_nll
 from autoqra.ir.layer import LayerKind
@@ -181,49 +179,25 @@ class SelectPlanPass(PassBase):
         self.train = train
         self.holdout = holdout
         self.progress = progress
-        self.cache_dir = cache_dir
+        self._cache = JsonCache(cache_dir, prefix="selection-")
         self._seconds: dict[str, float] = {}  # where the measurement's time went (in the report)
 
     # -- cache ----------------------------------------------------------------------------------
-    def _cache_key(self, program: Program, cands: list[Candidate], unit: float) -> str:
-        from autoqra.search.estimators import ErrorCache
-
+    def _cache_key(self, program: Program, cands: list[Candidate], unit: float, base: SearchProblem) -> str:
         m = self.materialize
+        state = program.model.state_dict(keep_vars=True)
         parts = {
             "kind": "selection",
             "config": self.config.to_dict(),
             "candidates": [[c.label, [list(ch) for ch in c.choices], c.bytes] for c in cands],
-            "groups": list(self.search.build_problem(program, lambda_=0.0).groups),
+            "groups": list(base.groups),
             "lambda_unit": repr(unit),
             "build": {"backend": m.backend, "group_size": m.group_size, "alpha": m.alpha,
                       "loftq_iters": m.loftq_iters, "weighted_init": m.weighted_init, "rounding": m.rounding,
                       "adapter_dtype": str(m.adapter_dtype)},
-            "names": [n for n, _ in program.model.state_dict(keep_vars=True).items()],
+            "names": list(state),
         }
-        tensors = [t for t in program.model.state_dict(keep_vars=True).values()]
-        return ErrorCache(self.cache_dir).key(parts, [*tensors, *self.train, None, *self.holdout])
-
-    def _cache_get(self, key: str) -> dict[str, Any] | None:
-        if self.cache_dir is None or not key:
-            return None
-        path = self.cache_dir / f"selection-{key}.json"
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError as exc:
-            logger.warning("ignoring an unreadable selection cache file %s (%s)", path, exc)
-            return None
-
-    def _cache_put(self, key: str, cands: list[Candidate], finetuned: bool) -> None:
-        if self.cache_dir is None or not key:
-            return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        payload = {"finetuned": finetuned, "scores": [[c.loss0, c.loss_ft, c.note] for c in cands]}
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh)
-        os.replace(tmp, self.cache_dir / f"selection-{key}.json")
+        return self._cache.key(parts, [*state.values(), *self.train, None, *self.holdout])
 
     # -- candidates -----------------------------------------------------------------------------
     def _uniform(self, problem: SearchProblem) -> list[Candidate]:
@@ -380,8 +354,8 @@ class SelectPlanPass(PassBase):
         if len(cands) == 1:  # nothing to choose between (e.g. a uniform search space): no measurement
             cands[0].note = "only candidate: not measured"
             return self._choose(program, base, cands, 0, built, unit, finetuned=False)
-        cache_key = self._cache_key(program, cands, unit) if self.cache_dir is not None else ""
-        cached = self._cache_get(cache_key)
+        cache_key = self._cache_key(program, cands, unit, base)
+        cached = self._cache.get_json(cache_key)
         if cached is not None and len(cached.get("scores", ())) == len(cands):
             for cand, (loss0, loss_ft, note) in zip(cands, cached["scores"], strict=True):
                 cand.loss0, cand.loss_ft, cand.note = loss0, loss_ft, note
@@ -429,7 +403,8 @@ class SelectPlanPass(PassBase):
                 if note:
                     cand.note = (cand.note + "; " if cand.note else "") + note
         win = self._winner(cands, finetuned)
-        self._cache_put(cache_key, cands, finetuned)
+        self._cache.put_json(cache_key, {"finetuned": finetuned,
+                                         "scores": [[c.loss0, c.loss_ft, c.note] for c in cands]})
         return self._choose(program, base, cands, win, built, unit, finetuned)
 
     @staticmethod

@@ -21,16 +21,14 @@ mean so that dead channels do not vanish from the objective.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from abc import ABC
 from collections.abc import Callable
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
+from autoqra.cache import JsonCache
 from autoqra.errors import ConfigError, UnknownNameError
 from autoqra.ir.cost import DENSE_BITS
 
@@ -146,53 +144,21 @@ def default_estimator(has_calibration: bool, has_gradients: bool = True) -> str:
     return "fisher_weighted" if has_gradients else "activation_weighted"
 
 
-class ErrorCache:
-    """Error tables on disk, one JSON file per (layer content, settings) key."""
-
-    def __init__(self, root: Path | None) -> None:
-        self.root = root
-        if root is not None:
-            root.mkdir(parents=True, exist_ok=True)
-
-    def key(self, parts: dict[str, object], tensors: list[torch.Tensor | None]) -> str:
-        """A key that cannot go stale: the settings, autoqra's and torch's versions, and the raw
-        bytes, dtype and shape of every tensor (any dtype: bf16 / fp16 weights hash as they are).
-        Empty when there is no cache (nothing is hashed then)."""
-        if self.root is None:
-            return ""
-        import autoqra
-
-        versions = {"autoqra": autoqra.__version__, "torch": torch.__version__}
-        h = hashlib.sha256(json.dumps({**parts, "_versions": versions}, sort_keys=True).encode())
-        for t in tensors:
-            if t is None:
-                h.update(b"none")
-            else:
-                flat = t.detach().contiguous().cpu().reshape(-1)
-                h.update(f"{flat.dtype}{tuple(t.shape)}".encode())
-                h.update(flat.view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:40]
+class ErrorCache(JsonCache):
+    """Error tables on disk, one JSON file per (layer content, settings) key (`JsonCache`)."""
 
     def get(self, key: str) -> dict[tuple[int, int], float] | None:
-        if self.root is None or not key:
-            return None
-        path = self.root / f"{key}.json"
-        if not path.exists():
+        rows = self.get_json(key)
+        if rows is None:
             return None
         try:
-            rows = json.loads(path.read_text())
             return {(int(b), int(r)): float(v) for b, r, v in rows}
         except (ValueError, TypeError) as exc:
-            logger.warning("ignoring a corrupt error-cache file %s (%s)", path, exc)
+            logger.warning("ignoring a corrupt error-cache entry %s (%s)", key, exc)
             return None
 
     def put(self, key: str, table: dict[tuple[int, int], float]) -> None:
-        if self.root is None or not key:
-            return
-        path = self.root / f"{key}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([[b, r, v] for (b, r), v in sorted(table.items())]))
-        tmp.replace(path)
+        self.put_json(key, [[b, r, v] for (b, r), v in sorted(table.items())])
 
 
 def check_estimator_inputs(name: str, has_stats: bool, has_gradients: bool) -> None:

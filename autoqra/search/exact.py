@@ -21,6 +21,7 @@ skips that registration.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -35,8 +36,9 @@ logger = logging.getLogger(__name__)
 TIME_LIMIT = 20.0
 
 
-def _highs():  # noqa: ANN202 (highspy is imported lazily)
-    """A HiGHS instance that prints nothing (see the module docstring)."""
+@functools.cache
+def _quiet_highs_class() -> tuple[type, object]:
+    """(a `highspy.Highs` subclass that registers no Python callbacks, the highspy module)."""
     try:
         import highspy
     except ImportError as exc:  # a core dependency; only a broken install lands here
@@ -46,7 +48,13 @@ def _highs():  # noqa: ANN202 (highspy is imported lazily)
         def enableCallbacks(self) -> None:  # noqa: N802 (highspy's name)
             """No Python callbacks: registering them would log HiGHS's banner before output_flag is off."""
 
-    h = _QuietHighs()
+    return _QuietHighs, highspy
+
+
+def _highs():  # noqa: ANN202 (highspy is imported lazily)
+    """A HiGHS instance that prints nothing (see the module docstring), and the highspy module."""
+    cls, highspy = _quiet_highs_class()
+    h = cls()
     h.setOptionValue("output_flag", False)
     return h, highspy
 
