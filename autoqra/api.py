@@ -26,6 +26,7 @@ from autoqra.passes.select import OBJECTIVES, SelectConfig, SelectPlanPass
 from autoqra.passes.sensitivity import EstimateSensitivityPass
 from autoqra.passes.validate import ValidatePlanPass
 from autoqra.plan import Plan
+from autoqra.quant.memo import quant_memo
 from autoqra.search.estimators import check_estimator_inputs, default_estimator
 from autoqra.search.pareto import ParetoPoint, pareto_front
 from autoqra.search.plasticity import EstimatePlasticityPass
@@ -298,12 +299,15 @@ def compile(  # noqa: A001  (the product's verb)
     back.append(ValidatePlanPass(backend=backend, group_size=group_size, budget=budget))
     if materialize:
         back.append(materializer)
-    program, front, est_name = _front_half(
-        model, calib=stats_calib, space=space, cost_model=cost_model, backend=backend, estimator=estimator,
-        capture_config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)), example_inputs=example_inputs,
-        gradients=gradients, calib_batches=None, cache_dir=cache, progress=progress, rounding=rounding,
-        weight_gradients=objective == "finetune", budget=budget, patterns=patterns, back=tuple(back),
-    )
+    with quant_memo() as memo:  # the selection's builds reuse the sensitivity pass's roundings
+        before = memo.stats()
+        program, front, est_name = _front_half(
+            model, calib=stats_calib, space=space, cost_model=cost_model, backend=backend, estimator=estimator,
+            capture_config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)), example_inputs=example_inputs,
+            gradients=gradients, calib_batches=None, cache_dir=cache, progress=progress, rounding=rounding,
+            weight_gradients=objective == "finetune", budget=budget, patterns=patterns, back=tuple(back),
+        )
+        after = memo.stats()
     graph = program.require_graph()
     budget_bytes = budget.resolve(graph.total_numel())
     program.state.pop("built_layers", None)
@@ -334,6 +338,8 @@ def compile(  # noqa: A001  (the product's verb)
         "timings": program.state.get("timings", []),
         "seconds": round(time.perf_counter() - start, 3),
         "materialized": materialize,
+        # roundings of an unchanged weight answered from memory (see autoqra.quant.memo)
+        "quant_memo": {"hits": after["hits"] - before["hits"], "misses": after["misses"] - before["misses"]},
         "total_bytes": plan.total_bytes,
         "budget_bytes": plan.budget_bytes,
         "budget_used": plan.total_bytes / plan.budget_bytes if plan.budget_bytes else None,

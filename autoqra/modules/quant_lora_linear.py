@@ -26,7 +26,9 @@ Choices made here:
   *holds* its codes in the kernel's own layout (:mod:`autoqra.quant.int4_layout`, the same
   number of bytes as the packed form, which it replaces): the base product runs in torch's
   int4 kernel with the activations and the group scale/offset in bf16 (output within ~0.3%
-  relative of the fp32 reference; the scale/offset pairs are derived per call, never kept).
+  relative of the fp32 reference; the scale/offset pairs are derived per call, never kept) for
+  fewer than ``KERNEL_MAX_ROWS`` (256) input rows: decoding and small batches; longer inputs
+  (prefill, training, evaluation) take the chunked path below, which is faster there.
   ``state_dict()`` / save / export always see the packed form (``packed_qweight()``), and a
   move to another device converts back. 2/3-bit codes fit the same kernel only as a second,
   4-bit copy: ``kernel_cache=True`` opts into that (speed over memory: the copy is held beside
@@ -63,6 +65,7 @@ from autoqra.quant.base import (
     optional_import,
 )
 from autoqra.quant.loftq import loftq_init
+from autoqra.quant.memo import quantize_memo
 from autoqra.quant.pack import pack, unpack
 
 __all__ = ["QuantLoRALinear", "linear_weight"]
@@ -74,6 +77,10 @@ _INT4_GROUP_SIZES = (32, 64, 128, 256)
 _FORMAT_BUFFERS = ("scale", "zero", "weight")
 #: weight elements dequantized at a time on the chunked path (~1 MB of float32)
 _CHUNK_ELEMENTS = 1 << 18
+#: from this many input rows (tokens) on, the int4 kernel is slower than dequantizing chunks for the
+#: float matmul (measured on SmolLM2's 576/1536 shapes, 1 thread: at 512 rows the kernel took 1.9-2.5x
+#: the fp32 ``nn.Linear``, the chunks 1.2-1.8x; at 128 rows both ~2.2x; at 1-64 rows the kernel wins)
+KERNEL_MAX_ROWS = 256
 
 
 def _tracing() -> bool:
@@ -282,7 +289,7 @@ class QuantLoRALinear(nn.Module):
 
                     module.load_quantized(gptq_quantize(w, spec, hessian, name=name))
                 else:
-                    module.load_quantized(quantizer.quantize(w, spec, importance=importance, name=name))
+                    module.load_quantized(quantize_memo(quantizer, w, spec, importance=importance, name=name))
                 return module
             qw, a, b = loftq_init(w, bits, rank, backend, spec, iters=loftq_iters, d=d, g=g, name=name,
                                   hessian=hessian)
@@ -468,8 +475,10 @@ class QuantLoRALinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def _kernel_eligible(self, x: torch.Tensor) -> bool:
+        if not 0 < x.shape[0] < KERNEL_MAX_ROWS:  # many rows: dequantized chunks + sgemm are faster
+            return False
         if self.layout == "int4_cpu":
-            return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.shape[0] > 0
+            return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         return (
             self.fast_path
             and self.kernel_cache
@@ -477,7 +486,6 @@ class QuantLoRALinear(nn.Module):
             and self.codebook is None
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and x.shape[0] > 0
             and self.out_features % 16 == 0
             and self.group_size in _INT4_GROUP_SIZES
             and int4_layout.kernel_available()

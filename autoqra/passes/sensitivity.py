@@ -18,6 +18,7 @@ from autoqra.passes.base import PassBase, PassResult
 from autoqra.progress import tqdm_disable
 from autoqra.quant.base import QuantSpec, get_backend
 from autoqra.quant.gptq import damped_cholesky, gptq_quantize
+from autoqra.quant.memo import quantize_memo
 from autoqra.search.estimators import ErrorCache, get_estimator
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class EstimateSensitivityPass(PassBase):
             spec = spec_cache.setdefault(bits, QuantSpec(bits=bits, group_size=self.group_size))
             if hessian is not None:
                 return self.backend.dequantize(gptq_quantize(w, spec, hessian, backend=self.backend))
-            return self.backend.dequantize(self.backend.quantize(w, spec, importance=importance))
+            return self.backend.dequantize(quantize_memo(self.backend, w, spec, importance=importance))
 
         tables: dict[str, dict[tuple[int, int], float]] = {}
         mine = shard(graph.order())  # every layer in one process; a share of them under torch.distributed

@@ -26,6 +26,7 @@ import torch
 
 from autoqra.errors import ConfigError, QuantizationError
 from autoqra.quant.base import QuantBackend, QuantizedWeight, QuantSpec, check_weight, get_backend
+from autoqra.quant.memo import quantize_memo
 
 __all__ = ["loftq_init", "lowrank_factors", "clamp_stat"]
 
@@ -149,7 +150,8 @@ def loftq_init(
 
     a = w.new_zeros(rank, in_f)
     b = w.new_zeros(out_f, rank)
-    qw = quant(w)
+    # the first rounding is of the weight itself: the sensitivity pass (or another candidate) may have done it
+    qw = quant(w) if chol is not None else quantize_memo(quantizer, w, spec, importance=importance, name=name)
     for step in range(iters):
         if step:
             qw = quant(w - b @ a)

@@ -1,0 +1,137 @@
+"""`quant_memo`: reuse the quantization of an unchanged weight within a compile (or across several).
+
+The sensitivity pass quantizes every layer's weight at every bit-width of the menu; the measured
+selection then builds each candidate's layers, and the first step of every LoftQ init (and every
+rank-0 layer) quantizes the *same* weight with the *same* importance again. Inside ``with
+quant_memo():`` those calls are answered from memory: the key is the backend (with its settings),
+the spec, and the raw bytes of the weight and of the importance (content, not identity: a deep
+copy of the model hits as well), so a hit returns exactly what the backend would have computed.
+
+The memo is bounded (``max_bytes`` of quantized tensors, least recently used dropped first) and
+lives only while the ``with`` block runs; `autoqra.compile` opens one unless one is open already
+(``autoqra demo`` opens one around all its compiles, so the uniform compiles reuse the default
+compile's quantizations). Outside a memo nothing is stored. Hits and misses are logged at DEBUG
+and reported by `QuantMemo.stats`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+
+from autoqra.quant.base import QuantBackend, QuantizedWeight, QuantSpec
+
+__all__ = ["QuantMemo", "quant_memo", "active_memo", "quantize_memo", "DEFAULT_MAX_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+#: default bound on the quantized tensors kept (SmolLM2-135M at 2/3/4/8 bits needs ~250 MB)
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+_ACTIVE: list[QuantMemo] = []
+
+
+def _digest(t: torch.Tensor | None) -> str:
+    if t is None:
+        return "-"
+    flat = t.detach().to("cpu").contiguous()
+    h = hashlib.sha1(str((flat.dtype, tuple(flat.shape))).encode())
+    h.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+def _nbytes(qw: QuantizedWeight) -> int:
+    extra = 0 if qw.codebook is None else qw.codebook.numel() * qw.codebook.element_size()
+    return sum(t.numel() * t.element_size() for t in (qw.packed, qw.scale, qw.zero)) + extra
+
+
+def _clone(qw: QuantizedWeight) -> QuantizedWeight:
+    return replace(qw, packed=qw.packed.clone(), scale=qw.scale.clone(), zero=qw.zero.clone(),
+                   codebook=None if qw.codebook is None else qw.codebook.clone())
+
+
+class QuantMemo:
+    """A bounded least-recently-used map from (backend, spec, weight, importance) to the result."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, ...], QuantizedWeight] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(backend: QuantBackend, spec: QuantSpec, weight: torch.Tensor,
+            importance: torch.Tensor | None) -> tuple[str, ...]:
+        return (repr(backend), str(spec.bits), str(spec.group_size), _digest(weight), _digest(importance))
+
+    def get(self, key: tuple[str, ...]) -> QuantizedWeight | None:
+        qw = self._items.get(key)
+        if qw is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return _clone(qw)  # callers own their tensors (a module may re-lay them out)
+
+    def put(self, key: tuple[str, ...], qw: QuantizedWeight) -> None:
+        size = _nbytes(qw)
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = _clone(qw)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= _nbytes(old)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of quantized tensors held now."""
+        return self._bytes
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self._items), "bytes": self._bytes}
+
+
+def active_memo() -> QuantMemo | None:
+    """The innermost open memo, or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def quant_memo(max_bytes: int = DEFAULT_MAX_BYTES, *, reuse: bool = True) -> Iterator[QuantMemo]:
+    """Open a memo for the ``with`` block (``reuse``: join an open one instead of nesting a new one)."""
+    if reuse and _ACTIVE:
+        yield _ACTIVE[-1]
+        return
+    memo = QuantMemo(max_bytes)
+    _ACTIVE.append(memo)
+    try:
+        yield memo
+    finally:
+        _ACTIVE.remove(memo)
+        logger.debug("quantization memo closed: %s", memo.stats())
+
+
+def quantize_memo(backend: QuantBackend, weight: torch.Tensor, spec: QuantSpec, *,
+                  importance: torch.Tensor | None = None, name: str | None = None) -> QuantizedWeight:
+    """``backend.quantize(weight, spec, importance=importance)``, answered from the open memo when
+    the same weight was quantized the same way before (no memo open: plain call)."""
+    memo = active_memo()
+    if memo is None:
+        return backend.quantize(weight, spec, importance=importance, name=name)
+    key = memo.key(backend, spec, weight, importance)
+    hit = memo.get(key)
+    if hit is not None:
+        return hit
+    qw = backend.quantize(weight, spec, importance=importance, name=name)
+    memo.put(key, qw)
+    return qw

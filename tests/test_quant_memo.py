@@ -1,0 +1,72 @@
+"""The quantization memo: a hit is exactly the backend's result, bounded, and invisible to the plan."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+import autoqra
+from autoqra.passes.select import SelectConfig
+from autoqra.quant.base import QuantSpec, get_backend
+from autoqra.quant.memo import QuantMemo, active_memo, quant_memo, quantize_memo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CALIB = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _same(a, b) -> bool:  # noqa: ANN001
+    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("packed", "scale", "zero"))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_hit_is_the_backend_result_on_a_copy(bits: int) -> None:
+    backend = get_backend("packed")
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(bits))
+    imp = torch.rand(128, generator=torch.Generator().manual_seed(1)) + 0.1
+    spec = QuantSpec(bits=bits)
+    plain = backend.quantize(w, spec, importance=imp)
+    assert active_memo() is None
+    with quant_memo() as memo:
+        first = quantize_memo(backend, w, spec, importance=imp)
+        again = quantize_memo(backend, w.clone(), spec, importance=imp.clone())  # content, not identity
+        quantize_memo(backend, w, spec, importance=imp.flip(0))  # another importance: a miss
+        assert memo.stats()["hits"] == 1 and memo.stats()["misses"] == 2
+    assert active_memo() is None
+    assert _same(first, plain) and _same(again, plain)
+    assert again.packed.data_ptr() != first.packed.data_ptr()  # callers own their tensors
+
+
+def test_bounded_least_recently_used() -> None:
+    backend = get_backend("packed")
+    spec = QuantSpec(bits=4)
+    ws = [torch.randn(32, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    one = QuantMemo().key(backend, spec, ws[0], None)
+    size = 32 * 64 // 2 + 2 * 2 * 32  # packed 4-bit codes + fp16 scale and zero
+    with quant_memo(2 * size, reuse=False) as memo:
+        for w in ws:
+            quantize_memo(backend, w, spec)
+        assert memo.stats()["entries"] == 2 and memo.nbytes == 2 * size
+        assert memo.get(one) is None  # the oldest went first
+        quantize_memo(backend, ws[2], spec)
+        assert memo.stats()["hits"] == 1
+    with pytest.raises(ValueError, match="max_bytes"):
+        QuantMemo(-1)
+
+
+def test_compile_reuses_roundings_and_the_result_is_unchanged() -> None:
+    model = tiny_llama()
+    kwargs = dict(calib=CALIB, cache_dir=None, progress=False, select=SelectConfig(score_steps=2, max_finetuned=2))
+    plain_model = copy.deepcopy(model)
+    with quant_memo(0):  # an open memo that keeps nothing: the compile joins it and every rounding is computed
+        plain = autoqra.compile(plain_model, "5bits", **kwargs)
+    assert plain.report["quant_memo"]["hits"] == 0
+    memo_result = autoqra.compile(model, "5bits", **kwargs)
+    assert memo_result.report["quant_memo"]["hits"] > 0
+    assert memo_result.plan.to_dict() == plain.plan.to_dict()
+    state, plain_state = model.state_dict(), plain_model.state_dict()
+    assert state.keys() == plain_state.keys()
+    assert all(torch.equal(state[k], plain_state[k]) for k in state)
