@@ -35,13 +35,15 @@ from autoqra.budget import Budget
 from autoqra.evaluate import perplexity
 from autoqra.footprint import layers_held_bytes
 from autoqra.ir.cost import CostModel
+from autoqra.quant.memo import quant_memo
 from autoqra.report import fmt_bytes, table
 from autoqra.train import finetune
 
 logger = logging.getLogger(__name__)
 
-#: the fine-tuning recipe of every fine-tuned row (AdamW, constant lr, Lee training split)
-RECIPE = {"lr": 5e-4, "batch_size": 4, "seq_len": 256, "seed": 0}
+#: the fine-tuning recipe of every fine-tuned row (AdamW, constant lr, Lee training split): 2×256 tokens a
+#: step, half the quality benchmark's batch, so that the demo's two fine-tunes take ~1 minute each
+RECIPE = {"lr": 5e-4, "batch_size": 2, "seq_len": 256, "seed": 0}
 
 
 def real_bytes(model: nn.Module) -> int:
@@ -128,30 +130,33 @@ def run_demo(
             ("autoqra deploy", target, {"solver": solver, "objective": "deploy"}, True, False),
         ]
     rows = results["rows"]
-    for label, nbytes, kwargs, tune, is_uniform in variants:
-        work = copy.deepcopy(model)
-        t = time.perf_counter()
-        result = compile(work, nbytes, calib=cal, group_size=group_size, progress=progress, **kwargs)
-        seconds = time.perf_counter() - t
-        ppl = perplexity(work, evals, progress=False)
-        measured = real_bytes(work)  # after forwards: a cache beside the weights would show here
-        emit(f"{label}: compiled in {seconds:.1f} s; held bytes {measured:,} vs plan "
-             f"{result.plan.total_bytes:,} ({'equal' if measured == result.plan.total_bytes else 'DIFFERENT'}); "
-             f"perplexity {ppl:.2f}")
-        rows[label] = {"ppl": ppl, "bytes": measured, "plan_bytes": result.plan.total_bytes,
-                       "seconds": seconds, "uniform": is_uniform, "plan": result.plan,
-                       "selection": result.report.get("selection"), "timings": result.report.get("timings")}
-        if tune and finetune_steps:
+    # one quantization memo for every compile: the uniform compiles reuse the default compile's roundings
+    with quant_memo():
+        for label, nbytes, kwargs, tune, is_uniform in variants:
+            work = copy.deepcopy(model)
             t = time.perf_counter()
-            finetune(work, splits.calibration, steps=finetune_steps, lr=RECIPE["lr"], batch_size=RECIPE["batch_size"],
-                     seq_len=RECIPE["seq_len"], seed=RECIPE["seed"], progress=progress)
-            after = perplexity(work, evals, progress=False)
-            emit(f"{label}: {finetune_steps} fine-tuning steps (adapters only, AdamW lr {RECIPE['lr']:g}, "
-                 f"{RECIPE['batch_size']}×{RECIPE['seq_len']} tokens of the Lee training split) in "
-                 f"{time.perf_counter() - t:.1f} s: perplexity {ppl:.2f} → {after:.2f}")
-            rows[label]["ppl_finetuned"] = after
-        del work
-        gc.collect()
+            result = compile(work, nbytes, calib=cal, group_size=group_size, progress=progress, **kwargs)
+            seconds = time.perf_counter() - t
+            ppl = perplexity(work, evals, progress=False)
+            measured = real_bytes(work)  # after forwards: a cache beside the weights would show here
+            emit(f"{label}: compiled in {seconds:.1f} s; held bytes {measured:,} vs plan "
+                 f"{result.plan.total_bytes:,} ({'equal' if measured == result.plan.total_bytes else 'DIFFERENT'}); "
+                 f"perplexity {ppl:.2f}")
+            rows[label] = {"ppl": ppl, "bytes": measured, "plan_bytes": result.plan.total_bytes,
+                           "seconds": seconds, "uniform": is_uniform, "plan": result.plan,
+                           "selection": result.report.get("selection"), "timings": result.report.get("timings"),
+                           "quant_memo": result.report.get("quant_memo")}
+            if tune and finetune_steps:
+                t = time.perf_counter()
+                finetune(work, splits.calibration, steps=finetune_steps, lr=RECIPE["lr"], batch_size=RECIPE["batch_size"],
+                         seq_len=RECIPE["seq_len"], seed=RECIPE["seed"], progress=progress)
+                after = perplexity(work, evals, progress=False)
+                emit(f"{label}: {finetune_steps} fine-tuning steps (adapters only, AdamW lr {RECIPE['lr']:g}, "
+                     f"{RECIPE['batch_size']}×{RECIPE['seq_len']} tokens of the Lee training split) in "
+                     f"{time.perf_counter() - t:.1f} s: perplexity {ppl:.2f} → {after:.2f}")
+                rows[label]["ppl_finetuned"] = after
+            del work
+            gc.collect()
     # results under the old flat keys too (scripts and tests read results["uniform 3-bit r8"])
     results.update(rows)
 

@@ -70,3 +70,16 @@ def test_compile_reuses_roundings_and_the_result_is_unchanged() -> None:
     state, plain_state = model.state_dict(), plain_model.state_dict()
     assert state.keys() == plain_state.keys()
     assert all(torch.equal(state[k], plain_state[k]) for k in state)
+
+
+def test_the_sensitivity_pass_and_the_builds_round_identically() -> None:
+    """Every build's first rounding (LoftQ's, or a rank-0 layer's) is answered by the sensitivity pass's:
+    they compute the quantizer's importance by one definition (`input_importance`)."""
+    model = tiny_llama()
+    n_layers = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1  # lm_head is not quantized
+    with quant_memo() as memo:
+        autoqra.compile(model, "5bits", calib=CALIB, cache_dir=None, progress=False, select=False,
+                        bits=(2, 4), ranks=(0, 8))
+    # the sensitivity pass: one miss per (layer, bits); the materialized plan: one hit per layer
+    assert memo.stats()["misses"] == 2 * n_layers
+    assert memo.stats()["hits"] == n_layers

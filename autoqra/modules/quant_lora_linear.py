@@ -64,7 +64,7 @@ from autoqra.quant.base import (
     get_backend,
     optional_import,
 )
-from autoqra.quant.loftq import loftq_init
+from autoqra.quant.loftq import input_importance, loftq_init
 from autoqra.quant.memo import quantize_memo
 from autoqra.quant.pack import pack, unpack
 
@@ -283,7 +283,7 @@ class QuantLoRALinear(nn.Module):
             spec = QuantSpec(bits=bits, group_size=group_size)
             if rank == 0 or loftq_iters == 0:
                 quantizer = get_backend(backend)
-                importance = None if d is None else d.detach().float().pow(2)
+                importance = input_importance(d, in_f, name)
                 if hessian is not None:
                     from autoqra.quant.gptq import gptq_quantize
 

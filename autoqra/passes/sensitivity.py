@@ -87,7 +87,7 @@ class EstimateSensitivityPass(PassBase):
             # (the demo's uniform compiles read the default compile's table) and adds what it computes
             key = self.cache.key(
                 {"estimator": self.estimator.name, "backend": repr(self.backend), "group_size": self.group_size,
-                 "rounding": self.rounding, "version": 3},
+                 "rounding": self.rounding, "version": 4},
                 [weight, d, g, hessian],
             )
             stored = self.cache.get(key) or {}

@@ -28,7 +28,7 @@ from autoqra.errors import ConfigError, QuantizationError
 from autoqra.quant.base import QuantBackend, QuantizedWeight, QuantSpec, check_weight, get_backend
 from autoqra.quant.memo import quantize_memo
 
-__all__ = ["loftq_init", "lowrank_factors", "clamp_stat"]
+__all__ = ["loftq_init", "lowrank_factors", "clamp_stat", "input_importance"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,14 @@ def clamp_stat(
         logger.warning("%s%s is all zeros; using the unweighted init", what, where)
         return None
     return s.clamp_min(1e-3 * mean)
+
+
+def input_importance(d: torch.Tensor | None, in_features: int, name: str | None = None) -> torch.Tensor | None:
+    """The quantizer's per-input-channel importance from the input RMS ``d``: ``clamp_stat(d)**2`` in
+    float32. The one definition shared by the sensitivity pass, LoftQ and rank-0 builds, so that they
+    round a weight identically (and `autoqra.quant.memo` can answer one from another)."""
+    d = clamp_stat(d, in_features, "d (input RMS)", name)
+    return None if d is None else d * d
 
 
 def _top_svd_gram(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,9 +137,9 @@ def loftq_init(
             "layer %s: rank %d exceeds min(out, in) = %d; clamped", name or "?", rank, min(out_f, in_f)
         )
         rank = min(out_f, in_f)
+    importance = input_importance(d, in_f, name)
     d = clamp_stat(d, in_f, "d (input RMS)", name)
     g = clamp_stat(g, out_f, "g (output-gradient RMS)", name)
-    importance = None if d is None else d * d
 
     chol = None
     if hessian is not None:

@@ -31,6 +31,7 @@ import torch
 from autoqra.cache import JsonCache
 from autoqra.errors import ConfigError, UnknownNameError
 from autoqra.ir.cost import DENSE_BITS
+from autoqra.quant.loftq import input_importance
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class Estimator(ABC):
         w = weight.detach().float()
         max_rank = min(w.shape)
         out: dict[tuple[int, int], float] = {}
-        importance = None if d is None else (d * d).float()
+        # the importance exactly as the rewrite computes it (float32 d, clamped): identical roundings
+        importance = None if d is None else input_importance(d.float(), w.shape[1])
         for b in bits:
             if b == DENSE_BITS:
                 for r in ranks:
