@@ -140,3 +140,18 @@ def test_onnx_export_quick() -> None:
         assert r["onnx_ppl"] > 1 and abs(r["onnx_ppl"] / r["torch_ppl"] - 1) < 0.05
     mixed = [r for r in rows if r["plan"] == "mixed 2/3/4/8"]
     assert {"2-bit (MatMulNBits)", "8-bit (MatMulNBits)"} <= set(mixed[0]["layers"])
+
+
+def test_qlora_parity_quick() -> None:
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    data = run_quick("qlora_parity.py", "qlora_parity_quick")
+    rows = {r["row"]: r for r in data["rows"]}
+    assert set(rows) == {"peft + bitsandbytes", "autoqra bnb format"}
+    for r in rows.values():
+        assert "error" not in r, r.get("error")
+        assert len(r["losses"]) == data["steps"] and all(v == v for v in r["losses"])
+    # the same base codes and the same B = 0 start: equal step-0 perplexity up to the absmax rounding
+    peft0, ours0 = rows["peft + bitsandbytes"]["ppl"]["0"], rows["autoqra bnb format"]["ppl"]["0"]
+    assert abs(peft0 - ours0) / peft0 < 0.01
+    assert rows["peft + bitsandbytes"]["trainable"] == rows["autoqra bnb format"]["trainable"]
