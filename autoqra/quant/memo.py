@@ -10,8 +10,9 @@ copy of the model hits as well), so a hit returns exactly what the backend would
 The memo is bounded (``max_bytes`` of quantized tensors, least recently used dropped first) and
 lives only while the ``with`` block runs; `autoqra.compile` opens one unless one is open already
 (``autoqra demo`` opens one around all its compiles, so the uniform compiles reuse the default
-compile's quantizations). Outside a memo nothing is stored. Hits and misses are logged at DEBUG
-and reported by `QuantMemo.stats`.
+compile's quantizations). Outside a memo nothing is stored; weights on an accelerator are never
+memoized (hashing them would copy them to the host). Hits and misses are logged at DEBUG when the
+memo closes and reported by `QuantMemo.stats`.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def quantize_memo(backend: QuantBackend, weight: torch.Tensor, spec: QuantSpec, 
     """``backend.quantize(weight, spec, importance=importance)``, answered from the open memo when
     the same weight was quantized the same way before (no memo open: plain call)."""
     memo = active_memo()
-    if memo is None:
+    if memo is None or weight.device.type != "cpu":  # hashing a device tensor would copy it to the host
         return backend.quantize(weight, spec, importance=importance, name=name)
     key = memo.key(backend, spec, weight, importance)
     hit = memo.get(key)
