@@ -75,15 +75,15 @@ def autoqra_qlora(model: nn.Module) -> nn.Module:
 
 
 def train(model: nn.Module, windows: torch.Tensor, *, steps: int, lr: float, batch_size: int, seed: int,
-          evals: torch.Tensor) -> dict[str, Any]:
-    """The one loop both models run: AdamW over what requires grad, constant lr, mean next-token loss."""
+          evals: torch.Tensor, ppl0: float) -> dict[str, Any]:
+    """The one loop both models run: AdamW over what requires grad, constant lr, mean next-token loss.
+    ``model`` must not have run a no-grad forward in eval mode (see `main`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("nothing to train: no parameter requires grad")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     batches = _window_batches(windows, batch_size, seed)
     losses = []
-    ppl0 = perplexity(model, evals, progress=False)
     t = time.perf_counter()
     model.train()
     for _ in range(steps):
@@ -140,9 +140,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
+                    # step 0 is measured on a second build: on CPU, bitsandbytes (0.50) converts a Linear4bit
+                    # to its inference layout on the first no-grad forward in eval mode, after which the
+                    # backward passes *no gradient* through it (silently: only the adapters above the last
+                    # converted layer would learn). B = 0, so every build has the same step-0 logits.
+                    probe = build(copy.deepcopy(model))
+                    ppl0 = perplexity(probe, evals, progress=False)
+                    probe = None
+                    gc.collect()
+                    torch.manual_seed(seed)
                     work = build(copy.deepcopy(model))
                     record.update(train(work, train_windows, steps=args.steps, lr=args.lr,
-                                        batch_size=args.batch_size, seed=seed, evals=evals))
+                                        batch_size=args.batch_size, seed=seed, evals=evals, ppl0=ppl0))
             except Exception as exc:  # noqa: BLE001 -- a row that cannot run here is recorded, not fatal
                 record["error"] = f"{type(exc).__name__}: {exc}"
             payload["rows"].append(record)
