@@ -19,9 +19,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["JsonCache"]
+from autoqra.errors import ConfigError
+
+__all__ = ["JsonCache", "update_with_tensor"]
 
 logger = logging.getLogger(__name__)
+
+
+def update_with_tensor(h: Any, t: torch.Tensor | None) -> None:
+    """Feed a tensor's dtype, shape and raw bytes (any dtype, any device) into the hash ``h``."""
+    if t is None:
+        h.update(b"none")
+        return
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    h.update(f"{flat.dtype}{tuple(t.shape)}".encode())
+    h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
 
 
 class JsonCache:
@@ -42,16 +54,12 @@ class JsonCache:
         versions = {"autoqra": autoqra.__version__, "torch": torch.__version__}
         h = hashlib.sha256(json.dumps({**parts, "_versions": versions}, sort_keys=True).encode())
         for t in tensors:
-            if t is None:
-                h.update(b"none")
-            else:
-                flat = t.detach().contiguous().cpu().reshape(-1)
-                h.update(f"{flat.dtype}{tuple(t.shape)}".encode())
-                h.update(flat.view(torch.uint8).numpy().tobytes())
+            update_with_tensor(h, t)
         return h.hexdigest()[:40]
 
     def _path(self, key: str) -> Path:
-        assert self.root is not None
+        if self.root is None:
+            raise ConfigError("this cache has no folder (root=None): give it a directory to store entries in")
         return self.root / f"{self.prefix}{key}.json"
 
     def get_json(self, key: str) -> Any | None:

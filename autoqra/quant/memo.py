@@ -26,6 +26,7 @@ from dataclasses import replace
 
 import torch
 
+from autoqra.cache import update_with_tensor
 from autoqra.quant.base import QuantBackend, QuantizedWeight, QuantSpec
 
 __all__ = ["QuantMemo", "quant_memo", "active_memo", "quantize_memo", "DEFAULT_MAX_BYTES"]
@@ -39,11 +40,8 @@ _ACTIVE: list[QuantMemo] = []
 
 
 def _digest(t: torch.Tensor | None) -> str:
-    if t is None:
-        return "-"
-    flat = t.detach().to("cpu").contiguous()
-    h = hashlib.sha1(str((flat.dtype, tuple(flat.shape))).encode())
-    h.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    h = hashlib.sha1()
+    update_with_tensor(h, t)
     return h.hexdigest()
 
 
