@@ -10,7 +10,9 @@ table kept.
     python benchmarks/quality.py --quick         # seconds: a tiny Llama, random tokens (CI smoke)
     python benchmarks/quality.py --budgets u3 --rows default,uniform --steps 20,100 --seeds 0,1,2
 
-Budgets: ``u3`` = the bytes of uniform 3-bit r8 (fp32 adapters), ``u2`` = uniform 2-bit r8.
+Budgets: ``u3`` = the bytes of uniform 3-bit r8 (fp32 adapters), ``u2`` = uniform 2-bit r8, ``q08`` = 0.8× the
+bytes of the QLoRA recipe (``q10``: 1.0×, any ``qNN`` = NN/10) as bitsandbytes holds it (:func:`qlora_bytes`; only autoqra's rows run there: no
+uniform plan has those bytes).
 Rows: ``fp32`` (fp32 weights kept as fp16 at 16 bits + LoRA r8, plain init: the ceiling, not bound to the
 budget), ``uniform`` (uniform at the budget's bits, r8, our init), ``uniform4`` (uniform 4-bit r8, more
 bytes), ``qlora`` (bitsandbytes NF4 + LoRA r16, B = 0 init, alpha = 2r: the recipe people use, its own
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import math
 import sys
 import time
 from pathlib import Path
@@ -66,12 +69,28 @@ def _data(quick: bool, calib_windows: int, eval_windows: int):
     return model, calib, evals, splits.calibration, 256
 
 
-def _row_kwargs(row: str, bits: int, budget: int) -> tuple[int | str, dict[str, Any]] | None:
+def qlora_bytes(graph: Any, rank: int = 16, group_size: int = 64) -> int:
+    """Bytes of QLoRA as bitsandbytes holds it: NF4 codes (4 bits a weight), double-quantized absmax (one
+    uint8 per block of ``group_size`` + one fp32 per 256 blocks + one fp32 offset per layer) and fp32 LoRA
+    adapters of ``rank``; the shared code tables (< 2 KB) are left out. Smaller than our ``bnb`` format
+    (fp16 absmax + an unused fp16 zero), so the comparison does not flatter autoqra."""
+    total = 0
+    for layer in graph.layers():
+        blocks = layer.out_features * math.ceil(layer.in_features / group_size)
+        total += blocks * group_size // 2 + blocks + 4 * math.ceil(blocks / 256) + 4
+        r = min(rank, layer.in_features, layer.out_features)
+        total += 4 * r * (layer.in_features + layer.out_features)
+    return total
+
+
+def _row_kwargs(row: str, bits: int | None, budget: int) -> tuple[int | str, dict[str, Any]] | None:
     if row == "default":
         return budget, {}
     if row == "deploy":
         return budget, {"objective": "deploy"}
     if row == "uniform":
+        if bits is None:
+            return None  # no uniform plan at this budget
         return budget, {"bits": (bits,), "ranks": (8,)}
     if row == "uniform4":
         return "100GB", {"bits": (4,), "ranks": (8,)}
@@ -93,15 +112,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_weights = graph.total_numel()
     budgets = {}
     for name in args.budgets.split(","):
+        if len(name) == 3 and name[0] == "q" and name[1:].isdigit():  # q08 = 0.8x, q10 = 1.0x QLoRA's bytes
+            budgets[name] = (None, int(int(name[1:]) / 10 * qlora_bytes(graph)))
+            continue
         bits = {"u3": 3, "u2": 2}.get(name)
         if bits is None:
-            raise SystemExit(f"unknown budget {name!r}; budgets: u3, u2")
+            raise SystemExit(f"unknown budget {name!r}; budgets: u3, u2, qNN (NN/10 x QLoRA's bytes, e.g. q08)")
         (u,) = uniform_costs(graph, CostModel(), (bits,), 8)
         budgets[name] = (bits, u.nbytes)
     fp32_ppl = perplexity(model, evals, progress=False)
     rows: list[dict[str, Any]] = []
     payload: dict[str, Any] = {"quick": args.quick, "steps": steps, "seeds": seeds, "fp32_ppl": fp32_ppl,
                                "calibration_seconds": calib_seconds, "budgets": budgets, "rows": rows,
+                               "qlora_bytes_bitsandbytes": qlora_bytes(graph),
                                "recipe": {"lr": args.lr, "batch_size": args.batch_size, "seq_len": seq_len,
                                           "eval_windows": int(evals.shape[0]), "calib_windows": int(calib.shape[0])}}
     name = "quality_quick" if args.quick else args.out
@@ -110,6 +133,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if row in ("fp32", "uniform4", "qlora") and budget_name != next(iter(budgets)):
                 continue  # budget-independent rows: once
             spec = _row_kwargs(row, bits, nbytes)
+            if spec is None:
+                print(f"{budget_name} {row}: skipped (no uniform plan has these bytes)", flush=True)
+                continue
             for seed in seeds:
                 record: dict[str, Any] = {"budget": budget_name, "row": row, "seed": seed}
                 try:
@@ -198,6 +224,10 @@ def figures(rows: list[dict[str, Any]], steps: list[int]) -> dict[str, Any]:
         fp32 = next((mean(b, "fp32") for b in sorted({r["budget"] for r in rows}) if mean(b, "fp32")), None)
         if default and uniform and fp32 and uniform != fp32:
             out[f"{budget}_gap_closed"] = (uniform - default) / (uniform - fp32)
+        qlora = next((mean(b, "qlora") for b in sorted({r["budget"] for r in rows}) if mean(b, "qlora")), None)
+        if default and qlora:
+            # below 1 at q08: the default at 0.8x QLoRA's bytes beats it, so memory at equal quality <= 0.8
+            out[f"{budget}_default_vs_qlora"] = default / qlora
     return out
 
 
