@@ -16,7 +16,9 @@ uniform plan has those bytes).
 Rows: ``fp32`` (fp32 weights kept as fp16 at 16 bits + LoRA r8, plain init: the ceiling, not bound to the
 budget), ``uniform`` (uniform at the budget's bits, r8, our init), ``uniform4`` (uniform 4-bit r8, more
 bytes), ``qlora`` (bitsandbytes NF4 + LoRA r16, B = 0 init, alpha = 2r: the recipe people use, its own
-bytes), ``deploy`` (autoqra, objective deploy), ``default`` (autoqra's default: objective finetune).
+bytes), ``hqq`` (HQQ-fitted scales and zeros at the budget's uniform bits + r8, our init: equal bytes),
+``hqq4`` (HQQ 4-bit + r8, its own bytes), ``deploy`` (autoqra, objective deploy), ``evolutionary`` (autoqra,
+``solver="evolutionary"``), ``default`` (autoqra's default: objective finetune).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from autoqra.report import table  # noqa: E402
 from autoqra.train import finetune  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 
-ROWS = ("default", "uniform", "deploy", "fp32", "uniform4", "qlora")
+ROWS = ("default", "uniform", "deploy", "evolutionary", "fp32", "uniform4", "qlora", "hqq", "hqq4")
 
 
 def _data(quick: bool, calib_windows: int, eval_windows: int):
@@ -88,6 +90,14 @@ def _row_kwargs(row: str, bits: int | None, budget: int) -> tuple[int | str, dic
         return budget, {}
     if row == "deploy":
         return budget, {"objective": "deploy"}
+    if row == "evolutionary":
+        return budget, {"solver": "evolutionary"}
+    if row == "hqq":
+        if bits is None:
+            return None
+        return budget, {"bits": (bits,), "ranks": (8,), "backend": "hqq"}
+    if row == "hqq4":
+        return "100GB", {"bits": (4,), "ranks": (8,), "backend": "hqq"}
     if row == "uniform":
         if bits is None:
             return None  # no uniform plan at this budget
@@ -130,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     name = "quality_quick" if args.quick else args.out
     for budget_name, (bits, nbytes) in budgets.items():
         for row in args.rows.split(","):
-            if row in ("fp32", "uniform4", "qlora") and budget_name != next(iter(budgets)):
+            if row in ("fp32", "uniform4", "qlora", "hqq4") and budget_name != next(iter(budgets)):
                 continue  # budget-independent rows: once
             spec = _row_kwargs(row, bits, nbytes)
             if spec is None:
@@ -190,7 +200,7 @@ def plot(rows: list[dict[str, Any]], steps: list[int], fp32_ppl: float, path: Pa
     points = []
     for (budget, row), rs in groups.items():
         after = [r["ppl"][last] for r in rs if last in r["ppl"]]
-        points.append(DemoRow(f"{row} ({budget})" if row in ("default", "uniform", "deploy") else row,
+        points.append(DemoRow(f"{row} ({budget})" if row in ("default", "uniform", "deploy", "evolutionary", "hqq") else row,
                               rs[0]["held_bytes"], sum(r["ppl"]["0"] for r in rs) / len(rs),
                               sum(after) / len(after) if after else None, row in ("uniform", "uniform4")))
     if points:
@@ -218,9 +228,10 @@ def figures(rows: list[dict[str, Any]], steps: list[int]) -> dict[str, Any]:
         default, uniform = mean(budget, "default"), mean(budget, "uniform")
         if default and uniform:
             out[f"{budget}_default_vs_uniform"] = default / uniform
-        deploy = mean(budget, "deploy")
-        if deploy and uniform:
-            out[f"{budget}_deploy_vs_uniform"] = deploy / uniform
+        for other in ("deploy", "evolutionary", "hqq"):
+            value = mean(budget, other)
+            if value and uniform:
+                out[f"{budget}_{other}_vs_uniform"] = value / uniform
         fp32 = next((mean(b, "fp32") for b in sorted({r["budget"] for r in rows}) if mean(b, "fp32")), None)
         if default and uniform and fp32 and uniform != fp32:
             out[f"{budget}_gap_closed"] = (uniform - default) / (uniform - fp32)
@@ -235,7 +246,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--budgets", default="u3,u2")
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rows", default=None, help=f"comma-separated, of: {', '.join(ROWS)} (default: all; "
+                        "--quick: default,uniform,deploy,fp32)")
     parser.add_argument("--steps", default="20,100")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -246,7 +258,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.budgets = "4,8", "u3"
-        args.rows = "default,uniform,deploy,fp32"
+        args.rows = args.rows or "default,uniform,deploy,fp32"
+    args.rows = args.rows or ",".join(ROWS)
     payload = run(args)
     rows = [r for r in payload["rows"] if "ppl" in r]
     steps = [str(s) for s in payload["steps"]]

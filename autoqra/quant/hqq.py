@@ -32,6 +32,7 @@ class HQQBackend(QuantBackend):
     supported_bits = (2, 3, 4, 8)
     package = "hqq.core.quantize"
     extra = "hqq"
+    _warned: bool = False
 
     def quantize(
         self,
@@ -45,8 +46,10 @@ class HQQBackend(QuantBackend):
         out_f, in_f = w.shape
         self.check_supported(in_f, out_f, spec, name)
         hqq_quantize = self.require()
-        if importance is not None:
-            logger.warning("hqq backend ignores the importance vector (layer %s)", name or "?")
+        if importance is not None and not self._warned:
+            self._warned = True  # once per backend instance: one line, not one per layer
+            logger.warning("hqq backend ignores importance vectors (first: layer %s); HQQ fits unweighted error",
+                           name or "?")
         g = spec.group_size
         n_groups = math.ceil(in_f / g)
         w = torch.nn.functional.pad(w, (0, n_groups * g - in_f))
