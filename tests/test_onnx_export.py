@@ -128,6 +128,11 @@ def test_export_with_past_runs_and_decodes(tmp_path, factory) -> None:
     assert scales and all(i.data_type == onnx.TensorProto.FLOAT16 for i in scales)  # not doubled to fp32
     names = {i.name for i in graph.initializer}
     assert any(n.endswith(".lora_A_t") for n in names) and any(n.endswith(".lora_B_t") for n in names)
+    # the zero-point fraction rides the adapter's MatMul pair: no group-sum reduction in the graph, and
+    # one shared group-sum matrix per input width (not one per layer)
+    assert "ReduceSum" not in ops
+    widths = {m.in_features for m in model.modules() if isinstance(m, QuantLoRALinear) and m.bits != 16}
+    assert 0 < sum(n.endswith(".group_sum") for n in names) <= len(widths)
     config = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())
     inputs = {i.name for i in graph.input}
     assert config["model"]["decoder"]["inputs"]["past_key_names"] % 0 in inputs

@@ -113,13 +113,14 @@ def _swap_for_export(model: nn.Module, adapters: str, accuracy_level: int, dtype
                      swapped: list[tuple[str, nn.Module]]) -> dict[str, int]:
     """Build every export module first, then swap them in (aliases share one); returns layer counts."""
     built: dict[int, OnnxQuantLinear] = {}
+    shared: dict[tuple[int, int], torch.Tensor] = {}  # group-sum matrices, one per (in_features, block)
     places: list[tuple[str, nn.Module]] = []
     counts: dict[str, int] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, QuantLoRALinear):
             if id(module) not in built:
                 built[id(module)] = OnnxQuantLinear(module, name=name, adapters=adapters,
-                                                    accuracy_level=accuracy_level, dtype=dtype)
+                                                    accuracy_level=accuracy_level, dtype=dtype, shared=shared)
                 kind = _layer_kind(module)
                 counts[kind] = counts.get(kind, 0) + 1
             places.append((name, module))
@@ -151,13 +152,16 @@ def _trace_inputs(wrapper: nn.Module, shape: DecoderShape | None, vocab: int, dt
     return (ids, mask, positions, cache), dynamic, inputs, outputs
 
 
+#: initializers the file keeps as they are: the fp16 scales / zero fractions (folding their casts would
+#: double them), the adapters (swappable by name) and the shared group-sum matrices (folding their
+#: concatenation with an adapter would copy them into every layer); onnxruntime folds these at load
+_KEPT = (".scales", ".zero_fraction", ".lora_A_t", ".lora_B_t", ".group_sum")
+
+
 def _keep_format(node: Any) -> bool | None:
-    """onnxscript's constant folder must not fold the casts of the fp16 scales / zero fractions into
-    fp32 initializers (that would double them in the file); onnxruntime folds them at load."""
-    if node.op_type == "Cast" and node.inputs and node.inputs[0] is not None:
-        name = node.inputs[0].name or ""
-        if name.endswith((".scales", ".zero_fraction")):
-            return False
+    """onnxscript's constant folder must not fold a node that reads one of :data:`_KEPT`."""
+    if any(v is not None and (v.name or "").endswith(_KEPT) for v in node.inputs):
+        return False
     return None
 
 
