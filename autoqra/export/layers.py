@@ -10,13 +10,12 @@ what the ONNX graph computes:
   integer (uint8) zero points (float zero points run ~60x slower at 4 bits and are refused at 8),
   so each zero point is split into ``round(zero)`` (uint8, packed like the codes, in the op) and
   the exact fp16 fraction ``zero - round(zero)``, whose term ``-Σ_group(x) · fraction · scale`` is
-  a low-rank product through the group sums (exact up to float rounding; omitted when every zero
-  point is an integer). File cost over autoqra's format: ``bits / 8`` bytes a group, plus one 0/1
-  group-sum matrix ``G [in, n_blocks]`` per distinct ``(in_features, block)`` shared by all layers.
-* **One side path**: the adapter and the fraction term share one ``MatMul`` pair,
-  ``y = MatMulNBits(x) + (x @ [A^T | G]) @ [(scaling · B)^T ; -(fraction · scale)^T]``; the two
-  concatenations and the residual's casts read only initializers, so onnxruntime folds them at load
-  and a decode step runs 4 nodes a layer (``MatMulNBits``, 2 ``MatMul``, ``Add``) instead of 8.
+  a product with the per-group sums of ``x`` (exact up to float rounding; omitted when every zero
+  point is an integer). File cost over autoqra's format: ``bits / 8`` bytes a group.
+* **One side path**: the adapter and the fraction term share one ``MatMul``,
+  ``y = MatMulNBits(x) + [x @ A^T | Σ_group x] @ [(scaling · B)^T ; -(fraction · scale)^T]``; the
+  right factor reads only initializers (onnxruntime folds it at load), the group sums read no weights
+  and onnxruntime computes them once for the layers that share an input (q/k/v, gate/up).
 * **3 bits**: onnxruntime has no 3-bit kernel; the codes (0..7) go into a 4-bit container with the
   same scales and zero points: exact, at 4/3 of the codes' bytes (:func:`container_bytes`).
 * **16 bits**: a float ``MatMul`` with the fp16 weight cast to the activation dtype (``weight_t [in, out]``).
@@ -57,12 +56,10 @@ def container_bytes(layer: QuantLoRALinear) -> int:
 
 
 class OnnxQuantLinear(nn.Module):
-    """See the module docstring. ``dtype``: the activation dtype of the exported graph; ``shared``:
-    group-sum matrices by ``(in_features, block)``, one tensor for every layer that needs it (pass
-    the same dict to every layer of a model so the file holds each once)."""
+    """See the module docstring. ``dtype``: the activation dtype of the exported graph."""
 
     def __init__(self, layer: QuantLoRALinear, *, name: str, adapters: str, accuracy_level: int,
-                 dtype: torch.dtype, shared: dict[tuple[int, int], torch.Tensor] | None = None) -> None:
+                 dtype: torch.dtype) -> None:
         super().__init__()
         if adapters not in ADAPTER_MODES:
             raise ExportError(f"adapters must be one of {ADAPTER_MODES}, got {adapters!r}")
@@ -93,14 +90,13 @@ class OnnxQuantLinear(nn.Module):
                     has_adapter = False
                 self.register_buffer("weight_t", weight.T.to(dtype).contiguous())  # [in, out]
             else:
-                self._init_quantized(layer, dtype, {} if shared is None else shared)
+                self._init_quantized(layer, dtype)
             if has_adapter:
                 self.lora_A_t = nn.Parameter(layer.lora_A.detach().T.to(dtype).contiguous(), requires_grad=False)
                 self.lora_B_t = nn.Parameter((layer.lora_B.detach().float() * layer.scaling).T.to(dtype).contiguous(),
                                              requires_grad=False)
 
-    def _init_quantized(self, layer: QuantLoRALinear, dtype: torch.dtype,
-                        shared: dict[tuple[int, int], torch.Tensor]) -> None:
+    def _init_quantized(self, layer: QuantLoRALinear, dtype: torch.dtype) -> None:
         n, n_blocks, block = layer.out_features, layer.scale.shape[1], layer.group_size
         packed = layer.packed_qweight()
         self.block_size = block
@@ -115,35 +111,30 @@ class OnnxQuantLinear(nn.Module):
         rows = torch.nn.functional.pad(integer.to(torch.uint8), (0, (-n_blocks) % per_byte))
         self.register_buffer("zero_points", pack(rows, kb))
         fraction = (layer.zero.float() - integer).to(torch.float16)  # exact: fp16 minus a small integer
-        needed = bool((fraction != 0).any())
-        self.register_buffer("zero_fraction", fraction.clone() if needed else None)
-        group_sum = None
-        if needed:  # G[i, j] = 1 where input i is in group j (the padded tail has no inputs)
-            key = (self.in_features, block)
-            if key not in shared:
-                groups = torch.arange(self.in_features) // block
-                shared[key] = F.one_hot(groups, n_blocks).to(dtype)
-            group_sum = shared[key]
-        self.register_buffer("group_sum", group_sum, persistent=False)
+        self.register_buffer("zero_fraction", fraction.clone() if bool((fraction != 0).any()) else None)
 
-    def _side_path(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(P [in, k], Q [k, out])`` of the low-rank term ``(x @ P) @ Q``: the adapter and the
-        zero-point fraction's correction side by side (None when there is neither)."""
+    def _side_path(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The low-rank term ``[x @ A^T | Σ_group x] @ [(scaling · B)^T ; -(fraction · scale)^T]``: the
+        adapter and the zero-point fraction's correction share one ``MatMul`` (None when there is
+        neither). The right factor reads only initializers (folded by onnxruntime at load); the group
+        sums read no weights, and onnxruntime computes them once for layers that share an input."""
         left: list[torch.Tensor] = []
         right: list[torch.Tensor] = []
         if self.lora_A_t is not None:
-            left.append(self.lora_A_t)
+            left.append(x @ self.lora_A_t)
             right.append(self.lora_B_t)
         if self.bits != DENSE_BITS and self.zero_fraction is not None:
             n_blocks = self.zero_fraction.shape[1]
-            residual = self.zero_fraction.to(dtype) * self.scales.view(-1, n_blocks).to(dtype)  # [out, n_blocks]
-            left.append(self.group_sum)
+            pad = n_blocks * self.block_size - self.in_features
+            xs = F.pad(x, (0, pad)) if pad else x
+            left.append(xs.reshape(*x.shape[:-1], n_blocks, self.block_size).sum(-1))
+            residual = self.zero_fraction.to(x.dtype) * self.scales.view(-1, n_blocks).to(x.dtype)  # [out, n_blocks]
             right.append(-residual.T)
         if not left:
             return None
-        if len(left) == 1:
-            return left[0], right[0]
-        return torch.cat(left, dim=1), torch.cat(right, dim=0)
+        h = left[0] if len(left) == 1 else torch.cat(left, dim=-1)
+        q = right[0] if len(right) == 1 else torch.cat(right, dim=0)
+        return h @ q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == DENSE_BITS:
@@ -153,9 +144,9 @@ class OnnxQuantLinear(nn.Module):
                 x, self.qweight, self.scales.to(x.dtype), self.zero_points, self.in_features, self.out_features,
                 self.kernel_bits, self.block_size, self.accuracy_level,
             )
-        side = self._side_path(x.dtype)
+        side = self._side_path(x)
         if side is not None:
-            y = y + (x @ side[0]) @ side[1]
+            y = y + side
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -113,14 +113,13 @@ def _swap_for_export(model: nn.Module, adapters: str, accuracy_level: int, dtype
                      swapped: list[tuple[str, nn.Module]]) -> dict[str, int]:
     """Build every export module first, then swap them in (aliases share one); returns layer counts."""
     built: dict[int, OnnxQuantLinear] = {}
-    shared: dict[tuple[int, int], torch.Tensor] = {}  # group-sum matrices, one per (in_features, block)
     places: list[tuple[str, nn.Module]] = []
     counts: dict[str, int] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, QuantLoRALinear):
             if id(module) not in built:
                 built[id(module)] = OnnxQuantLinear(module, name=name, adapters=adapters,
-                                                    accuracy_level=accuracy_level, dtype=dtype, shared=shared)
+                                                    accuracy_level=accuracy_level, dtype=dtype)
                 kind = _layer_kind(module)
                 counts[kind] = counts.get(kind, 0) + 1
             places.append((name, module))
@@ -153,9 +152,9 @@ def _trace_inputs(wrapper: nn.Module, shape: DecoderShape | None, vocab: int, dt
 
 
 #: initializers the file keeps as they are: the fp16 scales / zero fractions (folding their casts would
-#: double them), the adapters (swappable by name) and the shared group-sum matrices (folding their
-#: concatenation with an adapter would copy them into every layer); onnxruntime folds these at load
-_KEPT = (".scales", ".zero_fraction", ".lora_A_t", ".lora_B_t", ".group_sum")
+#: double them) and the adapters (swappable by name, not folded into the side path's right factor);
+#: onnxruntime folds these at load
+_KEPT = (".scales", ".zero_fraction", ".lora_A_t", ".lora_B_t")
 
 
 def _keep_format(node: Any) -> bool | None:
