@@ -13,6 +13,7 @@ from torch import nn
 from autoqra.config import SearchSpace
 from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
+from autoqra.ir.discover import layer_kind
 from autoqra.ir.graph import LayerGraph
 from autoqra.ir.program import Program
 from autoqra.passes import AnnotateCostPass, AssignGroupsPass, BuildLayerGraphPass, PassManager
@@ -63,17 +64,17 @@ def min_feasible_bytes(graph: LayerGraph) -> int:
 
 
 def untouched_bytes(model: nn.Module, graph: LayerGraph) -> int:
-    """Bytes of the parameters and buffers the rewrite leaves as they are (biases included)."""
+    """Bytes of the parameters and buffers the rewrite leaves as they are (biases included). A weight
+    tied to a module of another kind (the embedding of a tied ``lm_head``) stays: that module keeps
+    its float weight for the lookup, so it counts here (once) although its alias is quantized."""
+    modules = dict(model.named_modules(remove_duplicate=False))
     touched = set()
     for layer in graph.layers():
-        for name in (layer.name, *layer.tied):
-            touched.add(f"{name}.weight")
-    seen: set[int] = set()
-    total = 0
+        touched.add(f"{layer.name}.weight")
+        for alias in layer.tied:
+            if alias in modules and layer_kind(modules[alias]) is layer.kind:
+                touched.add(f"{alias}.weight")
+    names: dict[int, tuple[object, list[str]]] = {}
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-        if name in touched or id(tensor) in seen:
-            seen.add(id(tensor))
-            continue
-        seen.add(id(tensor))
-        total += tensor.numel() * tensor.element_size()
-    return total
+        names.setdefault(id(tensor), (tensor, []))[1].append(name)
+    return sum(t.numel() * t.element_size() for t, ns in names.values() if any(n not in touched for n in ns))

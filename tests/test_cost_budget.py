@@ -179,3 +179,27 @@ def test_pass_manager_enforces_declared_state(bad, words):
 
     with pytest.raises(PassOrderError, match=words.replace("[", r"\[").replace("]", r"\]")):
         PassManager([BuildLayerGraphPass(), bad()]).run(capture(tiny_llama()))
+
+
+@pytest.mark.parametrize("tie, include", [
+    (False, ()),            # lm_head not selected: embedding and lm_head both untouched
+    (True, ()),             # tied, not selected: the shared weight counts once
+    (True, ("lm_head",)),   # tied lm_head quantized: the embedding keeps the float weight for its lookup
+    (False, ("lm_head",)),  # untied lm_head quantized: its own weight is touched
+])
+def test_untouched_bytes_counts_each_kept_storage_once(tie, include):
+    from autoqra.analysis import untouched_bytes
+    from autoqra.ir.capture import CaptureConfig
+
+    model = tiny_llama(tie=tie)
+    graph = analyze(model, capture_config=CaptureConfig(include=include)).graph
+    modules = dict(model.named_modules())
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    total = sum(t.numel() * t.element_size() for t in unique.values())
+    emb = model.model.embed_tokens.weight
+    replaced = {id(modules[n].weight): modules[n].weight for n in graph.order()
+                if modules[n].weight is not emb}  # a weight shared with the embedding stays
+    expected = total - sum(t.numel() * t.element_size() for t in replaced.values())
+    assert ("lm_head" in graph.order()) is bool(include)
+    assert untouched_bytes(model, graph) == expected
+    assert expected >= emb.numel() * emb.element_size()
