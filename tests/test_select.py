@@ -11,7 +11,7 @@ from tiny_models import tiny_llama
 import autoqra
 from autoqra.errors import AutoQRAError, ConfigError, NonFiniteLossError
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
-from autoqra.passes.select import SelectConfig
+from autoqra.passes.select import Candidate, SelectConfig, SelectPlanPass
 from autoqra.search.plasticity import plasticity_table
 
 CALIB = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -152,6 +152,27 @@ def test_evolutionary_front_joins_the_measured_candidates() -> None:
     assert result.plan.settings["solver"] == "evolutionary"
     scores = _scores(result.report)
     assert scores[result.report["selection"]["winner"]] == min(scores.values())
+
+
+def _cand(label: str, loss0: float, family: str = "", uniform: bool = False) -> Candidate:
+    return Candidate(label=label, choices=(), bytes=0, proxy=0.0, uniform=uniform, loss0=loss0, family=family)
+
+
+@pytest.mark.parametrize("cands, limit, expected", [
+    # one candidate per proposal (the exact solver): the best by step-0 loss, as before
+    ([_cand("u3", 4.0, uniform=True), _cand("deploy", 3.0), _cand("λ=0.5", 3.2), _cand("λ=1", 3.4)], 3, [1, 2, 0]),
+    # an evolutionary λ's front points cannot crowd the other λ out: the best of each proposal first
+    ([_cand("u3", 4.0, uniform=True), _cand("deploy", 3.0, "deploy"), _cand("deploy #2", 3.01, "deploy"),
+      _cand("deploy #3", 3.02, "deploy"), _cand("λ=0.5", 3.3, "λ=0.5"), _cand("λ=0.5 #2", 3.31, "λ=0.5")],
+     3, [1, 4, 0]),
+    # spare slots go to the next best, whatever their proposal
+    ([_cand("u3", 4.0, uniform=True), _cand("deploy", 3.0, "deploy"), _cand("deploy #2", 3.01, "deploy"),
+      _cand("λ=0.5", 3.3, "λ=0.5")], 4, [1, 2, 3, 0]),
+    # the best uniform plan always gets a slot
+    ([_cand("u3", 4.0, uniform=True), _cand("u2", 5.0, uniform=True), _cand("a", 3.0), _cand("b", 3.1)], 2, [2, 0]),
+])
+def test_finetune_choice_takes_the_best_of_each_proposal_first(cands, limit, expected) -> None:
+    assert SelectPlanPass.finetune_choice(cands, limit) == expected
 
 
 def test_selection_scores_are_cached_by_model_data_and_settings(tmp_path, monkeypatch) -> None:

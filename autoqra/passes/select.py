@@ -132,6 +132,9 @@ class Candidate:
     loss_ft: float | None = None
     note: str = ""
     layers: dict[str, Choice] = field(default_factory=dict)
+    #: the proposal it came from (the λ value's plans share one: the evolutionary solver's front
+    #: points); empty: its own label
+    family: str = ""
 
     def score(self, finetuned: bool) -> float:
         value = self.loss_ft if finetuned else self.loss0
@@ -190,6 +193,7 @@ class SelectPlanPass(PassBase):
             "kind": "selection",
             "config": self.config.to_dict(),
             "candidates": [[c.label, [list(ch) for ch in c.choices], c.bytes] for c in cands],
+            "families": [c.family for c in cands],  # which get the fine-tune (`finetune_choice`)
             "groups": list(base.groups),
             "lambda_unit": repr(unit),
             "build": {"backend": m.backend, "group_size": m.group_size, "alpha": m.alpha,
@@ -254,7 +258,7 @@ class SelectPlanPass(PassBase):
                     continue
                 seen.add(choices)
                 found.append(Candidate(label=name, choices=choices, bytes=int(result.cost), proxy=proxy,
-                                       uniform=False))
+                                       uniform=False, family=label))
         return found, unit
 
     # -- measurement ----------------------------------------------------------------------------
@@ -381,11 +385,7 @@ class SelectPlanPass(PassBase):
         bar.close()
         finetuned = cfg.objective == "finetune" and cfg.score_steps > 0
         if finetuned:
-            order = sorted(range(len(cands)), key=lambda i: (cands[i].score(False), i))
-            chosen = order[: cfg.max_finetuned]
-            best_uniform = next((i for i in order if cands[i].uniform), None)
-            if best_uniform is not None and best_uniform not in chosen:
-                chosen = [*chosen[: cfg.max_finetuned - 1], best_uniform]
+            chosen = self.finetune_choice(cands, cfg.max_finetuned)
             # only the fine-tuned candidates' modules are needed again: drop the others' (bounded memory)
             needed = {(n, *c) for i in chosen for n, c in cands[i].layers.items()}
             for key in [k for k in built if k not in needed]:
@@ -406,6 +406,27 @@ class SelectPlanPass(PassBase):
         self._cache.put_json(cache_key, {"finetuned": finetuned,
                                          "scores": [[c.loss0, c.loss_ft, c.note] for c in cands]})
         return self._choose(program, base, cands, win, built, unit, finetuned)
+
+    @staticmethod
+    def finetune_choice(cands: list[Candidate], limit: int) -> list[int]:
+        """Indices of the candidates that get the short fine-tune: the best by step-0 loss of each
+        proposal first (so one λ's several front points cannot crowd the other λ values out: the
+        step-0 loss favours the error-only plans the fine-tune exists to check), then the rest by
+        step-0 loss, at most ``limit``; the best uniform plan always among them."""
+        order = sorted(range(len(cands)), key=lambda i: (cands[i].score(False), i))
+        heads: list[int] = []
+        seen: set[str] = set()
+        for i in order:
+            family = cands[i].family or cands[i].label
+            if family not in seen:
+                seen.add(family)
+                heads.append(i)
+        ranked = heads + [i for i in order if i not in heads]
+        chosen = sorted(ranked[:limit], key=lambda i: (cands[i].score(False), i))
+        best_uniform = next((i for i in order if cands[i].uniform), None)
+        if best_uniform is not None and best_uniform not in chosen:
+            chosen = [*chosen[: limit - 1], best_uniform]
+        return chosen
 
     @staticmethod
     def _winner(cands: list[Candidate], finetuned: bool) -> int:
