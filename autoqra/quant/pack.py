@@ -86,6 +86,8 @@ def unpack(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor:
         )
         codes = torch.stack(parts, dim=1)
     else:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        codes = (packed[:need, None] >> shifts) & ((1 << bits) - 1)
+        # one contiguous shift/mask per position, then one interleave (~2x faster on CPU than a
+        # broadcast shift over a [bytes, positions] view)
+        data, mask = packed[:need], (1 << bits) - 1
+        codes = torch.stack([(data >> j) & mask if j else data & mask for j in range(0, 8, bits)], dim=1)
     return codes.reshape(-1)[:n_values]
