@@ -130,8 +130,9 @@ def run_demo(
             ("autoqra deploy", target, {"solver": solver, "objective": "deploy"}, True, False),
         ]
     rows = results["rows"]
-    # one quantization memo for every compile: the uniform compiles reuse the default compile's roundings
-    with quant_memo():
+    # one memo for every compile: the uniform compiles reuse the default compile's roundings, and the
+    # uniform plan the selection built as a candidate (LoftQ inits kept: ~0.5 GB for SmolLM2)
+    with quant_memo(1 << 30, inits=True):
         for label, nbytes, kwargs, tune, is_uniform in variants:
             work = copy.deepcopy(model)
             t = time.perf_counter()

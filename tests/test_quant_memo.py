@@ -83,3 +83,28 @@ def test_the_sensitivity_pass_and_the_builds_round_identically() -> None:
     # the sensitivity pass: one miss per (layer, bits); the materialized plan: one hit per layer
     assert memo.stats()["misses"] == 2 * n_layers
     assert memo.stats()["hits"] == n_layers
+
+
+@pytest.mark.parametrize(("bits", "rank"), [(3, 8), (4, 0), (2, 4)])
+def test_loftq_inits_are_kept_only_when_asked_and_equal_a_fresh_build(bits: int, rank: int) -> None:
+    from autoqra.quant.loftq import loftq_init
+
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(bits))
+    d = torch.rand(128, generator=torch.Generator().manual_seed(1)) + 0.1
+    g = torch.rand(48, generator=torch.Generator().manual_seed(2)) + 0.1
+    fresh = loftq_init(w, bits, rank, d=d, g=g)
+    with quant_memo(reuse=False) as memo:  # a compile's own memo: roundings only
+        loftq_init(w, bits, rank, d=d, g=g)
+        loftq_init(w, bits, rank, d=d, g=g)
+        assert not any(k[0] == "loftq" for k in memo._items)
+    with quant_memo(reuse=False, inits=True) as memo:
+        first = loftq_init(w, bits, rank, d=d, g=g)
+        hits = memo.stats()["hits"]
+        again = loftq_init(w.clone(), bits, rank, d=d.clone(), g=g.clone())
+        assert memo.stats()["hits"] == hits + 1  # the whole init from memory
+        other = loftq_init(w, bits, rank, d=d, g=g.flip(0))  # other statistics: built anew
+        assert memo.stats()["hits"] == hits + 2  # a miss for the init; its first rounding (g-free) hits
+    for got in (first, again):
+        assert _same(got[0], fresh[0]) and torch.equal(got[1], fresh[1]) and torch.equal(got[2], fresh[2])
+    assert again[0].packed.data_ptr() != first[0].packed.data_ptr()  # callers own their tensors
+    assert rank == 0 or not torch.equal(other[2], fresh[2])

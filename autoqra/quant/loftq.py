@@ -26,7 +26,7 @@ import torch
 
 from autoqra.errors import ConfigError, QuantizationError
 from autoqra.quant.base import QuantBackend, QuantizedWeight, QuantSpec, check_weight, get_backend
-from autoqra.quant.memo import quantize_memo
+from autoqra.quant.memo import active_memo, quantize_memo
 
 __all__ = ["loftq_init", "lowrank_factors", "clamp_stat", "input_importance"]
 
@@ -156,6 +156,13 @@ def loftq_init(
         def quant(x: torch.Tensor) -> QuantizedWeight:
             return quantizer.quantize(x, spec, importance=importance, name=name)
 
+    memo = active_memo()
+    init_key = None
+    if memo is not None and memo.inits and chol is None and w.device.type == "cpu":
+        init_key = memo.init_key(quantizer, spec, rank, iters, w, d, g)
+        hit = memo.get(init_key)
+        if hit is not None:
+            return hit  # type: ignore[return-value]
     a = w.new_zeros(rank, in_f)
     b = w.new_zeros(out_f, rank)
     # the first rounding is of the weight itself: the sensitivity pass (or another candidate) may have done it
@@ -179,4 +186,7 @@ def loftq_init(
             a = torch.linalg.solve_triangular(chol, a, upper=False, left=False)
         elif d is not None:
             a = a / d.unsqueeze(0)
-    return qw, a.contiguous(), b.contiguous()
+    result = (qw, a.contiguous(), b.contiguous())
+    if init_key is not None:
+        memo.put(init_key, result)
+    return result

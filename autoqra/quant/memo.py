@@ -7,6 +7,14 @@ quant_memo():`` those calls are answered from memory: the key is the backend (wi
 the spec, and the raw bytes of the weight and of the importance (content, not identity: a deep
 copy of the model hits as well), so a hit returns exactly what the backend would have computed.
 
+With ``quant_memo(inits=True)`` it also keeps whole LoftQ inits ``(Q, A, B)``
+(`autoqra.quant.loftq.loftq_init`), keyed by the weight, its statistics ``d`` / ``g``, the rank and
+the iterations: a later compile that builds the same layer at the same (bits, rank) copies it
+instead of re-running the alternating quantization and SVDs. Within one compile every
+(layer, bits, rank) is built once anyway, so `autoqra.compile`'s own memo leaves this off (no
+memory spent on it); ``autoqra demo`` turns it on around its compiles (the selection's uniform
+candidates are the uniform rows it compiles next).
+
 The memo is bounded (``max_bytes`` of quantized tensors, least recently used dropped first) and
 lives only while the ``with`` block runs; `autoqra.compile` opens one unless one is open already
 (``autoqra demo`` opens one around all its compiles, so the uniform compiles reuse the default
@@ -45,24 +53,37 @@ def _digest(t: torch.Tensor | None) -> str:
     return h.hexdigest()
 
 
-def _nbytes(qw: QuantizedWeight) -> int:
-    extra = 0 if qw.codebook is None else qw.codebook.numel() * qw.codebook.element_size()
-    return sum(t.numel() * t.element_size() for t in (qw.packed, qw.scale, qw.zero)) + extra
+#: what the memo holds: a quantized weight, or a LoftQ init ``(Q, A, B)``
+Entry = QuantizedWeight | tuple[QuantizedWeight, torch.Tensor, torch.Tensor]
 
 
-def _clone(qw: QuantizedWeight) -> QuantizedWeight:
-    return replace(qw, packed=qw.packed.clone(), scale=qw.scale.clone(), zero=qw.zero.clone(),
-                   codebook=None if qw.codebook is None else qw.codebook.clone())
+def _nbytes(entry: Entry) -> int:
+    if isinstance(entry, tuple):
+        qw, *factors = entry
+        return _nbytes(qw) + sum(t.numel() * t.element_size() for t in factors)
+    extra = 0 if entry.codebook is None else entry.codebook.numel() * entry.codebook.element_size()
+    return sum(t.numel() * t.element_size() for t in (entry.packed, entry.scale, entry.zero)) + extra
+
+
+def _clone(entry: Entry) -> Entry:
+    if isinstance(entry, tuple):
+        qw, *factors = entry
+        return (_clone(qw), *(t.clone() for t in factors))  # type: ignore[return-value]
+    return replace(entry, packed=entry.packed.clone(), scale=entry.scale.clone(), zero=entry.zero.clone(),
+                   codebook=None if entry.codebook is None else entry.codebook.clone())
 
 
 class QuantMemo:
-    """A bounded least-recently-used map from (backend, spec, weight, importance) to the result."""
+    """A bounded least-recently-used map from (backend, spec, weight, importance) to the quantized
+    weight, and from (backend, spec, rank, iterations, weight, d, g) to a LoftQ init."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, inits: bool = False) -> None:
         if not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, ...], QuantizedWeight] = OrderedDict()
+        #: also keep LoftQ inits (see the module docstring)
+        self.inits = inits
+        self._items: OrderedDict[tuple[str, ...], Entry] = OrderedDict()
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -72,7 +93,13 @@ class QuantMemo:
             importance: torch.Tensor | None) -> tuple[str, ...]:
         return (repr(backend), str(spec.bits), str(spec.group_size), _digest(weight), _digest(importance))
 
-    def get(self, key: tuple[str, ...]) -> QuantizedWeight | None:
+    @staticmethod
+    def init_key(backend: QuantBackend, spec: QuantSpec, rank: int, iters: int, weight: torch.Tensor,
+                 d: torch.Tensor | None, g: torch.Tensor | None) -> tuple[str, ...]:
+        return ("loftq", repr(backend), str(spec.bits), str(spec.group_size), str(rank), str(iters),
+                _digest(weight), _digest(d), _digest(g))
+
+    def get(self, key: tuple[str, ...]) -> Entry | None:
         qw = self._items.get(key)
         if qw is None:
             self.misses += 1
@@ -81,11 +108,11 @@ class QuantMemo:
         self._items.move_to_end(key)
         return _clone(qw)  # callers own their tensors (a module may re-lay them out)
 
-    def put(self, key: tuple[str, ...], qw: QuantizedWeight) -> None:
-        size = _nbytes(qw)
+    def put(self, key: tuple[str, ...], entry: Entry) -> None:
+        size = _nbytes(entry)
         if size > self.max_bytes or key in self._items:
             return
-        self._items[key] = _clone(qw)
+        self._items[key] = _clone(entry)
         self._bytes += size
         while self._bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
@@ -106,12 +133,13 @@ def active_memo() -> QuantMemo | None:
 
 
 @contextlib.contextmanager
-def quant_memo(max_bytes: int = DEFAULT_MAX_BYTES, *, reuse: bool = True) -> Iterator[QuantMemo]:
-    """Open a memo for the ``with`` block (``reuse``: join an open one instead of nesting a new one)."""
+def quant_memo(max_bytes: int = DEFAULT_MAX_BYTES, *, reuse: bool = True, inits: bool = False) -> Iterator[QuantMemo]:
+    """Open a memo for the ``with`` block (``reuse``: join an open one instead of nesting a new one;
+    ``inits``: keep LoftQ inits too)."""
     if reuse and _ACTIVE:
         yield _ACTIVE[-1]
         return
-    memo = QuantMemo(max_bytes)
+    memo = QuantMemo(max_bytes, inits=inits)
     _ACTIVE.append(memo)
     try:
         yield memo
@@ -130,7 +158,7 @@ def quantize_memo(backend: QuantBackend, weight: torch.Tensor, spec: QuantSpec, 
     key = memo.key(backend, spec, weight, importance)
     hit = memo.get(key)
     if hit is not None:
-        return hit
+        return hit  # type: ignore[return-value]
     qw = backend.quantize(weight, spec, importance=importance, name=name)
     memo.put(key, qw)
     return qw
