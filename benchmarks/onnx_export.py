@@ -8,6 +8,8 @@ Plans (data-free, ``objective="deploy"``, so the run needs no calibration):
 * ``4-bit + 8-bit lm_head``: as ``mostly 4-bit`` with the (tied) ``lm_head`` included and pinned to
   8 bits, at 6.3 bits a weight: what an edge deployment ships (the fp32 vocabulary projection is
   most of a small model's bytes read per decoded token; the embedding stays float for its lookup).
+* ``uniform 4-bit r8 + 4-bit lm_head``: every layer and the ``lm_head`` at 4 bits, rank 8 (no 8-bit
+  layers: their kernel is the slow one at decode).
 
 Each is exported with the KV cache at ``accuracy_level`` 4 (int8 activations: the fast CPU kernels)
 and 0 (exact fp32) and verified
@@ -127,6 +129,8 @@ def main() -> None:
                         help="Lee evaluation windows of 512 tokens for the perplexity of each file (default 4; 0: skip)")
     parser.add_argument("--plans", default=None,
                         help="comma-separated plan names to run (default: all; --quick: the first two)")
+    parser.add_argument("--out", default=None,
+                        help="results name under benchmarks/results (default onnx_export, onnx_export_quick with --quick)")
     parser.add_argument("--skip-latency", action="store_true",
                         help="quality only: no latency figures (writes onnx_export_quality.json)")
     args = parser.parse_args()
@@ -154,7 +158,8 @@ def main() -> None:
         plans = {"mostly 4-bit": dict(bits=(4, 8), ranks=(8,), budget="5.3bits"),
                  "mixed 2/3/4/8": dict(bits=(2, 3, 4, 8), ranks=(0, 8), budget="5bits"),
                  "4-bit + 8-bit lm_head": dict(bits=(4, 8), ranks=(8,), budget="6.3bits", include=("lm_head",),
-                                                patterns={"lm_head": {"bits": 8}})}
+                                                patterns={"lm_head": {"bits": 8}}),
+                 "uniform 4-bit r8 + 4-bit lm_head": dict(bits=(4,), ranks=(8,), budget="8bits", include=("lm_head",))}
     if args.plans is not None:
         wanted = [p.strip() for p in args.plans.split(",") if p.strip()]
         unknown = [p for p in wanted if p not in plans]
@@ -174,6 +179,8 @@ def main() -> None:
     name = "onnx_export_quick" if args.quick else "onnx_export"
     if args.skip_latency:
         name += "_quality"
+    if args.out:
+        name = args.out
     if windows is not None and not len(windows):
         windows = None
 

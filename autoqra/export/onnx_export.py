@@ -251,7 +251,7 @@ def export_onnx(
     try:
         counts = _swap_for_export(model, adapters, accuracy_level, dtype, swapped)
         model.eval()
-        wrapper = DecoderWithPast(model) if with_past else DecoderLogits(model)
+        wrapper = (DecoderWithPast(model) if with_past else DecoderLogits(model)).eval()  # no training-mode warning
         args, dynamic, input_names, output_names = _trace_inputs(wrapper, shape if with_past else None,
                                                                  shape.vocab, dtype)
         logger.info("exporting to ONNX (%d packed layers: %s)", len(layers), counts)
