@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -93,7 +94,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, tokenizer = load_default_model()
     _summary(model, args)
     print()
-    run_demo(print, full=args.full, out_dir=args.out, budget=args.budget, calib_windows=args.calib_windows,
+    # flushed lines: a piped or logged demo (`| tee`, CI) shows each step as it ends, not at exit
+    run_demo(functools.partial(print, flush=True), full=args.full, out_dir=args.out, budget=args.budget, calib_windows=args.calib_windows,
              eval_windows=args.eval_windows, solver=args.solver, group_size=args.group_size,
              finetune_steps=args.finetune_steps, model=model, tokenizer=tokenizer, progress=not args.quiet)
     return 0

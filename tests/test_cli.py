@@ -201,3 +201,30 @@ def test_export_checks_the_folder_before_loading_the_base(tmp_path, capsys):
     code = main(["export", str(tmp_path), "--base", "/does/not/exist", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_demo_lines_are_flushed_as_they_come(monkeypatch):  # noqa: ANN001
+    """A piped demo (`| tee`, CI logs) must show each step when it ends: every line is flushed."""
+    import sys
+
+    from autoqra import cli, demo, zoo
+
+    flushes: list[str] = []
+
+    class Out:
+        def write(self, text: str) -> int:
+            return len(text)
+
+        def flush(self) -> None:
+            flushes.append("flush")
+
+    def fake_run_demo(emit, **_kwargs):  # noqa: ANN001
+        before = len(flushes)
+        emit("step done")
+        assert len(flushes) == before + 1
+
+    monkeypatch.setattr(zoo, "load_default_model", lambda: (object(), None))
+    monkeypatch.setattr(cli, "_summary", lambda *a: None)
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(sys, "stdout", Out())
+    assert cli.main(["demo"]) == 0
