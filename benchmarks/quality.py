@@ -45,7 +45,7 @@ from autoqra.report import table  # noqa: E402
 from autoqra.train import finetune  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 
-ROWS = ("default", "uniform", "deploy", "evolutionary", "fp32", "uniform4", "qlora", "hqq", "hqq4")
+ROWS = ("default", "uniform", "deploy", "evolutionary", "fp32", "uniform4", "qlora", "hqq", "hqq4", "lambda1", "lambda2")
 
 
 def _data(quick: bool, calib_windows: int, eval_windows: int):
@@ -90,6 +90,9 @@ def _row_kwargs(row: str, bits: int | None, budget: int) -> tuple[int | str, dic
         return budget, {}
     if row == "deploy":
         return budget, {"objective": "deploy"}
+    if row in ("lambda1", "lambda2"):  # one fixed plasticity weight instead of the fitted one (the selection
+        # still measures it against the uniform plans): does a longer horizon want more rank than 8 steps pick?
+        return budget, {"lambda_": float(row[-1])}
     if row == "evolutionary":
         return budget, {"solver": "evolutionary"}
     if row == "hqq":
