@@ -354,3 +354,27 @@ def test_int4_layout_forward_matches_the_dequantized_weight_on_both_sides_of_the
     # the int4 kernel runs with bf16 activations (few rows); the chunked path is the float reference itself
     tol = 1e-2 if rows < KERNEL_MAX_ROWS and layer.layout == "int4_cpu" else 1e-5
     assert float((y - ref).norm() / ref.norm()) < tol
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 2 * 256, 3 * 256])  # one piece; 2 rows; 3 rows (a short tail)
+@pytest.mark.parametrize(("bits", "fast_path"), [(3, True), (4, True), (4, False), (2, True)])
+def test_row_chunks_forward_and_input_gradient(monkeypatch: pytest.MonkeyPatch, chunk_elements: int, bits: int,
+                                               fast_path: bool) -> None:
+    """Many input rows take the dequantized path, in one piece or in row chunks: the same product and
+    input gradient as the dense weight, whatever the chunking."""
+    import autoqra.modules.quant_lora_linear as qll
+
+    monkeypatch.setattr(qll, "_CHUNK_ELEMENTS", chunk_elements)
+    m = QuantLoRALinear.from_linear(nn.Linear(200, 128), bits, 4)
+    m.fast_path = fast_path
+    n_chunks = len(m._row_chunks())
+    assert (n_chunks == 1) == (chunk_elements == 1 << 24)
+    x = torch.randn(qll.KERNEL_MAX_ROWS + 7, 200, requires_grad=True)  # enough rows for the float path
+    m(x).square().sum().backward()
+    w = (m.dequantized_weight() + m.delta_weight()).detach()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = nn.functional.linear(x_ref, w, m.bias)
+    ref.square().sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-3)

@@ -565,9 +565,12 @@ class QuantLoRALinear(nn.Module):
     def _packed_mm_t(self, grad: torch.Tensor) -> torch.Tensor:
         """``grad [n, out] @ W_q`` (the input gradient), dequantizing in row chunks."""
         with torch.no_grad():
+            chunks = self._row_chunks()
+            if len(chunks) == 1:  # one piece: no zero-filled accumulator
+                return grad @ self._dequantized_rows(0, self.out_features, grad.dtype)
             out = grad.new_zeros(grad.shape[0], self.in_features)
-            step = self._row_chunks().step
-            for start in self._row_chunks():
+            step = chunks.step
+            for start in chunks:
                 stop = min(start + step, self.out_features)
                 out.addmm_(grad[:, start:stop], self._dequantized_rows(start, stop, grad.dtype))
         return out
