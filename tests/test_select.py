@@ -170,6 +170,13 @@ def _cand(label: str, loss0: float, family: str = "", uniform: bool = False) -> 
       _cand("λ=0.5", 3.3, "λ=0.5")], 4, [1, 2, 3, 0]),
     # the best uniform plan always gets a slot
     ([_cand("u3", 4.0, uniform=True), _cand("u2", 5.0, uniform=True), _cand("a", 3.0), _cand("b", 3.1)], 2, [2, 0]),
+    # the default (no limit): every λ value's plan, however far down step 0 ranks it (step-0 loss rises with
+    # λ by construction), + the best uniform plan; the worse uniform plan and extra front points are left out
+    ([_cand("u3", 3.8, uniform=True), _cand("u2", 5.4, uniform=True), _cand("deploy", 3.60, "deploy"),
+      _cand("λ=0.25", 3.63, "λ=0.25"), _cand("λ=0.5", 3.62, "λ=0.5"), _cand("λ=1", 3.64, "λ=1"),
+      _cand("λ=2", 3.66, "λ=2"), _cand("λ=2 #2", 3.61, "λ=2")], None, [2, 7, 4, 3, 5, 0]),
+    # no uniform plan fits: the λ plans only
+    ([_cand("deploy", 3.0), _cand("λ=1", 3.5)], None, [0, 1]),
 ])
 def test_finetune_choice_takes_the_best_of_each_proposal_first(cands, limit, expected) -> None:
     assert SelectPlanPass.finetune_choice(cands, limit) == expected

@@ -10,10 +10,15 @@ reach). So the proxy only *proposes*; measurement *chooses*:
 2. **Low fidelity** (every candidate): materialize it (layers are built once per (layer, bits,
    rank) and shared between candidates), measure the next-token loss on the held-back slice of
    the calibration data (never the evaluation data), put the original layers back.
-3. **High fidelity** (``objective="finetune"``): the best ``max_finetuned`` candidates by low
-   fidelity (the best uniform plan always among them) get a short fine-tune of their adapters on
-   the calibration batches (same steps, data order and learning rate for all), then the same
-   held-back loss. A candidate whose fine-tune diverges (non-finite loss) is dropped.
+3. **High fidelity** (``objective="finetune"``): by default every λ value's plan (the best by low
+   fidelity when a solver proposes several per λ) and the best uniform plan get a short fine-tune of
+   their adapters on the calibration batches (same steps, data order and learning rate for all), then
+   the same held-back loss: λ is *fitted* by this measurement, and the step-0 loss cannot pre-select
+   among the λ plans, since it rises with λ by construction (measured on SmolLM2 at the bytes of
+   uniform 3-bit r8: step-0 ranked λ = 1 fourth and left it out of a 4-plan cut; fine-tuned, it scored
+   best, and after 100 steps it reached 25.82 against the λ = 0.5 plan's 26.24). ``max_finetuned``
+   caps the count instead (the best of each λ first, the best uniform plan always among them). A
+   candidate whose fine-tune diverges (non-finite loss) is dropped.
 
 The winner is the lowest score at the highest fidelity reached; ties go to the earlier
 candidate (uniform plans come first). The scores are in ``program.state['selection']`` and in
@@ -72,7 +77,8 @@ class SelectConfig:
         lambda_: one fixed normalized ``λ`` (no fitting among several).
         uniform: include the uniform plans that fit among the candidates (no-regret baseline).
         score_steps: adapter steps of the short fine-tune (high fidelity; 0: low fidelity only).
-        max_finetuned: candidates that get the short fine-tune.
+        max_finetuned: candidates that get the short fine-tune (``None``: every λ value's best plan
+            and the best uniform plan; see the module docstring).
         lr / batch_size / seq_len / seed: the short fine-tune's recipe (AdamW, constant lr).
     """
 
@@ -81,7 +87,7 @@ class SelectConfig:
     lambda_: float | None = None
     uniform: bool = True
     score_steps: int = 8
-    max_finetuned: int = 4
+    max_finetuned: int | None = None
     lr: float = 5e-4
     batch_size: int = 2
     seq_len: int = 256
@@ -99,6 +105,8 @@ class SelectConfig:
             raise ConfigError(f"lambdas must be non-negative numbers, got {self.lambdas!r}")
         for name in ("score_steps", "max_finetuned", "batch_size", "seq_len"):
             value = getattr(self, name)
+            if name == "max_finetuned" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "score_steps" else 1):
                 raise ConfigError(f"SelectConfig.{name} must be a positive int, got {value!r}")
         if not self.lr > 0:
@@ -408,12 +416,21 @@ class SelectPlanPass(PassBase):
         return self._choose(program, base, cands, win, built, unit, finetuned)
 
     @staticmethod
-    def finetune_choice(cands: list[Candidate], limit: int) -> list[int]:
-        """Indices of the candidates that get the short fine-tune: the best by step-0 loss of each
+    def finetune_choice(cands: list[Candidate], limit: int | None) -> list[int]:
+        """Indices of the candidates that get the short fine-tune. ``limit=None``: the best by step-0
+        loss of each proposal (λ value) and the best uniform plan. Otherwise the best of each
         proposal first (so one λ's several front points cannot crowd the other λ values out: the
         step-0 loss favours the error-only plans the fine-tune exists to check), then the rest by
         step-0 loss, at most ``limit``; the best uniform plan always among them."""
         order = sorted(range(len(cands)), key=lambda i: (cands[i].score(False), i))
+        if limit is None:
+            heads, seen = [], set()
+            for i in order:
+                if not cands[i].uniform and (cands[i].family or cands[i].label) not in seen:
+                    seen.add(cands[i].family or cands[i].label)
+                    heads.append(i)
+            uniform = next((i for i in order if cands[i].uniform), None)
+            return sorted(heads + ([] if uniform is None else [uniform]), key=lambda i: (cands[i].score(False), i))
         heads: list[int] = []
         seen: set[str] = set()
         for i in order:
