@@ -422,25 +422,22 @@ class SelectPlanPass(PassBase):
         proposal first (so one λ's several front points cannot crowd the other λ values out: the
         step-0 loss favours the error-only plans the fine-tune exists to check), then the rest by
         step-0 loss, at most ``limit``; the best uniform plan always among them."""
-        order = sorted(range(len(cands)), key=lambda i: (cands[i].score(False), i))
-        if limit is None:
-            heads, seen = [], set()
-            for i in order:
-                if not cands[i].uniform and (cands[i].family or cands[i].label) not in seen:
-                    seen.add(cands[i].family or cands[i].label)
-                    heads.append(i)
-            uniform = next((i for i in order if cands[i].uniform), None)
-            return sorted(heads + ([] if uniform is None else [uniform]), key=lambda i: (cands[i].score(False), i))
-        heads: list[int] = []
+        def by_step0(i: int) -> tuple[float, int]:
+            return cands[i].score(False), i
+
+        order = sorted(range(len(cands)), key=by_step0)
+        best_uniform = next((i for i in order if cands[i].uniform), None)
+        heads: list[int] = []  # the best of each proposal (with a limit, each uniform plan is its own)
         seen: set[str] = set()
         for i in order:
             family = cands[i].family or cands[i].label
-            if family not in seen:
+            if family not in seen and not (limit is None and cands[i].uniform):
                 seen.add(family)
                 heads.append(i)
+        if limit is None:
+            return sorted(heads + ([] if best_uniform is None else [best_uniform]), key=by_step0)
         ranked = heads + [i for i in order if i not in heads]
-        chosen = sorted(ranked[:limit], key=lambda i: (cands[i].score(False), i))
-        best_uniform = next((i for i in order if cands[i].uniform), None)
+        chosen = sorted(ranked[:limit], key=by_step0)
         if best_uniform is not None and best_uniform not in chosen:
             chosen = [*chosen[: limit - 1], best_uniform]
         return chosen
