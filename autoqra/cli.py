@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter fine-tuning steps after compiling (default 10; 0 skips)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--fast", dest="full", action="store_false",
-                      help="default: fp32, uniform 4/3-bit r8 and the autoqra default (~10 min on 2 cores)")
+                      help="default: fp32, uniform 4/3-bit r8 and the autoqra default (~9 min on 2 cores)")
     mode.add_argument("--full", dest="full", action="store_true",
                       help="also uniform 2-bit r8 and the deploy plan, all fine-tuned, 16 evaluation windows")
     p.add_argument("--out", default="demo_out", help="summary.png, report.md, results.json (default demo_out)")

@@ -3,7 +3,7 @@
 `run_demo(emit)` loads the model and text (or takes them), calibrates once, and compares on the Lee
 evaluation split, at the bytes of uniform 3-bit rank 8 (or ``budget``):
 
-* **fast** (default, ~10 minutes on 2 cores): fp32; uniform 4-bit r8 (as compiled: a point of the
+* **fast** (default, ~9 minutes on 2 cores): fp32; uniform 4-bit r8 (as compiled: a point of the
   uniform line); uniform 3-bit r8 and the autoqra default, each before and after a short adapter
   fine-tune; 8 evaluation windows.
 * **full** (``full=True``): also uniform 2-bit r8 and the autoqra ``deploy`` plan, every quantized
