@@ -26,7 +26,7 @@ from autoqra.passes.select import OBJECTIVES, SelectConfig, SelectPlanPass
 from autoqra.passes.sensitivity import EstimateSensitivityPass
 from autoqra.passes.validate import ValidatePlanPass
 from autoqra.plan import Plan
-from autoqra.quant.memo import quant_memo
+from autoqra.quant.memo import active_memo, quant_memo
 from autoqra.search.estimators import check_estimator_inputs, default_estimator
 from autoqra.search.pareto import ParetoPoint, pareto_front
 from autoqra.search.plasticity import EstimatePlasticityPass
@@ -293,7 +293,8 @@ def compile(  # noqa: A001  (the product's verb)
     back: list = []
     if select_config is not None:
         back.append(SelectPlanPass(search, materializer, select_config, train=list(train), holdout=list(held),
-                                   progress=progress, cache_dir=None if cache is None else cache / "selection"))
+                                   progress=progress, cache_dir=None if cache is None else cache / "selection",
+                                   free_memo=active_memo() is None))
     else:
         back.append(search)
     back.append(ValidatePlanPass(backend=backend, group_size=group_size, budget=budget))

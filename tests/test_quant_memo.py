@@ -108,3 +108,32 @@ def test_loftq_inits_are_kept_only_when_asked_and_equal_a_fresh_build(bits: int,
         assert _same(got[0], fresh[0]) and torch.equal(got[1], fresh[1]) and torch.equal(got[2], fresh[2])
     assert again[0].packed.data_ptr() != first[0].packed.data_ptr()  # callers own their tensors
     assert rank == 0 or not torch.equal(other[2], fresh[2])
+
+
+@pytest.mark.parametrize("outer", [False, True], ids=["compile's own memo", "an outer memo"])
+def test_compile_empties_its_own_memo_before_the_short_fine_tunes(outer: bool, monkeypatch) -> None:  # noqa: ANN001
+    """The roundings serve the candidates' builds; during the short fine-tunes compile's own memo holds
+    nothing (memory for the fine-tune), while a memo the caller opened keeps its entries."""
+    from autoqra.passes.select import SelectPlanPass
+
+    held: list[int] = []
+    original = SelectPlanPass._finetune_loss
+
+    def spy(self, program, modules):  # noqa: ANN001, ANN202
+        held.append(active_memo().nbytes)
+        return original(self, program, modules)
+
+    monkeypatch.setattr(SelectPlanPass, "_finetune_loss", spy)
+    torch.manual_seed(0)
+    model = tiny_llama()
+    kwargs = dict(calib=CALIB, cache_dir=None, progress=False, ranks=(0, 4, 8),
+                  select=SelectConfig(score_steps=1, lambdas=(1.0,)))
+    if outer:
+        with quant_memo() as memo:
+            result = autoqra.compile(model, "5bits", **kwargs)
+            assert memo.nbytes > 0
+    else:
+        result = autoqra.compile(model, "5bits", **kwargs)
+    assert held, "no candidate was fine-tuned"
+    assert all(n > 0 for n in held) if outer else all(n == 0 for n in held)
+    assert result.report["quant_memo"]["hits"] > 0  # the builds still reused the sensitivity pass's roundings

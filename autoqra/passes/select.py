@@ -56,6 +56,7 @@ from autoqra.passes.base import PassBase, PassResult
 from autoqra.passes.materialize import MaterializePass, restore, swap_in
 from autoqra.passes.search import SearchPass
 from autoqra.progress import tqdm_disable
+from autoqra.quant.memo import active_memo
 from autoqra.search.problem import Choice, SearchProblem
 
 __all__ = ["OBJECTIVES", "Candidate", "SelectConfig", "SelectPlanPass", "lambda_unit"]
@@ -183,8 +184,11 @@ class SelectPlanPass(PassBase):
 
     def __init__(self, search: SearchPass, materialize: MaterializePass, config: SelectConfig, *,
                  train: list[torch.Tensor], holdout: list[torch.Tensor], progress: bool | None = None,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, free_memo: bool = False) -> None:
         self.search = search
+        #: empty the open quantization memo once every candidate is built: nothing reads it afterwards
+        #: (the fine-tunes and the rewrite use the built modules); `compile` sets it for its own memo only
+        self.free_memo = free_memo
         self.materialize = materialize
         self.config = config
         self.train = train
@@ -391,6 +395,9 @@ class SelectPlanPass(PassBase):
             bar.update(1)
             bar.set_postfix_str(f"{cand.label}: {cand.loss0:.4f}")
         bar.close()
+        memo = active_memo()
+        if self.free_memo and memo is not None:
+            memo.clear()  # its roundings served the builds; the short fine-tunes need the memory more
         finetuned = cfg.objective == "finetune" and cfg.score_steps > 0
         if finetuned:
             chosen = self.finetune_choice(cands, cfg.max_finetuned)

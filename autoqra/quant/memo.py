@@ -118,6 +118,11 @@ class QuantMemo:
             _, old = self._items.popitem(last=False)
             self._bytes -= _nbytes(old)
 
+    def clear(self) -> None:
+        """Drop every entry (the hit and miss counts stay)."""
+        self._items.clear()
+        self._bytes = 0
+
     @property
     def nbytes(self) -> int:
         """Bytes of quantized tensors held now."""
