@@ -14,6 +14,11 @@ The better cure is another allocator: with jemalloc preloaded (``LD_PRELOAD``; D
 ``apt install libjemalloc2``) the same run peaked at 0.96–1.0 GiB at full speed. `find_jemalloc`
 locates the library; ``autoqra finetune --jemalloc`` re-executes itself with it preloaded.
 
+`trim_heap` hands the heap's free pages back to the system (glibc's ``malloc_trim``; a no-op with
+other allocators). The pass manager calls it after every pass and the selection before its short
+fine-tunes: what calibration freed (its activations and weight gradients) is then not held as free
+heap while the fine-tunes allocate theirs (measured on SmolLM2, see benchmarks/RESULTS.md).
+
 `set_malloc_mmap_threshold` fixes the threshold (which also switches the dynamic adjustment off)
 for the current process, like starting it with ``MALLOC_MMAP_THRESHOLD_=<bytes>``. It is a
 process-wide setting, so the library never calls it on its own: ``autoqra finetune
@@ -32,7 +37,7 @@ from pathlib import Path
 
 from autoqra.errors import ConfigError, UnsupportedPlatformError
 
-__all__ = ["find_jemalloc", "jemalloc_loaded", "parse_bytes", "set_malloc_mmap_threshold"]
+__all__ = ["find_jemalloc", "jemalloc_loaded", "parse_bytes", "set_malloc_mmap_threshold", "trim_heap"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,28 @@ def set_malloc_mmap_threshold(nbytes: int | str) -> int:
         raise UnsupportedPlatformError(f"mallopt(M_MMAP_THRESHOLD, {value}) was refused by {name}")
     logger.info("malloc mmap threshold fixed at %d bytes for this process", value)
     return value
+
+
+_TRIM: list = []  # glibc's malloc_trim, looked up once ([None] when the C library has none)
+
+
+def trim_heap() -> bool:
+    """Return the heap's free pages to the system (glibc ``malloc_trim(0)``); False (nothing done)
+    when the C library has no ``malloc_trim`` or another allocator (jemalloc) is loaded."""
+    if not _TRIM:
+        fn = None
+        if not jemalloc_loaded():
+            try:
+                fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+            except (OSError, AttributeError):
+                fn = None
+        _TRIM.append(fn)
+    fn = _TRIM[0]
+    if fn is None:
+        return False
+    fn(0)
+    return True
 
 
 #: where distributions put jemalloc (Debian/Ubuntu multiarch, Fedora/RHEL, conda, Homebrew)

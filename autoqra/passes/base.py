@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from autoqra.errors import AutoQRAError, PassFailedError, PassOrderError
 from autoqra.ir.program import Program
+from autoqra.memory import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class PassManager:
                 raise PassFailedError(f"{p.name} failed{after}: {type(exc).__name__}: {exc}") from exc
             finally:
                 program.state = dict(program.state)
+                trim_heap()  # what the pass freed goes back to the system, not kept as free heap
             seconds = time.perf_counter() - start
             self.timings.append(PassTiming(p.name, seconds, dict(result.info)))
             logger.info("%s: %.3f s %s", p.name, seconds, result.info or "")

@@ -51,6 +51,7 @@ from autoqra.errors import ConfigError, NonFiniteLossError, NotCompiledError
 from autoqra.evaluate import window_nll
 from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
+from autoqra.memory import trim_heap
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.passes.materialize import MaterializePass, restore, swap_in
@@ -398,6 +399,7 @@ class SelectPlanPass(PassBase):
         memo = active_memo()
         if self.free_memo and memo is not None:
             memo.clear()  # its roundings served the builds; the short fine-tunes need the memory more
+        trim_heap()
         finetuned = cfg.objective == "finetune" and cfg.score_steps > 0
         if finetuned:
             chosen = self.finetune_choice(cands, cfg.max_finetuned)
