@@ -1,0 +1,124 @@
+"""Where compiling SmolLM2 holds its memory: the peak RSS of every pass and of the selection's phases.
+
+One default compile (``autoqra.compile(model, "4.24bits", calib=8×512 Lee windows)``: calibration with
+weight gradients, error tables, plasticity, every λ plan built and scored, six short fine-tunes, rewrite)
+while a thread samples ``VmRSS`` every 0.1 s and files it under the pass (or selection phase) running at
+that moment; before and after each short fine-tune the live memory is read after ``gc.collect()`` and
+``trim_heap()``. Run it under jemalloc (``LD_PRELOAD=.../libjemalloc.so.2``) to see the peaks without
+glibc's retained heap.
+
+    python benchmarks/compile_memory_phases.py --out compile_memory_phases     # ~6 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import autoqra  # noqa: E402
+import autoqra.passes.select as select  # noqa: E402
+from autoqra.data import lee_corpus_text, split_tokens, window_bos_id, windows  # noqa: E402
+from autoqra.memory import jemalloc_loaded, trim_heap  # noqa: E402
+from autoqra.passes.base import PassBase  # noqa: E402
+from autoqra.zoo import load_default_model  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
+
+
+def rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Sampler:
+    """Peak RSS per phase label, sampled in a background thread."""
+
+    def __init__(self) -> None:
+        self.phase = "import"
+        self.peaks: dict[str, int] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            value, label = rss(), self.phase
+            self.peaks[label] = max(self.peaks.get(label, 0), value)
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop = True
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="compile_memory_phases")
+    args = parser.parse_args()
+    baseline = rss()
+    sampler = Sampler()
+    sampler.phase = "load"
+    model, tokenizer = load_default_model()
+    fp32 = sum(p.numel() * p.element_size() for p in model.parameters())
+    splits = split_tokens(lee_corpus_text(), tokenizer)
+    calib = windows(splits.calibration, seq_len=512, max_windows=8, bos_token_id=window_bos_id(tokenizer))
+
+    base_call = PassBase.__call__
+
+    def labelled(self, program):  # noqa: ANN001, ANN202
+        sampler.phase = self.name
+        try:
+            return base_call(self, program)
+        finally:
+            sampler.phase = "between passes"
+
+    PassBase.__call__ = labelled  # type: ignore[method-assign]
+    live: list[dict[str, int]] = []
+    finetune_loss = select.SelectPlanPass._finetune_loss
+
+    def finetune(self, program, modules):  # noqa: ANN001, ANN202
+        gc.collect()
+        trim_heap()
+        before = rss()
+        sampler.phase = f"short fine-tune {len(live) + 1}"
+        try:
+            return finetune_loss(self, program, modules)
+        finally:
+            sampler.phase = "SelectPlanPass"
+            gc.collect()
+            trim_heap()
+            live.append({"before": before, "peak": sampler.peaks.get(f"short fine-tune {len(live) + 1}", 0),
+                         "after": rss()})
+
+    select.SelectPlanPass._finetune_loss = finetune  # type: ignore[method-assign]
+    start = time.perf_counter()
+    autoqra.compile(model, "4.24bits", calib=calib, progress=False, cache_dir=None)
+    seconds = time.perf_counter() - start
+    sampler.stop()
+    mib = 2**20
+    data = {
+        "allocator": "jemalloc" if jemalloc_loaded() else "default (glibc)",
+        "fp32_weights": fp32, "rss_after_import": baseline, "seconds": seconds,
+        "peaks": sampler.peaks, "short_finetunes": live,
+        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    write_json(args.out, data)
+    print(f"allocator: {data['allocator']}; fp32 weights {fp32 / mib:.0f} MiB; RSS after import {baseline / mib:.0f} MiB")
+    for label, value in sampler.peaks.items():
+        print(f"  {label:<28} {value / mib:8.0f} MiB")
+    for i, row in enumerate(live, 1):
+        print(f"  short fine-tune {i}: live before {row['before'] / mib:.0f}, peak {row['peak'] / mib:.0f}, "
+              f"live after {row['after'] / mib:.0f} MiB")
+    print(f"peak RSS {data['ru_maxrss'] / mib:.0f} MiB = {data['ru_maxrss'] / fp32:.2f}× the fp32 weights")
+
+
+if __name__ == "__main__":
+    main()
