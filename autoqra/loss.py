@@ -149,7 +149,6 @@ class _HeadLoss(torch.autograd.Function):
                 if g is not None:
                     grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
             del logits, grad_logits, grads
-        ctx.n_params = len(params)
         ctx.present = [g is not None for g in grad_params]
         ctx.save_for_backward(grad_hidden, *(g for g in grad_params if g is not None))
         return total

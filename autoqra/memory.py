@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from autoqra.errors import ConfigError, UnsupportedPlatformError
 
@@ -84,22 +86,23 @@ def set_malloc_mmap_threshold(nbytes: int | str) -> int:
     return value
 
 
-_TRIM: list = []  # glibc's malloc_trim, looked up once ([None] when the C library has none)
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once; None without it or when jemalloc is loaded."""
+    if jemalloc_loaded():
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
 
 
 def trim_heap() -> bool:
     """Return the heap's free pages to the system (glibc ``malloc_trim(0)``); False (nothing done)
     when the C library has no ``malloc_trim`` or another allocator (jemalloc) is loaded."""
-    if not _TRIM:
-        fn = None
-        if not jemalloc_loaded():
-            try:
-                fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):
-                fn = None
-        _TRIM.append(fn)
-    fn = _TRIM[0]
+    fn = _malloc_trim()
     if fn is None:
         return False
     fn(0)
