@@ -41,12 +41,20 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class CompileResult:
-    """``model`` is the user's model, changed in place; ``plan`` the decision; ``report`` the facts."""
+    """``model`` is the user's model, changed in place; ``plan`` the decision; ``report`` the facts.
+
+    ``scored_adapters``: the adapters of every candidate plan the selection fine-tuned, after its
+    short fine-tune (label as in ``report["selection"]`` → layer → ``lora_A`` / ``lora_B``; empty when
+    no short fine-tune ran, e.g. scores from the cache or ``objective="deploy"``). The model itself
+    carries the winner's adapters *as initialized*; ``autoqra.train.load_adapter_state(model,
+    result.scored_adapters[result.report["selection"]["winner"]])`` warm-starts it from the selection's
+    short fine-tune (`autoqra.passes.select.short_finetune` reproduces it)."""
 
     model: nn.Module
     plan: Plan
     report: dict[str, Any] = field(default_factory=dict)
     program: Program | None = None
+    scored_adapters: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def table(self) -> str:
         from autoqra.report import plan_table
@@ -312,6 +320,7 @@ def compile(  # noqa: A001  (the product's verb)
     graph = program.require_graph()
     budget_bytes = budget.resolve(graph.total_numel())
     program.state.pop("built_layers", None)
+    scored_adapters = program.state.pop("scored_adapters", {})
     layers = {n: (graph.annotation(n).bits, graph.annotation(n).rank) for n in graph.order()}
     plan = Plan(
         layers=layers,
@@ -361,7 +370,7 @@ def compile(  # noqa: A001  (the product's verb)
             logger.warning("the compiled layers hold %d bytes, the plan counted %d", report["held_bytes"],
                            plan.total_bytes)
         model.autoqra_plan = plan  # carried into autoqra.save
-    return CompileResult(model=model, plan=plan, report=report, program=program)
+    return CompileResult(model=model, plan=plan, report=report, program=program, scored_adapters=scored_adapters)
 
 
 def pareto(

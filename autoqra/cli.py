@@ -396,11 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation windows of 512 tokens (default 8, 16 with --full)")
     p.add_argument("--solver", default="exact", choices=available_solvers(),
                    help="solver for the joint plan (default exact)")
-    p.add_argument("--finetune-steps", type=int, default=10,
-                   help="adapter fine-tuning steps after compiling (default 10; 0 skips)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="adapter fine-tuning steps of the Lee training split after compiling (default: fast mode "
+                        "reuses the selection's 8-step short fine-tune; --full 10; 0 skips)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--fast", dest="full", action="store_false",
-                      help="default: fp32, uniform 4/3-bit r8 and the autoqra default (~9 min on 2 cores)")
+                      help="default: fp32, uniform 4-bit r0 / 3-bit r8 and the autoqra default (~7 min on 2 cores)")
     mode.add_argument("--full", dest="full", action="store_true",
                       help="also uniform 2-bit r8 and the deploy plan, all fine-tuned, 16 evaluation windows")
     p.add_argument("--out", default="demo_out", help="summary.png, report.md, results.json (default demo_out)")

@@ -3,11 +3,16 @@
 `run_demo(emit)` loads the model and text (or takes them), calibrates once, and compares on the Lee
 evaluation split, at the bytes of uniform 3-bit rank 8 (or ``budget``):
 
-* **fast** (default, ~9 minutes on 2 cores): fp32; uniform 4-bit r8 (as compiled: a point of the
-  uniform line); uniform 3-bit r8 and the autoqra default, each before and after a short adapter
-  fine-tune; 8 evaluation windows.
-* **full** (``full=True``): also uniform 2-bit r8 and the autoqra ``deploy`` plan, every quantized
-  row fine-tuned, 16 evaluation windows (the numbers in ``benchmarks/RESULTS.md``).
+* **fast** (default, ~7 minutes on 2 cores): fp32; uniform 4-bit r0 (as compiled: a point of the
+  uniform line, built from the roundings the error tables already made); uniform 3-bit r8 and the
+  autoqra default, each as compiled and after the **selection's short fine-tune** — the adapters the
+  default compile trained to score its candidates (`CompileResult.scored_adapters`: 8 AdamW steps of
+  2×256 tokens of the calibration windows, the same recipe for every candidate), evaluated on the Lee
+  evaluation split, so nothing is fine-tuned twice (a plan the selection did not fine-tune gets
+  `autoqra.passes.select.short_finetune`, the same recipe); 8 evaluation windows.
+* **full** (``full=True``): also uniform 2-bit r8 and the autoqra ``deploy`` plan, uniform 4-bit at
+  r8, every quantized row fine-tuned ``finetune_steps`` (default 10) steps of `RECIPE` on the Lee
+  training split, 16 evaluation windows (the numbers in ``benchmarks/RESULTS.md``).
 
 Every compile shares the one calibration and the error tables (the default compile runs first;
 the uniform compiles read its table from the cache). ``out_dir`` receives ``summary.png``
@@ -35,9 +40,10 @@ from autoqra.budget import Budget
 from autoqra.evaluate import perplexity
 from autoqra.footprint import layers_held_bytes
 from autoqra.ir.cost import CostModel
+from autoqra.passes.select import SelectConfig, short_finetune
 from autoqra.quant.memo import quant_memo
 from autoqra.report import fmt_bytes, table
-from autoqra.train import finetune
+from autoqra.train import finetune, load_adapter_state
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +78,7 @@ def run_demo(
     seq_len: int = 512,
     solver: str = "exact",
     group_size: int = 64,
-    finetune_steps: int = 10,
+    finetune_steps: int | None = None,
     model: nn.Module | None = None,
     tokenizer: object = None,
     progress: bool = True,
@@ -109,8 +115,17 @@ def run_demo(
     emit(f"calibration (activations, output and weight gradients): {time.perf_counter() - t:.1f} s")
 
     n_weights = graph.total_numel()
+    # fast: the selection's short fine-tune (its adapters reused); full / an explicit step count: RECIPE
+    reuse_selection = finetune_steps is None and not full
+    if finetune_steps is None:
+        finetune_steps = SelectConfig().score_steps if reuse_selection else 10
+    recipe: dict[str, Any] = RECIPE
+    if reuse_selection:
+        cfg = SelectConfig()
+        recipe = {"lr": cfg.lr, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed,
+                  "data": f"the {len(cal.batches)} calibration windows (the selection's short fine-tune)"}
     results: dict[str, Any] = {"mode": "full" if full else "fast", "eval_windows": int(evals.shape[0]),
-                               "finetune_steps": finetune_steps, "recipe": RECIPE, "rows": {}}
+                               "finetune_steps": finetune_steps, "recipe": recipe, "rows": {}}
     t = time.perf_counter()
     fp32 = perplexity(model, evals, progress=False)
     emit(f"fp32 perplexity: {fp32:.2f} ({time.perf_counter() - t:.1f} s)")
@@ -121,7 +136,9 @@ def run_demo(
     variants: list[tuple[str, int, dict[str, Any], bool, bool]] = [
         ("autoqra default", target, {"solver": solver}, True, False),
         ("uniform 3-bit r8", uniform[3], {"bits": (3,), "ranks": (8,)}, True, True),
-        ("uniform 4-bit r8", uniform[4], {"bits": (4,), "ranks": (8,)}, full, True),
+        # fast: rank 0, built from the error tables' own 4-bit roundings (seconds; r8 needs LoftQ inits)
+        (f"uniform 4-bit r{8 if full else 0}", uniform[4] if full else uniform_costs(graph, cost_model, (4,), 0)[0].nbytes,
+         {"bits": (4,), "ranks": (8 if full else 0,)}, full, True),
     ]
     if full:
         variants += [
@@ -130,6 +147,7 @@ def run_demo(
             ("autoqra deploy", target, {"solver": solver, "objective": "deploy"}, True, False),
         ]
     rows = results["rows"]
+    scored: dict[str, Any] = {}  # the default compile's short-fine-tuned adapters, by candidate label
     # one memo for every compile: the uniform compiles reuse the default compile's roundings, and the
     # uniform plan the selection built as a candidate (LoftQ inits kept: ~0.5 GB for SmolLM2)
     with quant_memo(1 << 30, inits=True):
@@ -147,7 +165,25 @@ def run_demo(
                            "seconds": seconds, "uniform": is_uniform, "plan": result.plan,
                            "selection": result.report.get("selection"), "timings": result.report.get("timings"),
                            "quant_memo": result.report.get("quant_memo")}
-            if tune and finetune_steps:
+            if label == "autoqra default":
+                scored = result.scored_adapters
+            if tune and finetune_steps and reuse_selection:
+                t = time.perf_counter()
+                selection = rows["autoqra default"].get("selection") or {}
+                # the default's winner, or this plan among the default's candidates (same plan, same init)
+                name = selection.get("winner") if label == "autoqra default" else label
+                if name in scored:
+                    load_adapter_state(work, scored[name])
+                    how = f"the selection's short fine-tune of {name!r}, reused"
+                else:  # not fine-tuned by the selection (e.g. scores from the cache): the same recipe here
+                    short_finetune(work, list(cal.batches), SelectConfig())
+                    how = "the selection's short fine-tune recipe, run here"
+                after = perplexity(work, evals, progress=False)
+                emit(f"{label}: after {finetune_steps} adapter steps ({how}: AdamW lr {recipe['lr']:g}, "
+                     f"{recipe['batch_size']}×{recipe['seq_len']} tokens of the calibration windows) "
+                     f"[{time.perf_counter() - t:.1f} s]: perplexity {ppl:.2f} → {after:.2f}")
+                rows[label]["ppl_finetuned"] = after
+            elif tune and finetune_steps:
                 t = time.perf_counter()
                 finetune(work, splits.calibration, steps=finetune_steps, lr=RECIPE["lr"], batch_size=RECIPE["batch_size"],
                          seq_len=RECIPE["seq_len"], seed=RECIPE["seed"], progress=progress)
@@ -224,9 +260,11 @@ def _write_outputs(out: Path, emit: Callable[[str], None], results: dict[str, An
         name = "plan_" + label.split()[-1] + ".png"
         plan_heatmap(plan, graph, out / name, title=f"{label}: bits and adapter rank per layer")
         pictures[label] = name
+    recipe = results["recipe"]
+    data = recipe.get("data", "the Lee training split")
     header = [f"SmolLM2-135M-Instruct + Lee corpus, {results['mode']} demo, {results['eval_windows']}×512 evaluation "
-              f"tokens, {steps} adapter fine-tuning steps (AdamW lr {RECIPE['lr']:g}, {RECIPE['batch_size']}×"
-              f"{RECIPE['seq_len']} tokens, seed {RECIPE['seed']}); {seconds:.0f} s in all.", "", *ratios]
+              f"tokens, {steps} adapter fine-tuning steps (AdamW lr {recipe['lr']:g}, {recipe['batch_size']}×"
+              f"{recipe['seq_len']} tokens of {data}, seed {recipe['seed']}); {seconds:.0f} s in all.", "", *ratios]
     write_report(out / "report.md", header=header, rows=table_rows, row_headers=headers,
                  selection=rows["autoqra default"].get("selection"), plans=plans, pictures=pictures)
     plain = {k: v for k, v in results.items() if k not in rows}

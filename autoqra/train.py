@@ -53,7 +53,8 @@ from autoqra.loss import auto_chunk_tokens, causal_lm_loss
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.progress import tqdm_disable
 
-__all__ = ["FinetuneResult", "StepInfo", "adapter_parameters", "finetune", "unwrap_model", "wrap_ddp"]
+__all__ = ["FinetuneResult", "StepInfo", "adapter_parameters", "adapter_state", "finetune", "load_adapter_state",
+           "unwrap_model", "wrap_ddp"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,45 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
             "compile with ranks above 0 (e.g. ranks=(8, 16)) or a larger budget"
         )
     return params
+
+
+def adapter_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """A copy of every adapter: layer name → ``{"lora_A", "lora_B"}`` (rank-0 layers left out)."""
+    inner = unwrap_model(model)
+    return {name: {"lora_A": m.lora_A.detach().clone(), "lora_B": m.lora_B.detach().clone()}
+            for name, m in inner.named_modules() if isinstance(m, QuantLoRALinear) and m.rank}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Copy ``state`` (from `adapter_state`, or ``CompileResult.scored_adapters[label]``) into ``model``'s
+    adapters, in place. Every layer of the state must be a ``QuantLoRALinear`` of ``model`` with the same
+    rank and shapes, and every adapter of ``model`` must be in the state (all checked before anything is
+    copied).
+
+    Raises:
+        ConfigError: a layer is missing on either side, or a shape differs (e.g. the state is of another plan).
+    """
+    inner = unwrap_model(model)
+    layers = {name: m for name, m in inner.named_modules() if isinstance(m, QuantLoRALinear) and m.rank}
+    missing = sorted(set(layers) - set(state))
+    extra = sorted(set(state) - set(layers))
+    if missing or extra:
+        raise ConfigError(
+            f"the adapter state does not match the model's adapters (missing {missing[:3]}, unexpected {extra[:3]}; "
+            f"{len(missing)} / {len(extra)} in all): load the state of the same plan (same layers and ranks)"
+        )
+    for name, m in layers.items():
+        for key in ("lora_A", "lora_B"):
+            value = state[name].get(key)
+            target = getattr(m, key)
+            if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ConfigError(f"{name}.{key}: the state holds {got}, the model {tuple(target.shape)}; "
+                                  "load the state of the same plan (same ranks)")
+    with torch.no_grad():
+        for name, m in layers.items():
+            m.lora_A.copy_(state[name]["lora_A"])
+            m.lora_B.copy_(state[name]["lora_B"])
 
 
 # -- distributed ---------------------------------------------------------------------------------

@@ -221,3 +221,51 @@ def test_one_rank_per_layer_skips_the_plasticity_svds() -> None:
     assert info["skipped"] == "one rank per layer"
     assert set(result.plan.layers.values()) <= {(3, 8), (4, 8)}
     assert result.report["selection"]["winner"]  # candidates still measured (the bits differ)
+
+
+def test_scored_adapters_are_each_short_fine_tune_and_reproduce_its_score() -> None:
+    """`CompileResult.scored_adapters` holds every fine-tuned candidate's adapters: loaded into the
+    compiled winner they give its held-back score; `short_finetune` from the init reproduces them."""
+    from autoqra.api import HOLDOUT_FRACTION, split_holdout
+    from autoqra.evaluate import window_nll
+    from autoqra.passes.select import short_finetune
+    from autoqra.train import adapter_state, load_adapter_state
+
+    result = autoqra.compile(tiny_llama(), "7bits", calib=CALIB, ranks=(4, 8), select=SMALL, **FAST)
+    rows = {c["label"]: c for c in result.report["selection"]["candidates"]}
+    tuned = {label for label, c in rows.items() if c["loss_ft"] is not None and math.isfinite(c["loss_ft"])}
+    assert tuned and set(result.scored_adapters) <= tuned
+    winner = result.report["selection"]["winner"]
+    assert winner in result.scored_adapters
+    train, held = split_holdout(CALIB, HOLDOUT_FRACTION)
+    init = adapter_state(result.model)
+    scored = result.scored_adapters[winner]
+    assert set(scored) == set(init) and any(not torch.equal(scored[n]["lora_B"], init[n]["lora_B"]) for n in init)
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            nll = [window_nll(result.model.eval(), b) for b in held]
+        return sum(n for n, _ in nll) / sum(c for _, c in nll)
+
+    load_adapter_state(result.model, scored)
+    assert held_loss() == pytest.approx(rows[winner]["loss_ft"], rel=1e-6)
+    load_adapter_state(result.model, init)
+    short_finetune(result.model, train, SMALL)
+    again = adapter_state(result.model)
+    assert all(torch.equal(again[n][k], scored[n][k]) for n in scored for k in ("lora_A", "lora_B"))
+
+
+def test_load_adapter_state_refuses_another_plans_state_before_copying() -> None:
+    from autoqra.train import adapter_state, load_adapter_state
+
+    model = autoqra.compile(tiny_llama(), "12bits", bits=(4,), ranks=(4,), **FAST).model
+    before = adapter_state(model)
+    name = next(iter(before))
+    other = {n: dict(v) for n, v in before.items()}
+    other[name] = {"lora_A": torch.zeros(8, before[name]["lora_A"].shape[1]), "lora_B": before[name]["lora_B"]}
+    fewer = {n: v for n, v in before.items() if n != name}
+    for state, message in ((other, "same ranks"), (fewer, "does not match")):
+        bumped = {n: {k: t + 1 for k, t in v.items()} for n, v in state.items()}
+        with pytest.raises(ConfigError, match=message):
+            load_adapter_state(model, bumped)
+        assert all(torch.equal(adapter_state(model)[n]["lora_A"], before[n]["lora_A"]) for n in before)

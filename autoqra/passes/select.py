@@ -24,6 +24,11 @@ The winner is the lowest score at the highest fidelity reached; ties go to the e
 candidate (uniform plans come first). The scores are in ``program.state['selection']`` and in
 the compile report. The model is unchanged when this pass ends, whatever happens.
 
+**Fine-tuned adapters.** Every short fine-tune's result is kept (``program.state['scored_adapters']``:
+candidate label → layer → ``lora_A`` / ``lora_B``, a few MB a plan; `autoqra.compile` returns them as
+``CompileResult.scored_adapters``): the winner's adapters after the recipe of `short_finetune`, to warm-start
+from (`autoqra.train.load_adapter_state`) or to evaluate without fine-tuning again (the demo does).
+
 **Cache.** With a ``cache_dir``, the measured scores are stored under a key of everything they
 depend on: every parameter and buffer of the model (raw bytes), the calibration and held-back
 tokens, the candidates (which encode the error tables, the budget and λ's unit), how layers are
@@ -60,7 +65,7 @@ from autoqra.progress import tqdm_disable
 from autoqra.quant.memo import active_memo
 from autoqra.search.problem import Choice, SearchProblem
 
-__all__ = ["OBJECTIVES", "Candidate", "SelectConfig", "SelectPlanPass", "lambda_unit"]
+__all__ = ["OBJECTIVES", "Candidate", "SelectConfig", "SelectPlanPass", "lambda_unit", "short_finetune"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +160,19 @@ class Candidate:
                 "loss0": self.loss0, "loss_ft": self.loss_ft, "note": self.note}
 
 
+def short_finetune(model: nn.Module, train: list[torch.Tensor], config: SelectConfig) -> Any:
+    """The selection's short fine-tune (high fidelity) of ``model``'s adapters, in place: ``config.score_steps``
+    AdamW steps (constant ``config.lr``) of ``config.batch_size`` windows of ``config.seq_len`` tokens cut
+    from the concatenated ``train`` batches, order seeded by ``config.seed``. Returns the
+    `~autoqra.train.FinetuneResult`. The same call reproduces a candidate's scored adapters."""
+    from autoqra.train import finetune
+
+    tokens = torch.cat([b.reshape(-1) for b in train])
+    seq_len = min(config.seq_len, max(2, tokens.numel() // config.batch_size))
+    return finetune(model, tokens, steps=config.score_steps, lr=config.lr, batch_size=config.batch_size,
+                    seq_len=seq_len, seed=config.seed, progress=False)
+
+
 def lambda_unit(problem: SearchProblem, plasticity: dict[str, dict[int, float]], program: Program,
                 uniform: list[Candidate]) -> float:
     """Natural λ per normalized unit: the best (lowest proxy error) uniform plan with a rank has
@@ -181,7 +199,7 @@ class SelectPlanPass(PassBase):
     ``built_layers`` (the winner's modules, for `MaterializePass` to swap in without rebuilding)."""
 
     reads = ("graph", "cost", "error", "plasticity", "stats")
-    writes = ("bits", "rank", "selection", "built_layers")
+    writes = ("bits", "rank", "selection", "built_layers", "scored_adapters")
 
     def __init__(self, search: SearchPass, materialize: MaterializePass, config: SelectConfig, *,
                  train: list[torch.Tensor], holdout: list[torch.Tensor], progress: bool | None = None,
@@ -197,6 +215,8 @@ class SelectPlanPass(PassBase):
         self.progress = progress
         self._cache = JsonCache(cache_dir, prefix="selection-")
         self._seconds: dict[str, float] = {}  # where the measurement's time went (in the report)
+        #: candidate label -> layer -> {"lora_A", "lora_B"} after its short fine-tune
+        self._adapters: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
 
     # -- cache ----------------------------------------------------------------------------------
     def _cache_key(self, program: Program, cands: list[Candidate], unit: float, base: SearchProblem) -> str:
@@ -320,10 +340,8 @@ class SelectPlanPass(PassBase):
             model.train(was_training)
         return nll / max(count, 1)
 
-    def _finetune_loss(self, program: Program, modules: dict[str, QuantLoRALinear]) -> tuple[float, str]:
-        from autoqra.train import finetune
-
-        cfg = self.config
+    def _finetune_loss(self, program: Program, modules: dict[str, QuantLoRALinear],
+                       label: str = "") -> tuple[float, str]:
         model = program.model
         layers = {id(m): m for m in modules.values()}.values()
         saved = {id(p): p.detach().clone() for m in layers for p in m.adapter_parameters()}
@@ -334,12 +352,11 @@ class SelectPlanPass(PassBase):
             for m in layers:
                 for p in m.adapter_parameters():
                     p.requires_grad_(True)
-            tokens = torch.cat([b.reshape(-1) for b in self.train])
-            seq_len = min(cfg.seq_len, max(2, tokens.numel() // cfg.batch_size))
-            result = finetune(model, tokens, steps=cfg.score_steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                              seq_len=seq_len, seed=cfg.seed, progress=False)
+            result = short_finetune(model, self.train, self.config)
             if not all(math.isfinite(v) for v in result.losses):
                 return math.inf, "fine-tune diverged (non-finite loss): infeasible"
+            self._adapters[label] = {name: {"lora_A": m.lora_A.detach().clone(), "lora_B": m.lora_B.detach().clone()}
+                                     for name, m in modules.items() if m.rank}
             return self._holdout_loss(model), ""
         except NotCompiledError:
             return self._holdout_loss(model), "no adapter to train (all ranks 0)"
@@ -362,6 +379,7 @@ class SelectPlanPass(PassBase):
             raise ConfigError("candidate plans are scored on held-back calibration data; pass calib=...")
         clock = time.perf_counter()
         self._seconds = {"propose": 0.0, "build": 0.0, "step0": 0.0, "finetune": 0.0}
+        self._adapters = {}
         base = self.search.build_problem(program, lambda_=0.0)
         cands, unit = self.candidates(program)
         self._seconds["propose"] = time.perf_counter() - clock
@@ -413,7 +431,7 @@ class SelectPlanPass(PassBase):
                 modules = self._modules_for(program, cand, built, base)
                 swapped = self._swap(program, modules)
                 try:
-                    cand.loss_ft, note = self._finetune_loss(program, modules)
+                    cand.loss_ft, note = self._finetune_loss(program, modules, cand.label)
                 finally:
                     self._restore(program, swapped)
                 self._seconds["finetune"] += time.perf_counter() - clock
@@ -474,6 +492,7 @@ class SelectPlanPass(PassBase):
                 graph.set_choice(m, *choice)
         keep = {(n, *c) for n, c in winner.layers.items()}
         program.state["built_layers"] = {k: v for k, v in built.items() if k in keep}
+        program.state["scored_adapters"] = dict(self._adapters)
         program.state["selection"] = {
             "objective": cfg.objective,
             "fidelity": "short fine-tune" if finetuned else "step-0 loss",
