@@ -84,13 +84,13 @@ def main() -> None:
     live: list[dict[str, int]] = []
     finetune_loss = select.SelectPlanPass._finetune_loss
 
-    def finetune(self, program, modules):  # noqa: ANN001, ANN202
+    def finetune(self, program, modules, *args):  # noqa: ANN001, ANN002, ANN202
         gc.collect()
         trim_heap()
         before = rss()
         sampler.phase = f"short fine-tune {len(live) + 1}"
         try:
-            return finetune_loss(self, program, modules)
+            return finetune_loss(self, program, modules, *args)
         finally:
             sampler.phase = "SelectPlanPass"
             gc.collect()

@@ -219,3 +219,68 @@ def test_missing_optional_package_names_the_pip_extra(monkeypatch: pytest.Monkey
     assert not support.ok and "pip install autoqra[hqq]" in support.reason
     with pytest.raises(MissingDependencyError, match=r"pip install autoqra\[hqq\]"):
         backend.quantize(gaussian(8, 64), QuantSpec(bits=4))
+
+
+def _fit_one_by_one(w, h, bits, *, grid=20, min_shrink=0.4, refit_iters=2, valid=None):  # noqa: ANN001, ANN202
+    """The MSE fit with every candidate tried one at a time (the reference the stacked fit must equal)."""
+    from autoqra.quant.packed import _GroupStats, _minmax_params, _to_fp16_grid, round_codes
+
+    qmax = (1 << bits) - 1
+    if valid is None:
+        lo, hi = w.amin(-1), w.amax(-1)
+    else:
+        big = torch.finfo(w.dtype).max
+        lo, hi = torch.where(valid, w, big).amin(-1), torch.where(valid, w, -big).amax(-1)
+    best_s, best_z = _to_fp16_grid(*_minmax_params(lo, hi, qmax))[:2]
+    best_err = torch.full(w.shape[:-1], math.inf, dtype=torch.float64)
+    stats = _GroupStats(w, h)
+
+    def consider(s, z, sums):  # noqa: ANN001, ANN202
+        nonlocal best_s, best_z, best_err
+        s16, z16, ok = _to_fp16_grid(s, z)
+        err = stats.error(sums, s16, -s16 * z16)
+        better = ok & (err < best_err)
+        best_err, best_s, best_z = (torch.where(better, err, best_err), torch.where(better, s16, best_s),
+                                    torch.where(better, z16, best_z))
+
+    for shrink in torch.linspace(1.0, min_shrink, grid).tolist():
+        s16, z16 = _to_fp16_grid(*_minmax_params(lo * shrink, hi * shrink, qmax))[:2]
+        sums = stats.code_sums(round_codes(w, s16, z16, qmax))
+        consider(s16, z16, sums)
+        consider(*stats.refit(sums), sums)
+    for _ in range(refit_iters):
+        sums = stats.code_sums(round_codes(w, best_s, best_z, qmax))
+        consider(best_s, best_z, sums)
+        consider(*stats.refit(sums), sums)
+    return best_s, best_z
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(
+    "case", ["plain", "weighted", "zero and constant groups", "outliers", "padding", "ties", "tiny"]
+)
+def test_stacked_mse_fit_equals_trying_candidates_one_by_one(bits, case) -> None:
+    from autoqra.quant.packed import fit_scale_zero
+
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(7, 5, 64, generator=gen)
+    h = valid = None
+    if case == "weighted":
+        h = torch.rand(1, 5, 64, generator=gen) ** 3
+    elif case == "zero and constant groups":
+        w[0, 0] = 0.0
+        w[1, 2] = 0.25
+    elif case == "outliers":
+        w[:, 1, :3] *= 1e3
+    elif case == "padding":
+        valid = torch.ones(1, 5, 64, dtype=torch.bool)
+        valid[..., -9:] = False
+        w = w * valid
+        h = valid.float()
+    elif case == "ties":  # codes that fit several shrinks exactly: equal errors, the first must win
+        w = torch.randint(0, 4, (7, 5, 64), generator=gen).float() * 0.5
+    elif case == "tiny":
+        w = w * 1e-6
+    got = fit_scale_zero(w, h, bits, valid=valid)
+    want = _fit_one_by_one(w, h, bits, valid=valid)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -119,9 +119,9 @@ def test_compile_empties_its_own_memo_before_the_short_fine_tunes(outer: bool, m
     held: list[int] = []
     original = SelectPlanPass._finetune_loss
 
-    def spy(self, program, modules):  # noqa: ANN001, ANN202
+    def spy(self, program, modules, *args):  # noqa: ANN001, ANN002, ANN202
         held.append(active_memo().nbytes)
-        return original(self, program, modules)
+        return original(self, program, modules, *args)
 
     monkeypatch.setattr(SelectPlanPass, "_finetune_loss", spy)
     torch.manual_seed(0)

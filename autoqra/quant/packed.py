@@ -17,8 +17,10 @@ Two ways to choose ``scale`` and ``zero`` per group:
   times (re-round with it, refit, keep what is better). Every candidate's error is computed
   exactly from per-group sums with ``scale`` / ``zero`` already rounded to fp16 (as stored);
   the final codes are re-rounded with the chosen pair, which can only lower the error. All
-  groups are processed at once (loops run over the grid only), in cache-sized chunks of rows.
-  Measured on one core here: ~0.2 s per SmolLM2 block (3.5M weights), ~6 s for all 30 blocks.
+  groups are processed at once, in cache-sized chunks of rows; the codes are rounded one grid
+  point at a time, and the per-group work (errors, refits, the choice) runs once on the stack of
+  all grid points (the first of the smallest errors wins, exactly as if the candidates were tried
+  one by one: 20–30% less time than one grid point at a time, bit-identical results).
 
 ``h`` is the per-input-channel ``importance`` (e.g. the calibration second moment ``E[x_j**2]``),
 which makes the fit minimize the layer's expected output error instead of the weight error.
@@ -176,25 +178,40 @@ def fit_scale_zero(
         return s16, z16
 
     stats = _GroupStats(w, h)
-    best_s, best_z = s16, z16
-    best_err = torch.full(w.shape[:-1], math.inf, dtype=torch.float64, device=w.device)
+
+    def candidate(s: torch.Tensor, z: torch.Tensor, sums: tuple[torch.Tensor, ...],
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(fp16 scale, fp16 zero, error; +inf where unusable) of one or a stack of candidates."""
+        s16, z16, ok = _to_fp16_grid(s, z)
+        err = stats.error(sums, s16, -s16 * z16)
+        return s16, z16, torch.where(ok & (err < math.inf), err, math.inf)  # NaN errors are unusable too
+
+    # grid: round each shrunk range once; its codes also give a free least-squares refit. The codes are
+    # rounded one shrink at a time (cache-sized); the per-group work runs once on the whole stack (small
+    # tensors: one op over the stack instead of one per shrink). Candidates are ordered (grid 0, refit 0,
+    # grid 1, ...) and the first of the smallest errors wins, as if they were tried one by one.
+    shrinks = torch.linspace(1.0, min_shrink, grid, device=w.device).view(-1, *([1] * lo.dim()))
+    grid_s, grid_z = _to_fp16_grid(*_minmax_params(lo * shrinks, hi * shrinks, qmax))[:2]
+    per_shrink = [stats.code_sums(round_codes(w, grid_s[i], grid_z[i], qmax)) for i in range(grid)]
+    sums = tuple(torch.stack(parts) for parts in zip(*per_shrink, strict=True))
+    gs, gz, gerr = candidate(grid_s, grid_z, sums)
+    rs, rz, rerr = candidate(*stats.refit(sums), sums)
+    all_s = torch.stack((gs, rs), 1).flatten(0, 1)
+    all_z = torch.stack((gz, rz), 1).flatten(0, 1)
+    all_err = torch.stack((gerr, rerr), 1).flatten(0, 1)
+    best_err, pick = all_err.min(0)
+    found = best_err < math.inf
+    best_s = torch.where(found, all_s.gather(0, pick.unsqueeze(0)).squeeze(0), s16)
+    best_z = torch.where(found, all_z.gather(0, pick.unsqueeze(0)).squeeze(0), z16)
 
     def consider(s: torch.Tensor, z: torch.Tensor, sums: tuple[torch.Tensor, ...]) -> None:
         nonlocal best_s, best_z, best_err
-        s16, z16, ok = _to_fp16_grid(s, z)
-        err = stats.error(sums, s16, -s16 * z16)
-        better = ok & (err < best_err)
+        s16, z16, err = candidate(s, z, sums)
+        better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s16, best_s)
         best_z = torch.where(better, z16, best_z)
 
-    # grid: round each shrunk range once; its codes also give a free least-squares refit
-    for shrink in torch.linspace(1.0, min_shrink, grid).tolist():
-        s, z = _minmax_params(lo * shrink, hi * shrink, qmax)
-        s16, z16 = _to_fp16_grid(s, z)[:2]
-        sums = stats.code_sums(round_codes(w, s16, z16, qmax))
-        consider(s16, z16, sums)
-        consider(*stats.refit(sums), sums)
     # polish the best of each group: re-round with it, refit, keep what is better
     for _ in range(refit_iters):
         sums = stats.code_sums(round_codes(w, best_s, best_z, qmax))
