@@ -20,7 +20,8 @@ Two ways to choose ``scale`` and ``zero`` per group:
   groups are processed at once, in cache-sized chunks of rows; the codes are rounded one grid
   point at a time, and the per-group work (errors, refits, the choice) runs once on the stack of
   all grid points (the first of the smallest errors wins, exactly as if the candidates were tried
-  one by one: 20–30% less time than one grid point at a time, bit-identical results).
+  one by one; bit-identical results; interleaved medians here: 97 → 85 ms for a 576×1536 weight
+  at 3 bits, 25 → 13 ms for 192×576).
 
 ``h`` is the per-input-channel ``importance`` (e.g. the calibration second moment ``E[x_j**2]``),
 which makes the fit minimize the layer's expected output error instead of the weight error.
