@@ -139,6 +139,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from autoqra.report import plan_table
     from autoqra.zoo import load_model
 
+    if args.jemalloc:
+        _reexec_with_jemalloc(args.argv)
     model, tokenizer = load_model(args.model)
     calib = _calib_windows(args, tokenizer)
     select: object = None
@@ -431,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trust the proxy: no candidate plan is measured (uniform plans are not compared)")
     p.add_argument("--export-onnx", metavar="DIR", default=None,
                    help="also export the compiled model to ONNX in DIR (see `autoqra export`)")
+    p.add_argument("--jemalloc", action="store_true",
+                   help="run with jemalloc preloaded (re-executes the command; needs libjemalloc, e.g. apt install "
+                        "libjemalloc2): peak RSS ~4.2x the fp32 weights instead of ~5-6x with glibc, same speed")
     _add_export(p)
     p.set_defaults(func=cmd_compile)
 

@@ -228,3 +228,23 @@ def test_demo_lines_are_flushed_as_they_come(monkeypatch):  # noqa: ANN001
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     monkeypatch.setattr(sys, "stdout", Out())
     assert cli.main(["demo"]) == 0
+
+
+def test_compile_jemalloc_reexecs_before_loading_the_model(monkeypatch):
+    from autoqra import cli
+
+    seen: list[list[str]] = []
+
+    class Reexec(Exception):
+        pass
+
+    def reexec(argv):  # noqa: ANN001, ANN202
+        seen.append(argv)
+        raise Reexec  # os.execve does not return
+
+    monkeypatch.setattr(cli, "_reexec_with_jemalloc", reexec)
+    monkeypatch.setattr("autoqra.zoo.load_model", lambda *a, **k: pytest.fail("model loaded before the re-exec"))
+    argv = ["compile", "--budget", "3.25bits", "--jemalloc", "--plan-only"]
+    with pytest.raises(Reexec):
+        cli.main(argv)
+    assert seen == [argv]

@@ -88,6 +88,19 @@ def test_the_pass_manager_trims_the_heap_after_every_pass(monkeypatch):
     assert len(calls) == len(result.report["timings"]) > 3
 
 
+def test_calibration_trims_the_heap_after_every_batch(monkeypatch):
+    import torch
+    from tiny_models import tiny_llama
+
+    import autoqra
+    import autoqra.passes.calibrate as calibrate
+
+    calls: list[int] = []
+    monkeypatch.setattr(calibrate, "trim_heap", lambda: calls.append(1) or True)
+    autoqra.calibrate(tiny_llama(), torch.randint(3, 100, (5, 16)), holdout=0.0, progress=False)
+    assert len(calls) == 5
+
+
 def test_find_jemalloc_explicit_and_missing(tmp_path, monkeypatch):
     from autoqra import memory
     from autoqra.errors import UnsupportedPlatformError

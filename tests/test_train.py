@@ -211,3 +211,14 @@ def test_cli_finetune(tmp_path, monkeypatch, capsys):
     assert not all(torch.equal(a, b) for a, b in zip(_adapters(tuned), _adapters(compiled), strict=True))
     assert main([*argv[:4], "--steps", "0", *argv[6:]]) == 2
     assert "steps must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("trim_memory", "expected"), [(True, 3), (False, 0)])
+def test_finetune_returns_freed_heap_after_every_step_unless_told_not_to(model, monkeypatch, trim_memory,
+                                                                         expected) -> None:
+    import autoqra.train as train
+
+    calls = []
+    monkeypatch.setattr(train, "trim_heap", lambda: calls.append(1) or True)
+    result = finetune(model, TOKENS, steps=3, trim_memory=trim_memory, **FAST)
+    assert result.steps == 3 and len(calls) == expected

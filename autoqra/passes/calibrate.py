@@ -30,6 +30,7 @@ from autoqra.distributed import all_reduce_int, all_reduce_sum, is_distributed, 
 from autoqra.errors import DataError
 from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
+from autoqra.memory import trim_heap
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.progress import tqdm_disable
 
@@ -293,6 +294,7 @@ class CalibratePass(PassBase):
                     with torch.enable_grad():
                         _lm_loss(model, batch, chunk).backward()
                     inputs.clear()
+                    trim_heap()  # what the batch's forward and backward freed goes back (glibc keeps it)
                 else:
                     with torch.no_grad():
                         model(input_ids=batch) if hasattr(model, "config") else model(batch)
