@@ -269,3 +269,20 @@ def test_load_adapter_state_refuses_another_plans_state_before_copying() -> None
         with pytest.raises(ConfigError, match=message):
             load_adapter_state(model, bumped)
         assert all(torch.equal(adapter_state(model)[n]["lora_A"], before[n]["lora_A"]) for n in before)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "expected"),
+    [
+        ([(1, 32), (1, 32)], [(2, 32)]),
+        ([(1, 32), (2, 16), (1, 16), (1, 32)], [(1, 32), (3, 16), (1, 32)]),
+        ([(64, 32), (64, 32), (1, 32)], [(128, 32), (1, 32)]),  # 4096 tokens at most per forward
+        ([(32,)], [(1, 32)]),
+    ],
+)
+def test_held_back_windows_are_scored_in_as_few_forwards_as_fit(shapes, expected) -> None:
+    held = [torch.randint(3, 100, s) for s in shapes]
+    select = SelectPlanPass(None, None, SMALL, train=[], holdout=held)  # type: ignore[arg-type]
+    batches = select._holdout_batches()
+    assert [tuple(b.shape) for b in batches] == expected
+    assert torch.equal(torch.cat([b.reshape(-1) for b in batches]), torch.cat([h.reshape(-1) for h in held]))

@@ -70,6 +70,8 @@ __all__ = ["OBJECTIVES", "Candidate", "SelectConfig", "SelectPlanPass", "lambda_
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("finetune", "deploy")
+#: held-back windows scored in one forward, at most this many tokens (activations only: no gradients)
+_HOLDOUT_TOKENS = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,12 +330,27 @@ class SelectPlanPass(PassBase):
     def _restore(program: Program, swapped: list[tuple[str, nn.Module]]) -> None:
         restore(program.model, swapped)
 
+    def _holdout_batches(self) -> list[torch.Tensor]:
+        """The held-back windows, concatenated into batches of at most `_HOLDOUT_TOKENS` tokens where their
+        lengths agree: one forward dequantizes every packed weight once, whatever the batch (measured on
+        SmolLM2 at uniform 3-bit r8: two 512-token windows 2.6 s apart, 2.2 s together, same loss)."""
+        out: list[torch.Tensor] = []
+        for batch in self.holdout:
+            batch = batch.reshape(-1, batch.shape[-1]) if batch.dim() > 1 else batch.reshape(1, -1)
+            last = out[-1] if out else None
+            if (last is not None and last.shape[1] == batch.shape[1]
+                    and last.numel() + batch.numel() <= _HOLDOUT_TOKENS):
+                out[-1] = torch.cat([last, batch])
+            else:
+                out.append(batch)
+        return out
+
     def _holdout_loss(self, model: nn.Module) -> float:
         nll, count = 0.0, 0
         was_training = model.training
         model.eval()
         try:
-            for batch in self.holdout:
+            for batch in self._holdout_batches():
                 n, c = window_nll(model, batch.to(next(model.parameters()).device))
                 nll, count = nll + n, count + c
         finally:
