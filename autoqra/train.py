@@ -533,8 +533,8 @@ def finetune(
             (`autoqra.memory.trim_heap`: glibc ``malloc_trim``; nothing under jemalloc). glibc keeps
             what a step freed and the next step's allocations land beside it, so the peak RSS climbs
             for several steps; measured on SmolLM2 (uniform 3-bit r8, 8 steps of 2×256 tokens) the rise
-            above the live model fell from ~1.75 to ~1.3 GiB, for 2–20% more time (re-faulting the returned
-            pages; the VM's noise is as large). False: leave the heap alone.
+            above the live model fell from ~1.75 to ~1.3 GiB, for ~11% more time (mean of 4 alternations;
+            re-faulting the returned pages). False: leave the heap alone.
 
     Raises:
         NotCompiledError: no ``QuantLoRALinear`` in the model (call `autoqra.compile` first).
