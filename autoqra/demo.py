@@ -117,11 +117,12 @@ def run_demo(
     n_weights = graph.total_numel()
     # fast: the selection's short fine-tune (its adapters reused); full / an explicit step count: RECIPE
     reuse_selection = finetune_steps is None and not full
+    select_config = SelectConfig()  # the default compile's selection recipe
     if finetune_steps is None:
-        finetune_steps = SelectConfig().score_steps if reuse_selection else 10
+        finetune_steps = select_config.score_steps if reuse_selection else 10
     recipe: dict[str, Any] = RECIPE
     if reuse_selection:
-        cfg = SelectConfig()
+        cfg = select_config
         recipe = {"lr": cfg.lr, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed,
                   "data": f"the {len(cal.batches)} calibration windows (the selection's short fine-tune)"}
     results: dict[str, Any] = {"mode": "full" if full else "fast", "eval_windows": int(evals.shape[0]),
@@ -176,7 +177,7 @@ def run_demo(
                     load_adapter_state(work, scored[name])
                     how = f"the selection's short fine-tune of {name!r}, reused"
                 else:  # not fine-tuned by the selection (e.g. scores from the cache): the same recipe here
-                    short_finetune(work, list(cal.batches), SelectConfig())
+                    short_finetune(work, list(cal.batches), select_config)
                     how = "the selection's short fine-tune recipe, run here"
                 after = perplexity(work, evals, progress=False)
                 emit(f"{label}: after {finetune_steps} adapter steps ({how}: AdamW lr {recipe['lr']:g}, "

@@ -544,6 +544,8 @@ def finetune(
         NonFiniteLossError: a NaN/Inf loss or gradient; the adapters are restored.
     """
     _check_args(steps, lr, batch_size, seq_len, grad_accum, scheduler, warmup, eval_every, max_grad_norm)
+    if not isinstance(trim_memory, bool):
+        raise ConfigError(f"finetune: trim_memory must be True or False, got {trim_memory!r}")
     inner = unwrap_model(model)
     params = adapter_parameters(inner)
     trainable = {id(p) for p in params}

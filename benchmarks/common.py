@@ -27,6 +27,17 @@ def machine() -> dict[str, Any]:
     }
 
 
+def rss() -> int:
+    """This process's resident set size in bytes (``VmRSS``; 0 where /proc is missing)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return 0
+    for line in status.read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

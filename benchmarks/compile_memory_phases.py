@@ -28,14 +28,7 @@ from autoqra.data import lee_corpus_text, split_tokens, window_bos_id, windows  
 from autoqra.memory import jemalloc_loaded, trim_heap  # noqa: E402
 from autoqra.passes.base import PassBase  # noqa: E402
 from autoqra.zoo import load_default_model  # noqa: E402
-from benchmarks.common import write_json  # noqa: E402
-
-
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) * 1024
-    return 0
+from benchmarks.common import rss, write_json  # noqa: E402
 
 
 class Sampler:

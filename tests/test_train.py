@@ -146,6 +146,7 @@ def test_data_shorter_than_one_sequence(model, data):
     (dict(steps=-3), "steps must be an int >= 1"),
     (dict(steps=1, batch_size=0), "batch_size must be an int >= 1"),
     (dict(steps=1, scheduler="exp"), "scheduler must be one of"),
+    (dict(steps=1, trim_memory="yes"), "trim_memory must be True or False"),
 ])
 def test_bad_arguments(model, kwargs, match):
     args = {**FAST, **kwargs}

@@ -64,6 +64,7 @@ from autoqra.passes.search import SearchPass
 from autoqra.progress import tqdm_disable
 from autoqra.quant.memo import active_memo
 from autoqra.search.problem import Choice, SearchProblem
+from autoqra.train import adapter_state
 
 __all__ = ["OBJECTIVES", "Candidate", "SelectConfig", "SelectPlanPass", "lambda_unit", "short_finetune"]
 
@@ -214,6 +215,7 @@ class SelectPlanPass(PassBase):
         self.config = config
         self.train = train
         self.holdout = holdout
+        self._held_batches = self._holdout_batches()  # scored many times: concatenated once
         self.progress = progress
         self._cache = JsonCache(cache_dir, prefix="selection-")
         self._seconds: dict[str, float] = {}  # where the measurement's time went (in the report)
@@ -350,7 +352,7 @@ class SelectPlanPass(PassBase):
         was_training = model.training
         model.eval()
         try:
-            for batch in self._holdout_batches():
+            for batch in self._held_batches:
                 n, c = window_nll(model, batch.to(next(model.parameters()).device))
                 nll, count = nll + n, count + c
         finally:
@@ -372,8 +374,7 @@ class SelectPlanPass(PassBase):
             result = short_finetune(model, self.train, self.config)
             if not all(math.isfinite(v) for v in result.losses):
                 return math.inf, "fine-tune diverged (non-finite loss): infeasible"
-            self._adapters[label] = {name: {"lora_A": m.lora_A.detach().clone(), "lora_B": m.lora_B.detach().clone()}
-                                     for name, m in modules.items() if m.rank}
+            self._adapters[label] = adapter_state(model)  # the candidate's layers are the model's only ones
             return self._holdout_loss(model), ""
         except NotCompiledError:
             return self._holdout_loss(model), "no adapter to train (all ranks 0)"
