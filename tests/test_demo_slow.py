@@ -8,8 +8,13 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_on_the_real_model(tmp_path):
+def test_demo_runs_end_to_end_on_the_real_model(tmp_path, monkeypatch):
+    import autoqra.api
     from autoqra.demo import run_demo
+
+    # empty error and selection caches (an earlier run's scores would skip the short fine-tunes it reuses);
+    # the model conversion cache stays where it is
+    monkeypatch.setattr(autoqra.api, "default_cache_dir", lambda: tmp_path / "cache")
 
     lines: list[str] = []
     results = run_demo(lines.append, calib_windows=2, eval_windows=2, out_dir=tmp_path, progress=False)
