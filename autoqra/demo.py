@@ -82,6 +82,7 @@ def run_demo(
     model: nn.Module | None = None,
     tokenizer: object = None,
     progress: bool = True,
+    export: bool = True,
 ) -> dict[str, Any]:
     from autoqra.data import lee_corpus_text, split_tokens, window_bos_id, windows
 
@@ -149,6 +150,7 @@ def run_demo(
         ]
     rows = results["rows"]
     scored: dict[str, Any] = {}  # the default compile's short-fine-tuned adapters, by candidate label
+    default_model = None  # the compiled (and fine-tuned) default, kept for the ONNX export
     # one memo for every compile: the uniform compiles reuse the default compile's roundings, and the
     # uniform plan the selection built as a candidate (LoftQ inits kept: ~0.5 GB for SmolLM2)
     with quant_memo(1 << 30, inits=True):
@@ -193,6 +195,8 @@ def run_demo(
                      f"{RECIPE['batch_size']}×{RECIPE['seq_len']} tokens of the Lee training split) in "
                      f"{time.perf_counter() - t:.1f} s: perplexity {ppl:.2f} → {after:.2f}")
                 rows[label]["ppl_finetuned"] = after
+            if label == "autoqra default":
+                default_model = work
             del work
             gc.collect()
     # results under the old flat keys too (scripts and tests read results["uniform 3-bit r8"])
@@ -236,17 +240,32 @@ def run_demo(
                 results["ratio_vs_uniform3_finetuned" + suffix] = tuned_ratio
             emit(line)
             ratios.append(line)
+    export_lines: list[str] = []
+    if export and out_dir is not None and default_model is not None and tokenizer is not None:
+        from autoqra.analysis import untouched_bytes
+        from autoqra.demo_export import export_demo
+
+        emit("")
+        onnx = export_demo(default_model, model, tokenizer, splits.evaluation[:24].reshape(1, -1),
+                           Path(out_dir) / "onnx", default["plan_bytes"] + untouched_bytes(model, graph),
+                           fp32_onnx=full)
+        export_lines = onnx.lines()
+        for line in export_lines:
+            emit(line)
+        results["onnx"] = onnx.to_dict()
+    del default_model
     seconds = time.perf_counter() - start
     results["seconds"] = seconds
     if out_dir is not None:
         _write_outputs(Path(out_dir), emit, results, graph, table_rows, headers, ratios, fp32, finetune_steps,
-                       seconds)
+                       seconds, export_lines)
     emit(f"demo done in {seconds:.0f} s")
     return results
 
 
 def _write_outputs(out: Path, emit: Callable[[str], None], results: dict[str, Any], graph, table_rows,  # noqa: ANN001
-                   headers, ratios: list[str], fp32: float, steps: int, seconds: float) -> None:
+                   headers, ratios: list[str], fp32: float, steps: int, seconds: float,
+                   export_lines: list[str]) -> None:
     from autoqra.demo_figures import DemoRow, plan_heatmap, summary_plot, write_report
 
     out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +286,8 @@ def _write_outputs(out: Path, emit: Callable[[str], None], results: dict[str, An
               f"tokens, {steps} adapter fine-tuning steps (AdamW lr {recipe['lr']:g}, {recipe['batch_size']}×"
               f"{recipe['seq_len']} tokens of {data}, seed {recipe['seed']}); {seconds:.0f} s in all.", "", *ratios]
     write_report(out / "report.md", header=header, rows=table_rows, row_headers=headers,
-                 selection=rows["autoqra default"].get("selection"), plans=plans, pictures=pictures)
+                 selection=rows["autoqra default"].get("selection"), plans=plans, pictures=pictures,
+                 export_lines=export_lines)
     plain = {k: v for k, v in results.items() if k not in rows}
     plain["rows"] = {label: {k: (v.to_dict() if k == "plan" else v) for k, v in r.items()}
                      for label, r in rows.items()}

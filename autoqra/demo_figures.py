@@ -11,6 +11,7 @@ matplotlib is needed (``pip install 'autoqra[plot]'``; the demo's virtualenv has
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,10 @@ def plan_heatmap(plan, graph, path: Path, *, title: str = "") -> None:  # noqa: 
 
 
 def write_report(path: Path, *, header: list[str], rows: list[list[Any]], row_headers: list[str],
-                 selection: dict[str, Any] | None, plans: dict[str, Any], pictures: dict[str, str]) -> None:
-    """``report.md``: the measured table, the selection's scores, each plan by choice, the pictures."""
+                 selection: dict[str, Any] | None, plans: dict[str, Any], pictures: dict[str, str],
+                 export_lines: Sequence[str] = ()) -> None:
+    """``report.md``: the measured table, the selection's scores, each plan by choice, the pictures, the
+    ONNX export's figures (``export_lines``)."""
     from autoqra.demo import plan_summary
 
     out = ["# autoqra demo report", "", *header, "", "## Perplexity and bytes", "", "```",
@@ -143,4 +146,6 @@ def write_report(path: Path, *, header: list[str], rows: list[list[Any]], row_he
                 table(["bits", "rank", "layers", "bytes"], plan_summary(plan)), "```", ""]
         if label in pictures:
             out += [f"![{label} per layer]({pictures[label]})", ""]
+    if export_lines:
+        out += ["## ONNX export", "", "```", *export_lines, "```", ""]
     path.write_text("\n".join(out))

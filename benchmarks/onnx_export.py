@@ -31,7 +31,6 @@ import logging
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import autoqra  # noqa: E402
 from autoqra.analysis import untouched_bytes  # noqa: E402
-from autoqra.export import export_onnx  # noqa: E402
-from autoqra.export.decoder import DecoderShape, _cache_argument, decoder_shape  # noqa: E402
+from autoqra.export import export_onnx, latency  # noqa: E402
+from autoqra.export.decoder import DecoderShape, decoder_shape  # noqa: E402
 from autoqra.export.verify import _feeds, session  # noqa: E402
 from autoqra.report import table  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
@@ -50,61 +49,19 @@ from benchmarks.common import write_json  # noqa: E402
 logger = logging.getLogger("bench.onnx_export")
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _median_of(fn, repeats: int) -> float:
-    """Median of what ``fn`` returns (seconds it timed itself), after one warm-up call."""
-    fn()
-    return float(np.median([fn() for _ in range(repeats)]))
-
-
 def onnx_latency(path: Path, shape: DecoderShape, prompt_len: int, decode_steps: int, threads: int,
                  repeats: int) -> tuple[float, float]:
     """(prompt seconds, seconds per decoded token) of the KV-cache graph in onnxruntime."""
-    sess = session(path, threads)
-    names = [o.name for o in sess.get_outputs()]
-    prompt = torch.randint(0, shape.vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    feeds = _feeds(prompt, shape, np.dtype("float32"))
-    prompt_s = _median_seconds(lambda: sess.run(names, feeds), repeats)
-
-    def decode() -> float:
-        outs = sess.run(names, feeds)
-        start = time.perf_counter()
-        for step in range(decode_steps):
-            token = torch.tensor([[int(np.argmax(outs[0][0, -1]))]])
-            outs = sess.run(names, _feeds(token, shape, np.dtype("float32"), past=list(outs[1:]),
-                                          offset=prompt_len + step))
-        return (time.perf_counter() - start) / decode_steps
-
-    return prompt_s, _median_of(decode, repeats)
+    t = latency.onnx_latency(path, shape, prompt_len=prompt_len, decode_steps=decode_steps, repeats=repeats,
+                             threads=threads)
+    return t.prompt_s, t.decode_s
 
 
-@torch.no_grad()
 def torch_latency(model: torch.nn.Module, vocab: int, prompt_len: int, decode_steps: int,
                   repeats: int) -> tuple[float, float]:
     """The same two figures for PyTorch eager (the model's cache, its fast CPU paths)."""
-    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    prompt_s = _median_seconds(lambda: model(input_ids=prompt, use_cache=True), repeats)
-    cache_arg = _cache_argument(model)
-
-    def decode() -> float:
-        out = model(input_ids=prompt, use_cache=True)
-        start = time.perf_counter()
-        for _ in range(decode_steps):
-            token = out.logits[:, -1:].argmax(-1)
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
-        return (time.perf_counter() - start) / decode_steps
-
-    return prompt_s, _median_of(decode, max(1, repeats // 2))
+    t = latency.torch_latency(model, vocab, prompt_len=prompt_len, decode_steps=decode_steps, repeats=repeats)
+    return t.prompt_s, t.decode_s
 
 
 def onnx_perplexity(path: Path, shape: DecoderShape, windows: torch.Tensor, threads: int) -> float:
@@ -184,7 +141,7 @@ def main() -> None:
     if windows is not None and not len(windows):
         windows = None
 
-    def latency(fn, *a):  # type: ignore[no-untyped-def]
+    def timed(fn, *a):  # type: ignore[no-untyped-def]
         return (float("nan"), float("nan")) if args.skip_latency else fn(*a)
 
     def quality(model, path):  # type: ignore[no-untyped-def]
@@ -196,7 +153,7 @@ def main() -> None:
 
     logger.info("fp32 ONNX export of the base model")
     fp32 = export_onnx(base, out_root / "fp32", tokenizer=tokenizer, accuracy_level=0)
-    fp32_prompt, fp32_decode = latency(onnx_latency, fp32.model_file, shape, prompt_len, decode_steps, args.threads,
+    fp32_prompt, fp32_decode = timed(onnx_latency, fp32.model_file, shape, prompt_len, decode_steps, args.threads,
                                        repeats)
     fp32_onnx_ppl, fp32_torch_ppl = quality(base, fp32.model_file)
     rows.append(dict(plan="fp32 base", accuracy_level=None, file_bytes=fp32.file_bytes, plan_bytes=None, untouched_bytes=None,
@@ -210,11 +167,11 @@ def main() -> None:
         result = autoqra.compile(model, spec["budget"], bits=spec["bits"], ranks=spec["ranks"], objective="deploy",
                                  select=False, cache_dir=None, progress=False, patterns=spec.get("patterns"),
                                  include=spec.get("include", ()))
-        t_prompt, t_decode = latency(torch_latency, model, shape.vocab, prompt_len, decode_steps, repeats)
+        t_prompt, t_decode = timed(torch_latency, model, shape.vocab, prompt_len, decode_steps, repeats)
         for level in levels:
             exported = export_onnx(model, out_root / f"{label.replace(' ', '_').replace('/', '')}_{level}",
                                    tokenizer=tokenizer, accuracy_level=level)
-            o_prompt, o_decode = latency(onnx_latency, exported.model_file, shape, prompt_len, decode_steps,
+            o_prompt, o_decode = timed(onnx_latency, exported.model_file, shape, prompt_len, decode_steps,
                                          args.threads, repeats)
             onnx_ppl, torch_ppl = quality(model, exported.model_file)
             rows.append(dict(

@@ -142,7 +142,8 @@ def test_parser_defaults():
     args = build_parser().parse_args(["compile", "--budget", "3bits"])
     assert args.model == "smollm2-135m" and args.calib == "lee" and args.solver == "exact"
     demo = build_parser().parse_args(["demo"])
-    assert demo.full is False and demo.out == "demo_out" and demo.eval_windows is None
+    assert demo.full is False and demo.out == "demo_out" and demo.eval_windows is None and demo.no_export is False
+    assert build_parser().parse_args(["demo", "--no-export"]).no_export is True
     assert build_parser().parse_args(["demo", "--full"]).full is True
     assert build_parser().parse_args(["demo", "--fast"]).full is False
     with pytest.raises(SystemExit):

@@ -43,3 +43,10 @@ def test_demo_runs_end_to_end_on_the_real_model(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"]["autoqra default"]["plan"]["layers"]
     assert f"wrote {tmp_path / 'summary.png'}" in text
+    # the last step: the fine-tuned default exported, verified, measured and run in onnxruntime
+    onnx = results["onnx"]
+    assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "genai_config.json").is_file()
+    assert 0.95 < onnx["file_bytes"] / onnx["expected_bytes"] < 1.05  # the size goal
+    assert onnx["tokens_checked"] == 16 and onnx["onnx_decode_ms"] > 0 and onnx["continuation"]
+    assert any(line.startswith("ONNX export of the fine-tuned autoqra default") for line in lines)
+    assert "## ONNX export" in report and saved["onnx"]["file_bytes"] == onnx["file_bytes"]

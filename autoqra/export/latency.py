@@ -1,0 +1,100 @@
+"""Prompt and per-token decode latency of an exported KV-cache graph (onnxruntime CPU) and of a
+PyTorch model (eager, its own cache), measured the same way: a prompt of ``prompt_len`` random
+tokens, then ``decode_steps`` greedy tokens one at a time; medians over ``repeats`` runs after a
+warm-up. Used by ``autoqra demo`` and ``benchmarks/onnx_export.py``. Absolute times depend on the
+machine and its load: compare figures measured in one run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoqra.errors import ConfigError
+from autoqra.export.decoder import DecoderShape, _cache_argument
+from autoqra.export.verify import _feeds, session
+
+__all__ = ["Latency", "onnx_latency", "torch_latency"]
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Seconds for the prompt's forward and per decoded token (medians)."""
+
+    prompt_s: float
+    decode_s: float
+
+
+def _check(prompt_len: int, decode_steps: int, repeats: int) -> None:
+    for name, value in (("prompt_len", prompt_len), ("decode_steps", decode_steps), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"latency: {name} must be an int >= 1, got {value!r}")
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _median_of(fn: Callable[[], float], repeats: int) -> float:
+    """Median of what ``fn`` returns (seconds it timed itself), after one warm-up call."""
+    fn()
+    return float(np.median([fn() for _ in range(repeats)]))
+
+
+def _prompt(vocab: int, prompt_len: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+
+
+def onnx_latency(path: str | Path, shape: DecoderShape, *, prompt_len: int = 128, decode_steps: int = 32,
+                 repeats: int = 5, threads: int | None = None) -> Latency:
+    """Latency of the KV-cache graph ``path`` (written by `export_onnx` with ``with_past=True``)."""
+    _check(prompt_len, decode_steps, repeats)
+    sess = session(path, threads)
+    names = [o.name for o in sess.get_outputs()]
+    feeds = _feeds(_prompt(shape.vocab, prompt_len), shape, np.dtype("float32"))
+    prompt_s = _median_seconds(lambda: sess.run(names, feeds), repeats)
+
+    def decode() -> float:
+        outs = sess.run(names, feeds)
+        start = time.perf_counter()
+        for step in range(decode_steps):
+            token = torch.tensor([[int(np.argmax(outs[0][0, -1]))]])
+            outs = sess.run(names, _feeds(token, shape, np.dtype("float32"), past=list(outs[1:]),
+                                          offset=prompt_len + step))
+        return (time.perf_counter() - start) / decode_steps
+
+    return Latency(prompt_s, _median_of(decode, repeats))
+
+
+@torch.no_grad()
+def torch_latency(model: nn.Module, vocab: int, *, prompt_len: int = 128, decode_steps: int = 32,
+                  repeats: int = 5) -> Latency:
+    """The same two figures for a Hugging Face causal LM in PyTorch eager (its cache, its fast CPU
+    paths); the decode median is over ``max(1, repeats // 2)`` runs (eager decoding is slow)."""
+    _check(prompt_len, decode_steps, repeats)
+    prompt = _prompt(vocab, prompt_len)
+    prompt_s = _median_seconds(lambda: model(input_ids=prompt, use_cache=True), repeats)
+    cache_arg = _cache_argument(model)
+
+    def decode() -> float:
+        out = model(input_ids=prompt, use_cache=True)
+        start = time.perf_counter()
+        for _ in range(decode_steps):
+            token = out.logits[:, -1:].argmax(-1)
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
+        return (time.perf_counter() - start) / decode_steps
+
+    return Latency(prompt_s, _median_of(decode, max(1, repeats // 2)))
