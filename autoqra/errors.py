@@ -95,6 +95,10 @@ class WorldSizeError(ConfigError):
         self.world_size = world_size
 
 
+class CollectiveDeviceError(AutoQRAError, RuntimeError):
+    """A tensor handed to a torch.distributed collective on a device its backend cannot reduce (NCCL: CUDA only)."""
+
+
 class UnsupportedPlatformError(AutoQRAError, RuntimeError):
     """A feature needs something this platform lacks (e.g. glibc's ``mallopt``)."""
 

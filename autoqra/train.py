@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoqra.distributed import check_collective
 from autoqra.errors import ConfigError, DataError, NonFiniteLossError, NotCompiledError, WorldSizeError
 from autoqra.loss import auto_chunk_tokens, causal_lm_loss
 from autoqra.memory import trim_heap
@@ -225,7 +226,7 @@ def wrap_ddp(model: nn.Module, *, device_ids: list[int] | None = None, **ddp_kwa
         src = 0 if group is None else dist.get_global_rank(group, 0)
         with torch.no_grad():
             for buffer in inner.buffers():
-                dist.broadcast(buffer, src=src, group=group)
+                dist.broadcast(check_collective(buffer, group), src=src, group=group)
     return ddp_cls(model, device_ids=device_ids, **ddp_kwargs)
 
 
@@ -267,7 +268,7 @@ def _all_reduce_mean_grads(params: list[nn.Parameter], group: Any, world: int) -
         by_dtype.setdefault(p.grad.dtype, []).append(p)
     for group_params in by_dtype.values():
         flat = torch.cat([p.grad.reshape(-1) for p in group_params])
-        dist.all_reduce(flat, group=group)
+        dist.all_reduce(check_collective(flat, group), group=group)
         flat.div_(world)
         offset = 0
         for p in group_params:
@@ -661,7 +662,7 @@ def finetune(
                     step_tokens += int(batch["input_ids"].numel())
                 if mode:
                     totals = torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=device)
-                    dist.all_reduce(totals, group=group)
+                    dist.all_reduce(check_collective(totals, group), group=group)
                     step_loss, step_tokens = float(totals[0]) / world, int(totals[1])
                     if not math.isfinite(step_loss):
                         _restore(params, good)

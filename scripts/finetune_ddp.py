@@ -47,7 +47,7 @@ def tiny_model_and_data(seed: int):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama built in code instead of SmolLM2")
-    parser.add_argument("--budget", default=None, help="compile budget (default 4bits; 6bits with --tiny)")
+    parser.add_argument("--budget", default=None, help="compile budget (default 4bits; 8bits with --tiny)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 20, 10 with --tiny)")
     parser.add_argument("--batch-size", type=int, default=4, help="global batch (windows); divisible by the world size")
     parser.add_argument("--seq-len", type=int, default=None, help="window length (default 256, 32 with --tiny)")
@@ -74,10 +74,10 @@ def main() -> int:
     try:
         if args.tiny:
             model, train, calib = tiny_model_and_data(args.seed)
-            budget, steps, seq_len, lr = args.budget or "6bits", args.steps or 10, args.seq_len or 32, args.lr or 1e-2
+            budget, steps, seq_len, lr = args.budget or "8bits", args.steps or 10, args.seq_len or 32, args.lr or 1e-2
             ranks = (4, 8)
         else:
-            from autoqra.cli import lee_windows
+            from autoqra.data import lee_windows
             from autoqra.zoo import load_default_model
 
             seq_len = args.seq_len or 256

@@ -155,3 +155,23 @@ def test_qlora_parity_quick() -> None:
     peft0, ours0 = rows["peft + bitsandbytes"]["ppl"]["0"], rows["autoqra bnb format"]["ppl"]["0"]
     assert abs(peft0 - ours0) / peft0 < 0.01
     assert rows["peft + bitsandbytes"]["trainable"] == rows["autoqra bnb format"]["trainable"]
+
+
+def test_gpu_check_quick_on_cpu() -> None:
+    """The GPU check's benchmark steps on CPU (a tiny Llama): the layer rows and the fine-tuning rows;
+    on a machine without CUDA its default device is refused with the fix."""
+    path = Path(os.environ["AUTOQRA_BENCH_RESULTS"]) / "gpu_check_quick.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick",
+                           "--sections", "layer,finetune"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(path.read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    assert {"bf16 nn.Linear, forward, 1 tokens", "packed 4-bit r8, forward+backward, 4096 tokens"} <= set(rows)
+    assert {"autoqra uniform 4-bit r8", "peft LoRA r8, fp32 base", "peft LoRA r8, bf16 base"} <= set(rows)
+    assert all(r["tokens_per_s"] > 0 for r in data["rows"] if r["section"] == "finetune")
+    import torch
+
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 2 and "pass --device cpu" in refused.stderr

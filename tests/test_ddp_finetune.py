@@ -104,3 +104,16 @@ def test_ddp_finetune_matches_single_process(tmp_path):
         assert (batch_size, world_size) == (3, 2)
         assert "batch_size=2 or 4" in message and "world size" in message
         assert "rank(s) [1]" in rank["plan_error"] and "autoqra.load" in rank["plan_error"]
+
+
+@pytest.mark.timeout(300)
+def test_the_ddp_script_runs_in_one_process() -> None:
+    """`python scripts/finetune_ddp.py --tiny` (the documented recipe's one-process path; `gpu_check`
+    runs it too) compiles, trains and lowers the loss."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "finetune_ddp.py"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--steps", "4"], capture_output=True, text=True,
+                          timeout=280, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 process(es) on cpu" in done.stdout and "(step 4)" in done.stdout

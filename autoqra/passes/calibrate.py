@@ -18,9 +18,10 @@ estimators take their data-free path.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -73,6 +74,13 @@ class LayerStats:
         if self.g2_sum is None or self.g_count == 0:
             return None
         return (self.g2_sum / self.g_count).sqrt()
+
+    def to_cpu(self) -> LayerStats:
+        """These statistics with every tensor on the CPU (itself when they already are)."""
+        tensors = ("x2_sum", "g2_sum", "xtx_sum", "grad_sum")
+        if all(getattr(self, k) is None or getattr(self, k).device.type == "cpu" for k in tensors):
+            return self
+        return replace(self, **{k: None if getattr(self, k) is None else getattr(self, k).cpu() for k in tensors})
 
 
 def as_batches(calib: object, *, batch_size: int = 1) -> list[torch.Tensor]:
@@ -152,29 +160,31 @@ class Calibration:
 
 
 def _reduce_stats(graph, stats: dict[str, LayerStats], gradients: bool, covariance_max_dim: int,
-                  weight_gradients: bool = False) -> dict[str, LayerStats]:
-    """Sum every layer's statistics over ranks (a rank may have seen no batch of a layer)."""
+                  weight_gradients: bool = False, device: torch.device | None = None) -> dict[str, LayerStats]:
+    """Sum every layer's statistics over ranks (a rank may have seen no batch of a layer: zeros on
+    ``device``, where the hooks accumulate); `all_reduce_sum` reduces on the backend's device."""
     out: dict[str, LayerStats] = {}
+    zeros = functools.partial(torch.zeros, device=device or torch.device("cpu"))
     for name in graph.order():
         layer = graph.layer(name)
         if layer.kind is LayerKind.EMBEDDING:
             continue
-        st = stats.get(name) or LayerStats(torch.zeros(layer.in_features, dtype=torch.float64))
+        st = stats.get(name) or LayerStats(zeros(layer.in_features, dtype=torch.float64))
         x2 = all_reduce_sum(st.x2_sum.clone())
         x_count = all_reduce_int(st.x_count)
         g2, g_count = None, 0
         if gradients:
             g2 = all_reduce_sum(st.g2_sum.clone() if st.g2_sum is not None else
-                                torch.zeros(layer.out_features, dtype=torch.float64))
+                                zeros(layer.out_features, dtype=torch.float64))
             g_count = all_reduce_int(st.g_count)
         xtx = None
         if layer.in_features <= covariance_max_dim:
             xtx = all_reduce_sum(st.xtx_sum.clone() if st.xtx_sum is not None else
-                                 torch.zeros(layer.in_features, layer.in_features))
+                                 zeros(layer.in_features, layer.in_features))
         grad = None
         if weight_gradients:
             grad = all_reduce_sum(st.grad_sum.clone() if st.grad_sum is not None else
-                                  torch.zeros(layer.out_features, layer.in_features))
+                                  zeros(layer.out_features, layer.in_features))
         if x_count:
             out[name] = LayerStats(x2, x_count, g2 if g_count else None, g_count, xtx, grad if g_count else None)
     return out
@@ -232,12 +242,14 @@ class CalibratePass(PassBase):
                 flat = x.reshape(-1, x.shape[-1]).double()
                 if self.weight_gradients and torch.is_grad_enabled():
                     inputs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).float())
-                st = stats.setdefault(name, LayerStats(torch.zeros(flat.shape[-1], dtype=torch.float64)))
-                st.x2_sum += (flat * flat).sum(0).cpu()
+                # sums stay on the activations' device (no copy per hook); moved to the CPU once at the end
+                st = stats.setdefault(name, LayerStats(torch.zeros(flat.shape[-1], dtype=torch.float64,
+                                                                   device=flat.device)))
+                st.x2_sum += (flat * flat).sum(0)
                 st.x_count += flat.shape[0]
                 if flat.shape[-1] <= self.covariance_max_dim:
                     x32 = x.reshape(-1, x.shape[-1]).float()
-                    xtx = (x32.T @ x32).cpu()
+                    xtx = x32.T @ x32
                     st.xtx_sum = xtx if st.xtx_sum is None else st.xtx_sum.add_(xtx)
 
             def fwd_hook(_mod, _args, out):
@@ -250,13 +262,13 @@ class CalibratePass(PassBase):
                     flat = grad.detach().reshape(-1, grad.shape[-1]).double()
                     st = stats[name]
                     if st.g2_sum is None:
-                        st.g2_sum = torch.zeros(flat.shape[-1], dtype=torch.float64)
-                    st.g2_sum += (flat * flat).sum(0).cpu()
+                        st.g2_sum = torch.zeros(flat.shape[-1], dtype=torch.float64, device=flat.device)
+                    st.g2_sum += (flat * flat).sum(0)
                     st.g_count += flat.shape[0]
                     pending = inputs.get(name)
                     if pending:  # backward runs in reverse order: the last input belongs to this output
                         x_in = pending.pop()
-                        wgrad = (grad.detach().reshape(-1, grad.shape[-1]).float().T @ x_in).cpu()
+                        wgrad = grad.detach().reshape(-1, grad.shape[-1]).float().T @ x_in
                         st.grad_sum = wgrad if st.grad_sum is None else st.grad_sum.add_(wgrad)
 
                 out.register_hook(grad_hook)
@@ -305,8 +317,10 @@ class CalibratePass(PassBase):
                 p.requires_grad_(flag)
             model.train(was_training)
         if is_distributed():
-            stats = _reduce_stats(graph, stats, self.gradients, self.covariance_max_dim, self.weight_gradients)
+            stats = _reduce_stats(graph, stats, self.gradients, self.covariance_max_dim, self.weight_gradients,
+                                  device)
             tokens = all_reduce_int(tokens)
+        stats = {name: st.to_cpu() for name, st in stats.items()}
         missing = [n for n in graph.order() if n not in stats and graph.layer(n).kind is not LayerKind.EMBEDDING]
         if missing:
             logger.warning("calibration never reached %d layers (%s...): they get data-free errors", len(missing), missing[:3])

@@ -1,0 +1,302 @@
+"""The GPU check in one run (`scripts/gpu_check.sh` calls it after the CUDA-marked tests): what the GPU path
+costs against the usual baselines, measured in one process on one device, one table and one json.
+
+1. **Layer speed**: packed 4-bit ``QuantLoRALinear`` (rank 8) against a bf16 ``nn.Linear`` and
+   bitsandbytes nf4 ``Linear4bit`` (when installed; CUDA only), forward at batch 1 and forward+backward
+   at 4096 tokens, bf16 inputs; medians of ``--rounds`` interleaved rounds (synchronized timings).
+   Goals: forward ≤ 1× bf16 at batch 1, forward+backward ≤ 1.5× at 4096 tokens.
+2. **Compile**: ``autoqra.compile`` of SmolLM2 (``--quick``: a tiny Llama) on the device at the bytes
+   of uniform 3-bit r8 with the default objective, against the CPU time recorded in
+   ``benchmarks/results/demo_fast.txt`` (the fast demo's default compile, 2-core VM).
+3. **Fine-tuning memory**: ``--steps`` steps (4 × 256 tokens of the Lee calibration split, AdamW lr 5e-4,
+   the same batches for every row) of: the autoqra-compiled model (uniform 4-bit r8, adapters in fp32);
+   peft LoRA r8 on the fp32 base; peft LoRA r8 on the bf16 base; QLoRA (peft LoRA r16 on bitsandbytes
+   nf4, CUDA only). Peak ``torch.cuda.max_memory_allocated`` (CUDA) and tokens/s. Goals: autoqra's peak
+   ≤ 0.5× the bf16-base LoRA's and ≤ QLoRA's; tokens/s ≥ QLoRA's.
+4. **DDP**: ``torchrun --nproc_per_node 2 scripts/finetune_ddp.py`` (NCCL) when two GPUs are visible, else
+   the single-process path of the same script.
+
+    python benchmarks/gpu_check.py                         # on a CUDA machine (SmolLM2; minutes)
+    python benchmarks/gpu_check.py --device cpu --quick    # every step on a tiny Llama on CPU (CI smoke)
+
+Writes ``benchmarks/results/gpu_check.json`` (``gpu_check_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import logging
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import autoqra  # noqa: E402
+from autoqra.loss import causal_lm_loss  # noqa: E402
+from autoqra.modules.quant_lora_linear import QuantLoRALinear  # noqa: E402
+from autoqra.report import table  # noqa: E402
+from benchmarks.common import RESULTS, write_json  # noqa: E402
+
+logger = logging.getLogger("bench.gpu_check")
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, rounds: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- 1. layer speed ------------------------------------------------------------------------------
+def _layers(size: int, device: torch.device) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    linear = nn.Linear(size, size, bias=False)
+    layers: dict[str, nn.Module] = {"bf16 nn.Linear": copy.deepcopy(linear).to(device, torch.bfloat16)}
+    packed = QuantLoRALinear.from_linear(linear, 4, 8)
+    layers["packed 4-bit r8"] = packed.to(device)
+    if HAS_BNB and device.type == "cuda":
+        import bitsandbytes as bnb
+
+        nf4 = bnb.nn.Linear4bit(size, size, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        nf4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        layers["bnb nf4"] = nf4.to(device)
+    for layer in layers.values():
+        for name, p in layer.named_parameters():
+            p.requires_grad_(name.endswith(("lora_A", "lora_B")))
+    return layers
+
+
+def layer_speed(device: torch.device, size: int, rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    layers = _layers(size, device)
+    for tokens, mode in ((1, "forward"), (4096, "forward+backward")):
+        x = torch.randn(tokens, size, device=device, dtype=torch.bfloat16)
+        base = None
+        for label, layer in layers.items():
+            if mode == "forward":
+                def run(layer: nn.Module = layer, x: torch.Tensor = x) -> None:
+                    with torch.no_grad():
+                        layer(x)
+            else:
+                def run(layer: nn.Module = layer, x: torch.Tensor = x) -> None:
+                    xi = x.detach().requires_grad_()
+                    layer(xi).float().square().mean().backward()
+            seconds = _median_time(run, device, rounds)
+            base = seconds if base is None else base
+            rows.append({"section": "layer", "row": f"{label}, {mode}, {tokens} tokens", "seconds": seconds,
+                         "vs bf16": seconds / base})
+    return rows
+
+
+# -- 2. compile ----------------------------------------------------------------------------------
+def _model_and_tokens(quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(fp32 model, calibration windows [8, L], training tokens 1-D)."""
+    if quick:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        tokens = torch.randint(3, 128, (8192,), generator=torch.Generator().manual_seed(0))
+        return LlamaForCausalLM(cfg).eval(), tokens[:1024].view(8, 128), tokens
+    from autoqra.data import lee_corpus_text, split_tokens, window_bos_id, windows
+    from autoqra.zoo import load_default_model
+
+    model, tokenizer = load_default_model()
+    splits = split_tokens(lee_corpus_text(), tokenizer)
+    calib = windows(splits.calibration, seq_len=512, max_windows=8, bos_token_id=window_bos_id(tokenizer))
+    return model, calib, splits.calibration
+
+
+def _cpu_compile_seconds() -> float | None:
+    path = RESULTS / "demo_fast.txt"
+    if not path.is_file():
+        return None
+    found = re.search(r"autoqra default: compiled in ([0-9.]+) s", path.read_text())
+    return float(found.group(1)) if found else None
+
+
+def compile_time(model: nn.Module, calib: torch.Tensor, device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    from autoqra.analysis import analyze, uniform_costs
+    from autoqra.ir.cost import CostModel
+
+    work = copy.deepcopy(model).to(device)
+    budget = uniform_costs(analyze(work).graph, CostModel(), (3,), 8)[0].nbytes
+    _sync(device)
+    start = time.perf_counter()
+    result = autoqra.compile(work, budget, calib=calib.to(device), cache_dir=None, progress=False)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    cpu = None if quick else _cpu_compile_seconds()
+    kept = all(t.device.type == device.type for t in list(work.parameters()) + list(work.buffers()))
+    return [{"section": "compile", "row": f"default compile at uniform 3-bit r8 bytes (winner "
+             f"{result.report.get('selection', {}).get('winner', '-')})", "seconds": seconds,
+             "vs cpu": None if cpu is None else seconds / cpu, "device kept": kept}]
+
+
+# -- 3. fine-tuning memory ---------------------------------------------------------------------
+def _peft(model: nn.Module, rank: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                            lora_dropout=0.0))
+
+
+def _qlora(model: nn.Module, device: torch.device) -> nn.Module:
+    """nf4 bases (bitsandbytes, block 64, double-quantized absmax) + peft LoRA r16 (α = 2r)."""
+    import bitsandbytes as bnb
+
+    for _, parent in list(model.named_modules()):
+        for cname, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and cname != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                             blocksize=64, compress_statistics=True)
+                setattr(parent, cname, q)
+    return _peft(model.to(device), 16)
+
+
+def _train(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int, seq_len: int) -> dict[str, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-4)
+    windows = tokens[: (tokens.numel() // seq_len) * seq_len].view(-1, seq_len)
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(0))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    start, counted = None, 0
+    for step in range(steps):
+        idx = order[(torch.arange(4) + 4 * step) % windows.shape[0]]
+        batch = {"input_ids": windows[idx].to(device)}
+        loss, _ = causal_lm_loss(model, batch, use_cache_flag=True, chunk_tokens=None)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if step == 0:
+            start = time.perf_counter()  # the first step warms up
+        else:
+            counted += batch["input_ids"].numel()
+    seconds = time.perf_counter() - start if start is not None else 0.0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_bytes": peak, "tokens_per_s": counted / seconds if seconds else None, "loss": float(loss)}
+
+
+def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int,
+                    seq_len: int) -> list[dict[str, Any]]:
+    rows = []
+
+    def run(label: str, build: Callable[[], nn.Module]) -> None:
+        work = build()
+        rows.append({"section": "finetune", "row": label, **_train(work, tokens, device, steps, seq_len)})
+        del work
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def compiled() -> nn.Module:
+        work = copy.deepcopy(model).to(device)
+        autoqra.compile(work, "16bits", bits=(4,), ranks=(8,), cache_dir=None, progress=False)
+        for name, p in work.named_parameters():
+            p.requires_grad_(name.endswith(("lora_A", "lora_B")))
+        return work
+
+    run("autoqra uniform 4-bit r8", compiled)
+    run("peft LoRA r8, fp32 base", lambda: _peft(copy.deepcopy(model).to(device), 8))
+    run("peft LoRA r8, bf16 base", lambda: _peft(copy.deepcopy(model).to(device, torch.bfloat16), 8))
+    if HAS_BNB and device.type == "cuda":
+        run("QLoRA (peft r16 on bnb nf4)", lambda: _qlora(copy.deepcopy(model), device))
+    bf16 = next(r for r in rows if "bf16 base" in r["row"])
+    for r in rows:
+        r["peak vs bf16 LoRA"] = (None if r["peak_bytes"] is None or not bf16["peak_bytes"]
+                                  else r["peak_bytes"] / bf16["peak_bytes"])
+    return rows
+
+
+# -- 4. DDP --------------------------------------------------------------------------------------
+def ddp(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    script = str(ROOT / "scripts" / "finetune_ddp.py")
+    extra = ["--tiny"] if quick else ["--steps", "10"]
+    two = device.type == "cuda" and torch.cuda.device_count() >= 2
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *extra] if two
+           else [sys.executable, script, *extra])
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode:
+        logger.error("DDP run failed:\n%s", done.stderr[-3000:])
+    return [{"section": "ddp", "row": ("2 processes, NCCL" if two else "1 process") + " scripts/finetune_ddp.py",
+             "seconds": time.perf_counter() - start, "ok": done.returncode == 0}]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run of every step)")
+    parser.add_argument("--quick", action="store_true", help="a tiny Llama, small layers, 2 steps")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 50; quick 2)")
+    parser.add_argument("--sections", default="layer,compile,finetune,ddp", help="comma-separated subset")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here: run on a GPU machine, or pass --device cpu for the smoke run")
+    sections = set(args.sections.split(","))
+    steps = args.steps or (2 if args.quick else 50)
+    payload: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                               "torch": torch.__version__, "quick": args.quick, "steps": steps, "rows": []}
+    name = "gpu_check_quick" if args.quick else "gpu_check"
+    rows = payload["rows"]
+    if "layer" in sections:
+        rows += layer_speed(device, 256 if args.quick else 4096, 2 if args.quick else 20)
+        write_json(name, payload)
+    if sections & {"compile", "finetune"}:
+        model, calib, tokens = _model_and_tokens(args.quick)
+        if "compile" in sections:
+            rows += compile_time(model, calib, device, args.quick)
+            write_json(name, payload)
+        if "finetune" in sections:
+            rows += finetune_memory(model, tokens, device, steps, 32 if args.quick else 256)
+            write_json(name, payload)
+    if "ddp" in sections:
+        rows += ddp(device, args.quick)
+        write_json(name, payload)
+    keys = ["seconds", "vs bf16", "vs cpu", "peak_bytes", "peak vs bf16 LoRA", "tokens_per_s", "ok"]
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    print(table(["section", "row", *keys], [[r["section"], r["row"], *(cell(r.get(k)) for k in keys)] for r in rows]))
+    print(f"wrote {RESULTS / (name + '.json')}")
+    if not all(r.get("ok", True) for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
