@@ -44,7 +44,7 @@ CASES = [
     (200, 128, 4, 8, 64, torch.float32),  # int4 kernel layout held instead of the packed codes
     (576, 576, 4, 0, 64, torch.float32),
     (256, 192, 4, 4, 128, torch.bfloat16),
-    (200, 96, 4, 8, 64, torch.float32),  # out % 64 != 0: packed form, chunked path
+    (200, 80, 4, 8, 64, torch.float32),  # out not a multiple of the layout block (64 / 32): packed, chunked
     (200, 128, 3, 8, 64, torch.float32),
     (200, 128, 2, 16, 32, torch.float32),
     (200, 128, 8, 4, 64, torch.bfloat16),

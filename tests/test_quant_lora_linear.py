@@ -189,10 +189,10 @@ def test_constructor_validation(kwargs: dict) -> None:
         (2, 128, False, "packed", False),  # default: memory first, chunked dequantization
         (3, 128, False, "packed", False),
         (2, 128, True, "packed", True),  # opt-in speed: a 4-bit kernel copy beside the codes
-        (3, 96, True, "packed", True),
+        (3, 80, True, "packed", True),
         (4, 128, False, "int4_cpu", False),  # 4 bits: the kernel layout IS the storage
-        (4, 96, False, "packed", False),  # out % 64 != 0: not eligible for the resident layout
-        (4, 96, True, "packed", True),
+        (4, 80, False, "packed", False),  # out not a multiple of the layout block (64 AVX-512, 32 AVX2)
+        (4, 80, True, "packed", True),
         (8, 128, True, "packed", False),  # no int4 kernel at 8 bits
     ],
 )

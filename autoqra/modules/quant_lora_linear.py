@@ -22,7 +22,7 @@ Choices made here:
   ``d`` / ``g`` when given). ``loftq_iters=0`` or 16 bits: plain quantization (or the fp16
   weight) with the standard LoRA init (Kaiming-uniform ``A``, zero ``B``).
 * **Forward.** At 4 bits on CPU (torch's ``_weight_int4pack_mm_for_cpu`` present,
-  ``out % 64 == 0``, group size 32/64/128/256, uniform grid, ``fast_path=True``) ``qweight``
+  ``out`` a multiple of the layout's block: 64 under AVX-512, 32 under AVX2, group size 32/64/128/256, uniform grid, ``fast_path=True``) ``qweight``
   *holds* its codes in the kernel's own layout (:mod:`autoqra.quant.int4_layout`, the same
   number of bytes as the packed form, which it replaces): the base product runs in torch's
   int4 kernel with the activations and the group scale/offset in bf16 (output within ~0.3%
@@ -343,7 +343,7 @@ class QuantLoRALinear(nn.Module):
             and self.fast_path
             and self.codebook is None
             and device.type == "cpu"
-            and self.out_features % int4_layout.BLOCK_N == 0
+            and self.out_features % int4_layout.block_n() == 0
             and self.group_size in _INT4_GROUP_SIZES
             and int4_layout.layout_matches_torch()
         )
@@ -374,7 +374,8 @@ class QuantLoRALinear(nn.Module):
         """Codes of rows ``start:stop`` as ``uint8 [rows, padded in]`` (from either layout)."""
         k = self.scale.shape[1] * self.group_size
         if self.layout == "int4_cpu":
-            lo, hi = start - start % int4_layout.BLOCK_N, -(-stop // int4_layout.BLOCK_N) * int4_layout.BLOCK_N
+            block = int4_layout.block_n()
+            lo, hi = start - start % block, -(-stop // block) * block
             return int4_layout.decode(self.qweight, lo, hi)[start - lo : stop - lo]
         row_bytes = self.qweight.numel() // self.out_features
         return unpack(self.qweight[start * row_bytes : stop * row_bytes], self.bits, (stop - start) * k).view(
@@ -533,7 +534,8 @@ class QuantLoRALinear(nn.Module):
     def _row_chunks(self) -> range:
         rows = max(1, _CHUNK_ELEMENTS // (self.scale.shape[1] * self.group_size))
         if self.layout == "int4_cpu":  # whole layout blocks
-            rows = max(int4_layout.BLOCK_N, rows // int4_layout.BLOCK_N * int4_layout.BLOCK_N)
+            block = int4_layout.block_n()
+            rows = max(block, rows // block * block)
         return range(0, self.out_features, rows)
 
     def _dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
