@@ -90,7 +90,8 @@ def export_demo(model: nn.Module, fp32_model: nn.Module, tokenizer: Any, prompt_
     if parity is None:  # verify_export=True always measures it
         raise ExportVerificationError("the demo's export was not verified")
     timing = {"prompt_len": prompt_len, "decode_steps": decode_steps, "repeats": repeats}
-    onnx_t = onnx_latency(result.model_file, shape, **timing)
+    sess = session(result.model_file)  # one session for the timing and the continuation
+    onnx_t = onnx_latency(sess, shape, **timing)
     torch_t = torch_latency(model, shape.vocab, **timing)
     fp32_t = torch_latency(fp32_model, shape.vocab, **timing)
     fp32_onnx_ms = None
@@ -99,7 +100,7 @@ def export_demo(model: nn.Module, fp32_model: nn.Module, tokenizer: Any, prompt_
         fp32 = export_onnx(fp32_model, fp32_dir, accuracy_level=0, verify_export=False)
         fp32_onnx_ms = onnx_latency(fp32.model_file, shape, **timing).decode_s * 1e3
         shutil.rmtree(fp32_dir, ignore_errors=True)  # 0.5 GB that only served the timing
-    tokens = greedy_onnx(session(result.model_file), prompt_ids, shape, new_tokens, np.dtype("float32"))
+    tokens = greedy_onnx(sess, prompt_ids, shape, new_tokens, np.dtype("float32"))
     return DemoExport(
         directory=str(result.directory), file_bytes=result.file_bytes, expected_bytes=expected_bytes,
         max_rel=parity.max_rel, mean_rel=parity.mean_rel, tokens_checked=parity.tokens_checked,

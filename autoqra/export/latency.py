@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,11 +58,12 @@ def _prompt(vocab: int, prompt_len: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
 
 
-def onnx_latency(path: str | Path, shape: DecoderShape, *, prompt_len: int = 128, decode_steps: int = 32,
+def onnx_latency(path: str | Path | Any, shape: DecoderShape, *, prompt_len: int = 128, decode_steps: int = 32,
                  repeats: int = 5, threads: int | None = None) -> Latency:
-    """Latency of the KV-cache graph ``path`` (written by `export_onnx` with ``with_past=True``)."""
+    """Latency of the KV-cache graph ``path`` (written by `export_onnx` with ``with_past=True``), or of an
+    open onnxruntime session of it (``threads`` then ignored)."""
     _check(prompt_len, decode_steps, repeats)
-    sess = session(path, threads)
+    sess = session(path, threads) if isinstance(path, (str, Path)) else path
     names = [o.name for o in sess.get_outputs()]
     feeds = _feeds(_prompt(shape.vocab, prompt_len), shape, np.dtype("float32"))
     prompt_s = _median_seconds(lambda: sess.run(names, feeds), repeats)

@@ -41,23 +41,26 @@ def _encode(codes: torch.Tensor, block: int) -> torch.Tensor:
     return (lo | (hi << 4)).reshape(n, k // 2).contiguous()
 
 
-def _probe_codes() -> torch.Tensor:
-    return torch.randint(0, 16, (128, 192), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-
-
 @functools.cache
-def block_n() -> int:
-    """Output rows per layout block of torch's converter on this CPU (64 under AVX-512, 32 under
-    AVX2); 64 when the converter is missing or matches neither (then `layout_matches_torch` is False)."""
+def _probed_block() -> int | None:
+    """The block size whose encoding reproduces torch's converter on this CPU (probed once on a
+    128 × 192 weight), or None when the converter is missing or matches no known layout."""
     if not kernel_available():
-        return _BLOCKS[0]
-    codes = _probe_codes()
+        return None
+    codes = torch.randint(0, 16, (128, 192), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     try:
         reference = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     except RuntimeError:
-        return _BLOCKS[0]
-    return next((b for b in _BLOCKS if reference.dtype == torch.uint8 and torch.equal(reference, _encode(codes, b))),
-                _BLOCKS[0])
+        return None
+    if reference.dtype != torch.uint8:
+        return None
+    return next((b for b in _BLOCKS if torch.equal(reference, _encode(codes, b))), None)
+
+
+def block_n() -> int:
+    """Output rows per layout block of torch's converter on this CPU (64 under AVX-512, 32 under
+    AVX2); 64 when the converter is missing or matches neither (then `layout_matches_torch` is False)."""
+    return _probed_block() or _BLOCKS[0]
 
 
 def encode(codes: torch.Tensor) -> torch.Tensor:
@@ -78,14 +81,6 @@ def decode(layout: torch.Tensor, start: int = 0, stop: int | None = None) -> tor
     return torch.cat([lo, hi], dim=1).reshape(stop - start, k)
 
 
-@functools.cache
 def layout_matches_torch() -> bool:
-    """Whether :func:`encode` reproduces torch's converter on this CPU (probed once on a 128 × 192 weight)."""
-    if not kernel_available():
-        return False
-    codes = _probe_codes()
-    try:
-        reference = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    except RuntimeError:
-        return False
-    return reference.dtype == torch.uint8 and torch.equal(reference, encode(codes))
+    """Whether :func:`encode` reproduces torch's converter on this CPU."""
+    return _probed_block() is not None
