@@ -19,6 +19,7 @@ from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.program import Program
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.park import default_park_dir
 from autoqra.passes import AnnotateCostPass, AssignGroupsPass, BuildLayerGraphPass, PassManager
 from autoqra.passes.calibrate import CalibratePass, Calibration, as_batches
 from autoqra.passes.search import CheckBudgetPass, CheckWeightsPass, Patterns, SearchPass
@@ -302,7 +303,7 @@ def compile(  # noqa: A001  (the product's verb)
     if select_config is not None:
         back.append(SelectPlanPass(search, materializer, select_config, train=list(train), holdout=list(held),
                                    progress=progress, cache_dir=None if cache is None else cache / "selection",
-                                   free_memo=active_memo() is None))
+                                   free_memo=active_memo() is None, park_dir=default_park_dir(cache)))
     else:
         back.append(search)
     back.append(ValidatePlanPass(backend=backend, group_size=group_size, budget=budget))

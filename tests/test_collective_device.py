@@ -65,9 +65,13 @@ def test_sharded_calibration_hands_every_collective_a_checked_tensor(monkeypatch
     assert sharded.tokens == plain.tokens
     for name, st in plain.stats.items():
         other = sharded.stats[name]
-        for field in ("x2_sum", "g2_sum", "grad_sum"):
+        for field in ("x2_sum", "g2_sum"):
             assert torch.equal(getattr(st, field), getattr(other, field)), (name, field)
             assert getattr(other, field).device.type == "cpu"
+        # weight gradients are reduced in float32 and re-encoded in float16 with the sum's own scale
+        torch.testing.assert_close(other.grad_sum.float(), st.grad_sum.float(), rtol=2e-3,
+                                   atol=2e-3 * float(st.grad_sum.float().abs().max()))
+        assert other.grad_sum.device.type == "cpu"
 
 
 def _collective_calls(tree: ast.AST) -> list[ast.Call]:

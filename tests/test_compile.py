@@ -59,6 +59,25 @@ def test_calibration_gradients_match_autograd(calib):
     torch.testing.assert_close(program.state["stats"][name].g, expected, rtol=1e-4, atol=1e-8)
 
 
+def test_calibration_weight_gradient_and_its_spectrum_match_autograd(calib):
+    model = tiny_llama()
+    program = capture(model)
+    PassManager([BuildLayerGraphPass(), CalibratePass(calib[:2], weight_gradients=True, progress=False)]).run(program)
+    name = "model.layers.1.mlp.down_proj"
+    model.zero_grad()
+    for row in calib[:2]:
+        logits = model(input_ids=row[None]).logits
+        torch.nn.functional.cross_entropy(logits[0, :-1], row[1:], reduction="sum").backward()
+    st = program.state["stats"][name]
+    expected = model.get_submodule(name).weight.grad / st.g_count  # the per-token mean
+    scale = float(expected.abs().max())
+    # float16 codes × one scale: each of the two adds rounds to 11 significant bits of the largest element
+    torch.testing.assert_close(st.grad, expected, rtol=0, atol=2 * 2 * 2**-11 * scale)
+    sv2 = st.grad_spectrum()
+    torch.testing.assert_close(sv2, torch.linalg.svdvals(expected.double()) ** 2, rtol=2e-3, atol=1e-3 * float(sv2[0]))
+    assert st.grad_sum is None and st.grad is None and st.grad_spectrum() is sv2  # reduced once, sum dropped
+
+
 @pytest.mark.parametrize("bad", [torch.empty(0, 8, dtype=torch.long), torch.ones(3, 1, dtype=torch.long), [], "text", [torch.ones(2, 2, 2)]])
 def test_bad_calibration_data(bad):
     with pytest.raises(DataError):
@@ -264,6 +283,12 @@ def test_compile_keeps_only_the_statistics_it_needs(calib):
     assert not cal.covariance and all(st.grad_sum is not None for st in cal.stats.values())
     with pytest.raises(ConfigError, match="covariance=True"):
         compile(tiny_llama(), "4bits", calib=cal, rounding="gptq", **PLAN)
+    assert all(st.grad_sum.codes.dtype == torch.float16 for st in cal.stats.values())  # half the fp32 bytes
+    uniform = compile(tiny_llama(), "16bits", calib=cal, ranks=(8,), select=False, **PLAN)
+    assert uniform.plan is not None and all(st.grad_sum is not None for st in cal.stats.values())  # user's: kept
     kept = compile(tiny_llama(), "4bits", calib=cal, select=False, **PLAN)
-    assert kept.plan is not None and all(st.grad_sum is not None for st in cal.stats.values())  # user's: kept
+    # the tables reduced the user's gradients to their spectra, which a later compile reads
+    assert kept.plan is not None and all(st.grad_sum is None and st.grad_sv2 is not None for st in cal.stats.values())
+    again = compile(tiny_llama(), "4bits", calib=cal, select=False, **PLAN)
+    assert again.program.state["plasticity"] == kept.program.state["plasticity"] and again.plan == kept.plan
     assert calibrate(tiny_llama(), calib, progress=False, covariance=True).covariance

@@ -7,12 +7,16 @@ For every selected layer it collects
 * ``g2``: per-output-channel mean of (∂L/∂y)² of the token-summed causal-LM loss at the layer's
   output (tensor hooks on a few backward passes; no parameter gradient is computed), and
 * ``grad`` (``weight_gradients=True``, for ``objective="finetune"``): the loss gradient with
-  respect to the weight, ``Σ_t g_t x_tᵀ`` over the calibration tokens (float32 ``[out, in]``,
-  built in the same hooks; the layer's input is kept only until its backward). It tells what
-  an adapter can learn (:mod:`autoqra.search.plasticity`).
+  respect to the weight, ``Σ_t g_t x_tᵀ`` over the calibration tokens (``[out, in]`` held as
+  float16 codes × one scale, :class:`~autoqra.scaled_half.ScaledHalf`: half the bytes of the fp32
+  weights instead of all of them; built in the same hooks; the layer's input is kept only until
+  its backward). It tells what an adapter can learn (:mod:`autoqra.search.plasticity`), which
+  needs only its singular values: `LayerStats.grad_spectrum` computes them once and drops the sum.
 
 Statistics are O(channels) per layer, accumulated batch by batch, so memory stays bounded by
-one forward/backward of one batch. Without calibration data this pass records nothing and the
+one forward/backward of one batch, plus the weight gradients when asked for (half the fp32
+weights' bytes until the plasticity pass reduces them to their spectra) and the ``[in, in]``
+moments when ``rounding="gptq"`` needs them. Without calibration data this pass records nothing and the
 estimators take their data-free path.
 """
 
@@ -34,6 +38,7 @@ from autoqra.ir.program import Program
 from autoqra.memory import trim_heap
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.progress import tqdm_disable
+from autoqra.scaled_half import ScaledHalf
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +52,33 @@ class LayerStats:
     g2_sum: torch.Tensor | None = None
     g_count: int = 0
     xtx_sum: torch.Tensor | None = None  # float32 [in, in] sum of x xᵀ (small layers only)
-    grad_sum: torch.Tensor | None = None  # float32 [out, in] sum over tokens of g xᵀ (weight gradient)
+    grad_sum: ScaledHalf | None = None  # [out, in] sum over tokens of g xᵀ (the weight gradient), float16 × scale
+    #: squared singular values of the mean weight gradient, descending (float64), once `grad_spectrum` ran
+    grad_sv2: torch.Tensor | None = None
 
     @property
     def grad(self) -> torch.Tensor | None:
-        """The per-token mean loss gradient with respect to the weight (None when not collected)."""
+        """The per-token mean loss gradient with respect to the weight, float32 (None when not collected
+        or already reduced to its spectrum)."""
         if self.grad_sum is None or self.g_count == 0:
             return None
-        return self.grad_sum / self.g_count
+        return self.grad_sum.float().div_(self.g_count)
+
+    def grad_spectrum(self, *, release: bool = True) -> torch.Tensor | None:
+        """Squared singular values of the mean weight gradient, descending (float64; None without weight
+        gradients). Computed once (from the Gram matrix on the smaller side: in float64 ~6× faster than
+        ``svdvals`` for SmolLM2's 576 × 1536 layers); ``release`` then drops the ``[out, in]`` sum, which
+        nothing else reads."""
+        if self.grad_sv2 is None:
+            grad = self.grad
+            if grad is None:
+                return None
+            g = grad.double()
+            gram = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
+            self.grad_sv2 = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0).cpu()
+        if release:
+            self.grad_sum = None
+        return self.grad_sv2
 
     @property
     def d(self) -> torch.Tensor:
@@ -77,10 +101,10 @@ class LayerStats:
 
     def to_cpu(self) -> LayerStats:
         """These statistics with every tensor on the CPU (itself when they already are)."""
-        tensors = ("x2_sum", "g2_sum", "xtx_sum", "grad_sum")
+        tensors = ("x2_sum", "g2_sum", "xtx_sum", "grad_sum", "grad_sv2")
         if all(getattr(self, k) is None or getattr(self, k).device.type == "cpu" for k in tensors):
             return self
-        return replace(self, **{k: None if getattr(self, k) is None else getattr(self, k).cpu() for k in tensors})
+        return replace(self, **{k: None if getattr(self, k) is None else getattr(self, k).to("cpu") for k in tensors})
 
 
 def as_batches(calib: object, *, batch_size: int = 1) -> list[torch.Tensor]:
@@ -182,9 +206,9 @@ def _reduce_stats(graph, stats: dict[str, LayerStats], gradients: bool, covarian
             xtx = all_reduce_sum(st.xtx_sum.clone() if st.xtx_sum is not None else
                                  zeros(layer.in_features, layer.in_features))
         grad = None
-        if weight_gradients:
-            grad = all_reduce_sum(st.grad_sum.clone() if st.grad_sum is not None else
-                                  zeros(layer.out_features, layer.in_features))
+        if weight_gradients:  # ranks hold different scales: reduced in float32, one layer at a time
+            grad = ScaledHalf.from_float(all_reduce_sum(st.grad_sum.float() if st.grad_sum is not None else
+                                                        zeros(layer.out_features, layer.in_features)))
         if x_count:
             out[name] = LayerStats(x2, x_count, g2 if g_count else None, g_count, xtx, grad if g_count else None)
     return out
@@ -241,7 +265,8 @@ class CalibratePass(PassBase):
                     return
                 flat = x.reshape(-1, x.shape[-1]).double()
                 if self.weight_gradients and torch.is_grad_enabled():
-                    inputs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).float())
+                    # the layer's own tensor (no float32 copy of a half-precision input is held until backward)
+                    inputs.setdefault(name, []).append(x)
                 # sums stay on the activations' device (no copy per hook); moved to the CPU once at the end
                 st = stats.setdefault(name, LayerStats(torch.zeros(flat.shape[-1], dtype=torch.float64,
                                                                    device=flat.device)))
@@ -268,8 +293,11 @@ class CalibratePass(PassBase):
                     pending = inputs.get(name)
                     if pending:  # backward runs in reverse order: the last input belongs to this output
                         x_in = pending.pop()
+                        x_in = x_in.reshape(-1, x_in.shape[-1]).float()
                         wgrad = grad.detach().reshape(-1, grad.shape[-1]).float().T @ x_in
-                        st.grad_sum = wgrad if st.grad_sum is None else st.grad_sum.add_(wgrad)
+                        if st.grad_sum is None:
+                            st.grad_sum = ScaledHalf(wgrad.shape, device=wgrad.device)
+                        st.grad_sum.add_(wgrad)
 
                 out.register_hook(grad_hook)
                 return out

@@ -30,9 +30,15 @@ from autoqra.ir.program import Program
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.progress import tqdm_disable
 
-__all__ = ["EstimatePlasticityPass", "plasticity_table"]
+__all__ = ["EstimatePlasticityPass", "energy_table", "plasticity_table"]
 
 logger = logging.getLogger(__name__)
+
+
+def energy_table(sv2: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, float]:
+    """``{rank: Σ_{i≤rank} sv2[i]}`` for squared singular values ``sv2`` in descending order."""
+    cum = torch.cat([sv2.new_zeros(1), sv2.double().cumsum(0)])
+    return {r: float(cum[min(r, sv2.numel())]) for r in ranks}
 
 
 def plasticity_table(grad: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, float]:
@@ -43,9 +49,7 @@ def plasticity_table(grad: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, fl
     # for SmolLM2's 576 × 1536 layers, equal to ~1e-15 relative in the cumulative sums)
     g = grad.double()
     gram = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
-    sv2 = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
-    cum = torch.cat([sv2.new_zeros(1), sv2.cumsum(0)])
-    return {r: float(cum[min(r, sv2.numel())]) for r in ranks}
+    return energy_table(torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0), ranks)
 
 
 class EstimatePlasticityPass(PassBase):
@@ -57,8 +61,9 @@ class EstimatePlasticityPass(PassBase):
 
     def __init__(self, *, progress: bool | None = None, release_gradients: bool = False) -> None:
         self.progress = progress
-        #: drop each layer's weight gradient once its table is made (compile's own calibration: nothing
-        #: else reads them, and they are as large as the fp32 weights)
+        #: drop the weight gradients when no table needs them (one rank per layer) — compile's own
+        #: calibration; a reused one keeps them for a later compile. Wherever tables are made, each layer's
+        #: gradient is reduced to its spectrum and dropped.
         self.release_gradients = release_gradients
 
     def call(self, program: Program) -> PassResult:
@@ -77,13 +82,13 @@ class EstimatePlasticityPass(PassBase):
             return PassResult(info={"layers": 0, "skipped": "one rank per layer"})
         for name in tqdm(names, desc="plasticity", unit="layer", disable=tqdm_disable(self.progress)):
             st = stats.get(name)
-            grad = None if st is None else st.grad
-            if grad is None:
+            # the spectrum is all any rank menu needs: computed once, the [out, in] gradient sum dropped
+            # (also from a Calibration the caller reuses: later compiles read the spectrum)
+            sv2 = None if st is None else st.grad_spectrum(release=True)
+            if sv2 is None:
                 continue
             ranks = tuple(sorted({r for _, r in graph.annotation(name).cost}))
-            table[name] = plasticity_table(grad, ranks)
-            if self.release_gradients:
-                st.grad_sum = None
+            table[name] = energy_table(sv2, ranks)
         program.state["plasticity"] = table
         if names and not table:
             logger.warning("no weight gradients were collected: plasticity is zero everywhere")
