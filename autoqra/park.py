@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from autoqra.errors import ConfigError
+
 __all__ = ["default_park_dir", "is_memory_backed", "park_on_disk"]
 
 logger = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ def park_on_disk(params: Iterable[torch.Tensor], directory: str | os.PathLike[st
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if is_memory_backed(directory):
-        raise ValueError(f"{directory} is memory-backed (tmpfs/ramfs): parking weights there saves no memory; "
+        raise ConfigError(f"{directory} is memory-backed (tmpfs/ramfs): parking weights there saves no memory; "
                          "pass a directory on a disk")
     free = shutil.disk_usage(directory).free
     if free < total + 2**30:

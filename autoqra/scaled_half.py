@@ -16,6 +16,8 @@ The result is deterministic: the same additions in the same order give the same 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["ScaledHalf"]
@@ -51,7 +53,7 @@ class ScaledHalf:
             raise ValueError(f"cannot add a tensor of shape {tuple(tensor.shape)} to a sum of shape {tuple(self.shape)}")
         t = tensor.detach().to(device=self.codes.device, dtype=torch.float32)
         largest = float(t.abs().max()) if t.numel() else 0.0
-        if not torch.isfinite(torch.tensor(largest)):  # NaN / inf stay visible in the sum, unscaled
+        if not math.isfinite(largest):  # NaN / inf stay visible in the sum, unscaled
             self.codes = (self.float() + t).to(torch.float16)
             self.scale, self._peak = 1.0, 0.0
             return self

@@ -11,6 +11,7 @@ from torch import nn
 
 import autoqra.api as api
 from autoqra import compile
+from autoqra.errors import ConfigError
 from autoqra.park import default_park_dir, is_memory_backed, park_on_disk
 from autoqra.passes.select import SelectConfig
 from tests.tiny_models import tiny_llama
@@ -60,7 +61,7 @@ def test_memory_backed_and_full_directories_are_refused(tmp_path: Path, monkeypa
     assert is_memory_backed(tmp_path / "x", str(mounts)) and not is_memory_backed("/usr", str(mounts))
     assert not is_memory_backed(tmp_path, str(tmp_path / "missing"))  # unknown: assumed disk
     monkeypatch.setattr("autoqra.park.is_memory_backed", lambda d, *a: True)
-    with pytest.raises(ValueError, match="memory-backed"):
+    with pytest.raises(ConfigError, match="memory-backed"):
         park_on_disk([nn.Parameter(torch.ones(4))], tmp_path)
     with caplog.at_level(logging.INFO, logger="autoqra.park"):
         assert default_park_dir(tmp_path) is None

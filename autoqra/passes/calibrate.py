@@ -66,16 +66,15 @@ class LayerStats:
 
     def grad_spectrum(self, *, release: bool = True) -> torch.Tensor | None:
         """Squared singular values of the mean weight gradient, descending (float64; None without weight
-        gradients). Computed once (from the Gram matrix on the smaller side: in float64 ~6× faster than
-        ``svdvals`` for SmolLM2's 576 × 1536 layers); ``release`` then drops the ``[out, in]`` sum, which
+        gradients). Computed once; ``release`` then drops the ``[out, in]`` sum, which
         nothing else reads."""
         if self.grad_sv2 is None:
             grad = self.grad
             if grad is None:
                 return None
-            g = grad.double()
-            gram = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
-            self.grad_sv2 = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0).cpu()
+            from autoqra.search.plasticity import squared_singular_values
+
+            self.grad_sv2 = squared_singular_values(grad).cpu()
         if release:
             self.grad_sum = None
         return self.grad_sv2
