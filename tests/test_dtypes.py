@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_gpt2, tiny_llama
+from tiny_models import tiny_gemma3, tiny_gpt2, tiny_llama
 
 import autoqra
 from autoqra.footprint import layers_held_bytes
@@ -18,7 +18,7 @@ TOKENS = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_gemma3], ids=["llama", "gpt2", "gemma3"])
 def test_half_precision_model_end_to_end(tmp_path, dtype, make) -> None:
     model = make().to(dtype)
     untouched = {n: p.dtype for n, p in model.named_parameters()}

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
-from tiny_models import tiny_gpt2, tiny_llama, tiny_qwen2  # noqa: E402
+from tiny_models import tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2  # noqa: E402
 
 from autoqra.errors import ConfigError, ExportError, ExportVerificationError  # noqa: E402
 from autoqra.export import export_onnx  # noqa: E402
@@ -110,7 +110,8 @@ def test_packed_layout_is_matmulnbits_layout() -> None:
 
 
 # -- whole models ------------------------------------------------------------------------------
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_gpt2], ids=["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_gpt2, tiny_gemma3],
+                         ids=["llama", "qwen2", "gpt2", "gemma3-sliding-window"])
 def test_export_with_past_runs_and_decodes(tmp_path, factory) -> None:
     model = _compiled(factory())
     before = _state(model)
@@ -286,3 +287,15 @@ def test_bad_model_or_path(tmp_path, make_model, make_path, error, words) -> Non
         export_onnx(model, path)
     if before is not None:
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_onnxruntime_failure_during_verification_is_a_verification_error() -> None:
+    from autoqra.export.verify import _run
+
+    class Failing:
+        def run(self, names, feeds):
+            raise RuntimeError("Non-zero status code returned while running Expand node\nmore")
+
+    with pytest.raises(ExportVerificationError, match="with_past=False") as info:
+        _run(Failing(), ["logits"], {}, "logits")
+    assert "Expand node" in str(info.value) and "more" not in str(info.value)

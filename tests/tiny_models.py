@@ -7,6 +7,8 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertModel,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -52,6 +54,19 @@ def tiny_mistral() -> MistralForCausalLM:
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     return MistralForCausalLM(cfg).eval()
+
+
+def tiny_gemma3(window: int = 8) -> Gemma3ForCausalLM:
+    """Gemma 3's text decoder: sliding-window blocks beside a global one (window < the tests' sequences),
+    one key/value head, a head_dim that is not hidden / heads, a scaled tied embedding."""
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+        sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return Gemma3ForCausalLM(cfg).eval()
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:

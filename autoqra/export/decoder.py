@@ -91,7 +91,10 @@ class DecoderWithPast(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.shape.layers)]
-        cache = self._cache_cls(ddp_cache_data=pairs, config=self.model.config)
+        # full layers for every block (no config): a sliding-window layer would crop its keys inside
+        # the graph, while the graph's contract is present = past + new; the model's own masks still
+        # apply each block's window (the same logits)
+        cache = self._cache_cls(ddp_cache_data=pairs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{self._cache_arg: cache})
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)

@@ -90,12 +90,26 @@ def _feeds(ids: torch.Tensor, shape: DecoderShape | None, dtype: np.dtype, past:
     return feeds
 
 
+def _run(sess, names: list[str], feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    """``sess.run`` with onnxruntime's own failures (a shape the graph cannot take, a kernel error)
+    raised as :class:`ExportVerificationError`: the written file does not run."""
+    try:
+        return sess.run(names, feeds)
+    except Exception as exc:  # onnxruntime's pybind exceptions share no public base class
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ExportVerificationError(
+            f"onnxruntime failed to run the exported graph ({what}): {type(exc).__name__}: {first}; the file "
+            "does not run as written: export with with_past=False (no KV cache), or report this with the "
+            "model's config"
+        ) from exc
+
+
 @torch.no_grad()
 def logits_parity(sess, model: nn.Module, ids: torch.Tensor, shape: DecoderShape | None,  # type: ignore[no-untyped-def]
                   tolerance: float) -> Parity:
     """Logits of onnxruntime vs PyTorch on ``ids`` (``shape`` set: the KV-cache graph, past = 0)."""
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    got = sess.run(["logits"], _feeds(ids, shape, np.dtype(str(dtype).removeprefix("torch."))))[0]
+    got = _run(sess, ["logits"], _feeds(ids, shape, np.dtype(str(dtype).removeprefix("torch."))), "logits")[0]
     with exact_reference(model):
         ref = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float().numpy()
     diff = np.abs(got.astype(np.float32) - ref)
@@ -140,14 +154,15 @@ def greedy_onnx(sess, prompt: torch.Tensor, shape: DecoderShape, steps: int,  # 
                 dtype: np.dtype) -> list[int]:
     """Greedy tokens through the exported KV-cache graph (prompt once, then one token a step)."""
     names = [o.name for o in sess.get_outputs()]
-    outs = sess.run(names, _feeds(prompt, shape, dtype))
+    outs = _run(sess, names, _feeds(prompt, shape, dtype), "the prompt through the KV-cache graph")
     tokens: list[int] = []
     offset = prompt.shape[1]
     for _ in range(steps):
         token = int(np.argmax(outs[0][0, -1]))
         tokens.append(token)
         past = list(outs[1:])
-        outs = sess.run(names, _feeds(torch.tensor([[token]]), shape, dtype, past=past, offset=offset))
+        outs = _run(sess, names, _feeds(torch.tensor([[token]]), shape, dtype, past=past, offset=offset),
+                    f"decode step {len(tokens)} with the cache fed back")
         offset += 1
     return tokens
 
