@@ -59,6 +59,27 @@ def test_calibration_gradients_match_autograd(calib):
     torch.testing.assert_close(program.state["stats"][name].g, expected, rtol=1e-4, atol=1e-8)
 
 
+def test_calibration_holds_one_half_precision_copy_per_distinct_layer_input(calib, monkeypatch):
+    """q/k/v read one tensor and gate/up another: a llama block holds 4 inputs until backward, not 7,
+    each as float16 codes × one scale."""
+    from autoqra.scaled_half import ScaledHalf
+
+    made: list[torch.Size] = []
+    original = ScaledHalf.from_float.__func__
+
+    def counting(cls, tensor):
+        made.append(tensor.shape)
+        return original(cls, tensor)
+
+    monkeypatch.setattr(ScaledHalf, "from_float", classmethod(counting))
+    model = tiny_llama()
+    program = capture(model)
+    PassManager([BuildLayerGraphPass(), CalibratePass(calib[:1], weight_gradients=True, progress=False)]).run(program)
+    layers = len(program.graph.order())
+    assert layers == 2 * 7 and len(made) == 2 * 4
+    assert all(st.grad_sum is not None for st in program.state["stats"].values())
+
+
 def test_calibration_weight_gradient_and_its_spectrum_match_autograd(calib):
     model = tiny_llama()
     program = capture(model)
@@ -72,6 +93,7 @@ def test_calibration_weight_gradient_and_its_spectrum_match_autograd(calib):
     expected = model.get_submodule(name).weight.grad / st.g_count  # the per-token mean
     scale = float(expected.abs().max())
     # float16 codes × one scale: each of the two adds rounds to 11 significant bits of the largest element
+    # (the held layer inputs are float16 × scale as well: their rounding averages out over the tokens)
     torch.testing.assert_close(st.grad, expected, rtol=0, atol=2 * 2 * 2**-11 * scale)
     sv2 = st.grad_spectrum()
     torch.testing.assert_close(sv2, torch.linalg.svdvals(expected.double()) ** 2, rtol=2e-3, atol=1e-3 * float(sv2[0]))

@@ -10,7 +10,7 @@ For every selected layer it collects
   respect to the weight, ``Σ_t g_t x_tᵀ`` over the calibration tokens (``[out, in]`` held as
   float16 codes × one scale, :class:`~autoqra.scaled_half.ScaledHalf`: half the bytes of the fp32
   weights instead of all of them; built in the same hooks; the layer's input is kept only until
-  its backward). It tells what an adapter can learn (:mod:`autoqra.search.plasticity`), which
+  its backward, as float16 codes × one scale, one copy per distinct input tensor). It tells what an adapter can learn (:mod:`autoqra.search.plasticity`), which
   needs only its singular values: `LayerStats.grad_spectrum` computes them once and drops the sum.
 
 Statistics are O(channels) per layer, accumulated batch by batch, so memory stays bounded by
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -255,7 +256,21 @@ class CalibratePass(PassBase):
             raise DataError("cannot calibrate a model on the meta device; load its weights first")
         stats: dict[str, LayerStats] = {}
         handles = []
-        inputs: dict[str, list[torch.Tensor]] = {}  # layer inputs awaiting their backward (weight gradients)
+        inputs: dict[str, list[torch.Tensor | ScaledHalf]] = {}  # layer inputs awaiting their backward
+        shared: dict[int, tuple[weakref.ref, torch.Tensor | ScaledHalf]] = {}  # one held copy per input tensor
+
+        def held_input(arg: torch.Tensor) -> torch.Tensor | ScaledHalf:
+            """What is kept of a layer's input until its backward: float32 inputs as float16 codes ×
+            one scale (half the bytes; the weight gradient is summed in float16 × scale anyway), a
+            half-precision input as it is (the model's own tensor). Layers fed the same tensor (q, k,
+            v; gate, up) share one held copy; a weak reference makes sure the id was not reused."""
+            entry = shared.get(id(arg))
+            if entry is not None and entry[0]() is arg:
+                return entry[1]
+            x = arg.detach()
+            value: torch.Tensor | ScaledHalf = ScaledHalf.from_float(x) if x.dtype == torch.float32 else x
+            shared[id(arg)] = (weakref.ref(arg), value)
+            return value
 
         def make_hooks(name: str, kind: LayerKind):
             def pre_hook(_mod, args):
@@ -264,8 +279,7 @@ class CalibratePass(PassBase):
                     return
                 flat = x.reshape(-1, x.shape[-1]).double()
                 if self.weight_gradients and torch.is_grad_enabled():
-                    # the layer's own tensor (no float32 copy of a half-precision input is held until backward)
-                    inputs.setdefault(name, []).append(x)
+                    inputs.setdefault(name, []).append(held_input(args[0]))
                 # sums stay on the activations' device (no copy per hook); moved to the CPU once at the end
                 st = stats.setdefault(name, LayerStats(torch.zeros(flat.shape[-1], dtype=torch.float64,
                                                                    device=flat.device)))
@@ -292,7 +306,8 @@ class CalibratePass(PassBase):
                     pending = inputs.get(name)
                     if pending:  # backward runs in reverse order: the last input belongs to this output
                         x_in = pending.pop()
-                        x_in = x_in.reshape(-1, x_in.shape[-1]).float()
+                        x_in = x_in.float()  # a ScaledHalf or a half-precision model's own tensor
+                        x_in = x_in.reshape(-1, x_in.shape[-1])
                         wgrad = grad.detach().reshape(-1, grad.shape[-1]).float().T @ x_in
                         if st.grad_sum is None:
                             st.grad_sum = ScaledHalf(wgrad.shape, device=wgrad.device)
@@ -333,6 +348,7 @@ class CalibratePass(PassBase):
                     with torch.enable_grad():
                         _lm_loss(model, batch, chunk).backward()
                     inputs.clear()
+                    shared.clear()
                     trim_heap()  # what the batch's forward and backward freed goes back (glibc keeps it)
                 else:
                     with torch.no_grad():
