@@ -10,6 +10,10 @@ glibc's retained heap.
     python benchmarks/compile_memory_phases.py --out compile_memory_phases     # ~6 min on 2 cores
     python benchmarks/compile_memory_phases.py --model gemma3-270m-shape --out compile_memory_phases_gemma3
 
+``--activations``: instead of compiling, what one batch's forward and backward (one 512-token window,
+frozen weights, the chunked loss, as calibration runs it) adds to the resident model: the "one
+batch's activations" of the goal (≤ 2× the fp32 weights + one batch's activations).
+
 ``--model gemma3-270m-shape``: Gemma 3's text decoder at the published shape of Gemma-3-270M (a
 262,144-token vocabulary: the tied embedding is 60% of the weights; 18 blocks, 5 sliding-window to 1
 global), random weights from a config in code (no download), 8×512 random tokens as calibration data.
@@ -73,10 +77,41 @@ def gemma3_270m_shape() -> torch.nn.Module:
     return Gemma3ForCausalLM(cfg).eval()
 
 
+def activations(out: str, name: str, model: torch.nn.Module, batch: torch.Tensor, fp32: int) -> None:
+    """Peak RSS of one forward + backward of ``batch`` above the resident model (twice; the larger)."""
+    from autoqra.loss import auto_chunk_tokens, causal_lm_loss
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.data.add_(0)  # every page resident (a mapped safetensors file is read lazily), as during calibration
+    model.get_input_embeddings().register_forward_hook(lambda _m, _a, o: o.requires_grad_())
+    chunk = auto_chunk_tokens(model)
+    gc.collect()
+    trim_heap()
+    resident = rss()
+    sampler = Sampler()
+    for _ in range(2):
+        mean, count = causal_lm_loss(model, {"input_ids": batch}, chunk_tokens=chunk, use_cache_flag=True)
+        (mean * count).backward()
+        del mean, count
+        gc.collect()
+        trim_heap()
+    sampler.stop()
+    peak = max(sampler.peaks.values())
+    data = {"model": name, "allocator": "jemalloc" if jemalloc_loaded() else "default (glibc)", "fp32_weights": fp32,
+            "tokens": batch.numel(), "resident": resident, "peak": peak, "activations": peak - resident}
+    write_json(out, data)
+    mib = 2**20
+    print(f"{name}: resident {resident / mib:.0f} MiB, one {batch.shape[1]}-token forward/backward peaks "
+          f"{peak / mib:.0f} MiB: activations {data['activations'] / mib:.0f} MiB; goal = 2 × {fp32 / mib:.0f} + "
+          f"{data['activations'] / mib:.0f} = {(2 * fp32 + data['activations']) / mib:.0f} MiB above the interpreter")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="compile_memory_phases")
     parser.add_argument("--model", choices=("smollm2", "gemma3-270m-shape"), default="smollm2")
+    parser.add_argument("--activations", action="store_true", help="measure one batch's forward/backward only")
     args = parser.parse_args()
     baseline = rss()
     sampler = Sampler()
@@ -90,6 +125,10 @@ def main() -> None:
         calib = torch.randint(3, model.config.vocab_size, (8, 512), generator=torch.Generator().manual_seed(0))
     fp32 = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
+    if args.activations:
+        sampler.stop()
+        activations(args.out, args.model, model, calib[:1], fp32)
+        return
     base_call = PassBase.__call__
 
     def labelled(self, program):  # noqa: ANN001, ANN202
