@@ -14,7 +14,7 @@ from torch import nn
 
 from autoqra.budget import Budget
 from autoqra.config import SearchSpace
-from autoqra.errors import ConfigError
+from autoqra.errors import ConfigError, require_module
 from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.program import Program
@@ -196,6 +196,7 @@ def calibrate(
     ``weight_gradients`` collects what ``objective="finetune"`` needs; ``covariance`` the inputs'
     second-moment matrices that ``rounding="gptq"`` needs (off by default: about the size of the fp32
     weights)."""
+    require_module(model, "calibrate")
     train, held = split_holdout(calib, holdout, calib_batches)
     program = capture(model, None, config=CaptureConfig(include=tuple(include), exclude=tuple(exclude)))
     PassManager([BuildLayerGraphPass(), CalibratePass(train, gradients=gradients, progress=progress,
@@ -397,6 +398,7 @@ def pareto(
 ) -> list[ParetoPoint]:
     """The front of bytes vs predicted error (one estimation, many solves). No module is changed.
     ``include`` / ``exclude``: regexes of layers to add to / leave out of the search, as in `compile`."""
+    require_module(model, "pareto")
     space = SearchSpace(bits=bits, ranks=ranks)
     cost_model = CostModel(group_size=group_size)
     cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)

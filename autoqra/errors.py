@@ -111,3 +111,16 @@ class ExportError(AutoQRAError, RuntimeError):
 class ExportVerificationError(ExportError):
     """The exported file runs but disagrees with the PyTorch model beyond the tolerance; the
     message gives the measured error and the tolerance."""
+
+
+def require_module(value: object, function: str, argument: str = "model", hint: str = "") -> None:
+    """Raise `ConfigError` unless ``value`` is a ``torch.nn.Module``: a public entry point's first
+    check, so that a path or a name where the model belongs fails with what to pass instead of an
+    ``AttributeError`` deep inside."""
+    from torch import nn
+
+    if not isinstance(value, nn.Module):
+        raise ConfigError(
+            f"{function}: {argument} must be a torch.nn.Module, got {type(value).__name__}"
+            + (f"; {hint}" if hint else "; pass the model object (e.g. a transformers model), not its name or path")
+        )

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from autoqra.errors import ConfigError
+from autoqra.errors import ConfigError, require_module
 from autoqra.progress import tqdm_disable
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def perplexity(
         ConfigError: ``windows`` is not a non-empty 2-D integer tensor with ``seq_len >= 2``, or
             ``batch_size < 1``.
     """
+    require_module(model, "perplexity")
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.is_floating_point():
         raise ConfigError(
             "windows must be a 2-D integer tensor [n, seq_len]; build it with autoqra.data.windows"

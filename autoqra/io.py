@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from autoqra.data import sha256_file
-from autoqra.errors import AutoQRAError
+from autoqra.errors import AutoQRAError, require_module
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.passes.materialize import INIT_ATTR
 
@@ -71,6 +71,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
 
     import autoqra
 
+    require_module(model, "save", hint="pass the compiled model returned in CompileResult.model")
     out = Path(directory)
     layers = {n: _layer_config(m) for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
     if not layers:

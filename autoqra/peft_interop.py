@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoqra.errors import ConfigError, NotCompiledError, PeftExportError
+from autoqra.errors import ConfigError, NotCompiledError, PeftExportError, require_module
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 
 __all__ = ["TARGETS", "peft_state_dict", "save_peft_adapter", "to_peft_config"]
@@ -270,6 +270,7 @@ def save_peft_adapter(
     """
     from safetensors.torch import save_file
 
+    require_module(model, "save_peft_adapter", hint="pass the compiled model (CompileResult.model)")
     inner = _unwrap(model)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(inner, "config", None), "_name_or_path", None) or None

@@ -43,7 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoqra.errors import ConfigError, MissingDependencyError, NotCompiledError, PeftExportError
+from autoqra.errors import (
+    ConfigError,
+    MissingDependencyError,
+    NotCompiledError,
+    PeftExportError,
+    require_module,
+)
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 
 __all__ = [
@@ -283,6 +289,7 @@ def to_peft_model(compiled_model: nn.Module, adapter_name: str = "default", *, i
     from autoqra.peft_interop import to_peft_config
 
     _check_peft()
+    require_module(compiled_model, "to_peft_model", "compiled_model", "pass the compiled model (CompileResult.model)")
     model = _inner(compiled_model)
     dropouts = {float(getattr(m.lora_dropout, "p", 0.0)) for m in model.modules()
                 if isinstance(m, QuantLoRALinear) and m.rank}
@@ -319,6 +326,7 @@ def save_base(peft_model: nn.Module, directory: str | Path) -> Path:
     their packed base (the dense merge is not saved)."""
     from autoqra.io import save
 
+    require_module(peft_model, "save_base", "peft_model", "pass the PeftModel from to_peft_model")
     inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     swapped: list[tuple[str, nn.Module]] = []
     try:
@@ -364,6 +372,8 @@ def load_peft_model(base: nn.Module, adapter_dir: str | Path, adapter_name: str 
     from peft import LoraConfig, PeftModel
 
     _check_peft()
+    require_module(base, "load_peft_model", "base",
+                   "load it first: load_peft_model(autoqra.load(<save_base dir>, model), <adapter dir>)")
     _rank0_base(base)
     directory = Path(adapter_dir)
     config = register_packed_layers(LoraConfig.from_pretrained(str(directory)))
@@ -406,6 +416,7 @@ def merge_to_dense(peft_model: Any, adapter_names: list[str] | None = None) -> n
     """``merge_and_unload`` (the active adapters, or ``adapter_names``, folded into dense fp32
     ``nn.Linear`` layers), then every remaining `QuantLoRALinear` (rank 0, never wrapped) is
     dequantized to an ``nn.Linear`` too: a plain transformers model with no autoqra module."""
+    require_module(peft_model, "merge_to_dense", "peft_model", "pass the PeftModel from to_peft_model or load_peft_model")
     model = peft_model.merge_and_unload(adapter_names=adapter_names)
     rest = [n for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)]
     for name in rest:
@@ -435,6 +446,7 @@ def to_autoqra(peft_model: Any, adapter_name: str | None = None) -> nn.Module:
     Raises:
         PeftExportError: an adapter is merged (unmerge first), or no layer has ``adapter_name``.
     """
+    require_module(peft_model, "to_autoqra", "peft_model", "pass the PeftModel from to_peft_model or load_peft_model")
     name = adapter_name if adapter_name is not None else peft_model.active_adapter
     layers = _packed_layers(peft_model.base_model.model)
     if any(layer.merged for layer in layers.values()):

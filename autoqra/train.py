@@ -49,7 +49,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autoqra.distributed import check_collective
-from autoqra.errors import ConfigError, DataError, NonFiniteLossError, NotCompiledError, WorldSizeError
+from autoqra.errors import (
+    ConfigError,
+    DataError,
+    NonFiniteLossError,
+    NotCompiledError,
+    WorldSizeError,
+    require_module,
+)
 from autoqra.loss import auto_chunk_tokens, causal_lm_loss
 from autoqra.memory import trim_heap
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
@@ -547,6 +554,7 @@ def finetune(
     _check_args(steps, lr, batch_size, seq_len, grad_accum, scheduler, warmup, eval_every, max_grad_norm)
     if not isinstance(trim_memory, bool):
         raise ConfigError(f"finetune: trim_memory must be True or False, got {trim_memory!r}")
+    require_module(model, "finetune", hint="pass the compiled model (CompileResult.model)")
     inner = unwrap_model(model)
     params = adapter_parameters(inner)
     trainable = {id(p) for p in params}

@@ -155,6 +155,35 @@ def test_other_entry_points(call, error, words) -> None:
     assert words in str(info.value)
 
 
+def _not_a_module_calls():
+    from autoqra import peft_native
+    from autoqra.evaluate import perplexity
+
+    path = "HuggingFaceTB/SmolLM2-135M"  # a name or a folder where the model object belongs
+    return {
+        "compile": lambda: autoqra.compile(path, "4bits"),
+        "calibrate": lambda: autoqra.calibrate(path, CALIB),
+        "pareto": lambda: autoqra.pareto(path),
+        "finetune": lambda: autoqra.finetune(path, CALIB, steps=1),
+        "save": lambda: autoqra.save(path, "/tmp/autoqra-never"),
+        "save_peft_adapter": lambda: autoqra.save_peft_adapter(path, "/tmp/autoqra-never"),
+        "export_onnx": lambda: autoqra.export_onnx(path, "/tmp/autoqra-never"),
+        "perplexity": lambda: perplexity(path, CALIB),
+        "to_peft_model": lambda: peft_native.to_peft_model(path),
+        "to_autoqra": lambda: peft_native.to_autoqra(path),
+        "merge_to_dense": lambda: peft_native.merge_to_dense(path),
+        "save_base": lambda: peft_native.save_base(path, "/tmp/autoqra-never"),
+        "load_peft_model": lambda: peft_native.load_peft_model(path, "/tmp/autoqra-never"),
+    }
+
+
+@pytest.mark.parametrize("entry", sorted(_not_a_module_calls()))
+def test_every_entry_point_refuses_a_name_where_the_model_belongs(entry) -> None:
+    with pytest.raises(ConfigError, match=r"torch\.nn\.Module") as info:
+        _not_a_module_calls()[entry]()
+    assert "got str" in str(info.value)
+
+
 def test_peft_export_without_initial_factors_names_the_fix(tmp_path) -> None:
     model = _compiled()
     del model.autoqra_init_adapters

@@ -146,6 +146,8 @@ def test_save_pretrained_and_from_pretrained_over_autoqra_load(tmp_path):
     assert torch.equal(_logits(other), reference)
     with pytest.raises(ConfigError, match="still have autoqra adapters"):
         load_peft_model(compiled, tmp_path / "adapter")
+    with pytest.raises(ConfigError, match="autoqra.load"):  # a folder where the base model belongs
+        load_peft_model(str(tmp_path / "base"), tmp_path / "adapter")
 
 
 def test_two_adapters_of_different_ranks_on_one_base(tmp_path):
