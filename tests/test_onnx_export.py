@@ -230,10 +230,29 @@ def test_bad_arguments(tmp_path, kwargs, error, words) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_bf16_model_is_refused_with_the_fix(tmp_path) -> None:
+def test_bf16_model_exports_in_float32_and_is_left_as_it_was(tmp_path) -> None:
     model = _compiled(tiny_llama()).to(torch.bfloat16)
+    before = {k: (v.dtype, v.clone()) for k, v in model.state_dict().items()}
+    params = {n: p for n, p in model.named_parameters()}
+    result = export_onnx(model, tmp_path / "bf16", accuracy_level=0)
+    assert result.parity.max_rel < 1e-4 and result.parity.tokens_matched == 16  # exact against the widened weights
+    after = model.state_dict()
+    assert all(after[k].dtype == d and torch.equal(after[k], v) for k, (d, v) in before.items())
+    assert all(p is params[n] for n, p in model.named_parameters())
+    sess = session(tmp_path / "bf16" / "model.onnx")
+    assert {i.type for i in sess.get_inputs() if i.name.startswith("past")} == {"tensor(float)"}
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    got = sess.run(["logits"], _feeds(ids, decoder_shape(model), np.dtype("float32")))[0]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float().numpy()  # the bf16 model itself: bf16 rounding apart
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05
+
+
+def test_mixed_dtype_model_is_refused_with_the_fix(tmp_path) -> None:
+    model = _compiled(tiny_llama())
+    model.model.norm.to(torch.bfloat16)
     with pytest.raises(ExportError, match=r"model\.float\(\)"):
-        export_onnx(model, tmp_path / "bf16")
+        export_onnx(model, tmp_path / "mixed")
 
 
 def test_code_book_layers_are_refused(tmp_path) -> None:

@@ -95,13 +95,35 @@ def _check_dependencies(with_genai: bool) -> None:
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The model's float dtype; bfloat16 is exported as float32 (see :func:`_float32_copies`)."""
     dtypes = {p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _SUPPORTED_DTYPES:
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (*_SUPPORTED_DTYPES, torch.bfloat16):
         raise ExportError(
-            f"ONNX export needs a float32 (or float16) model, got parameters of {sorted(map(str, dtypes))}; "
-            "cast it first with model.float() (packed layers keep their format)"
+            f"ONNX export needs one float dtype for the model's parameters (float32, float16 or bfloat16), got "
+            f"{sorted(map(str, dtypes))}; cast it first, e.g. model.float() (packed layers keep their format)"
         )
     return next(iter(dtypes))
+
+
+@contextlib.contextmanager
+def _float32_copies(model: nn.Module) -> Iterator[int]:
+    """Every bfloat16 parameter and buffer as a float32 copy while the block runs, then the
+    original tensors back (same objects, same bits): onnxruntime's CPU kernels have no bfloat16,
+    and bfloat16 widens to float32 exactly, so the file computes the bf16 model's weights in
+    float32. Yields the bytes the copies take."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None and tensor.dtype == torch.bfloat16 and id(tensor) not in seen:
+                seen.add(id(tensor))
+                saved.append((tensor, tensor.data))
+                tensor.data = tensor.data.float()
+    try:
+        yield sum(t.numel() * 4 for t, _ in saved)
+    finally:
+        for tensor, data in saved:
+            tensor.data = data
 
 
 def _layer_kind(layer: QuantLoRALinear) -> str:
@@ -254,7 +276,8 @@ def export_onnx(
     ``adapters``: ``"separate"`` (each adapter its own ``MatMul`` pair) or ``"merged"`` (16-bit
     layers only). ``accuracy_level``: ``MatMulNBits``'s compute precision on CPU — 4 (int8
     activations, default: the fast kernels; without it 2/8-bit run ~40× slower) or 0 (exact fp32).
-    ``verify_export``: run the file in onnxruntime and compare logits (tolerance ``rtol``, default
+    A bfloat16 model is exported in float32 (onnxruntime's CPU kernels have no bfloat16; its weights
+    widen exactly) and left as it was. ``verify_export``: run the file in onnxruntime and compare logits (tolerance ``rtol``, default
     :data:`DEFAULT_RTOL` for the level) and ``decode_steps`` greedy tokens with PyTorch;
     ``verify_genai`` (default: when onnxruntime-genai is installed and ``with_past``) also decodes
     with ``onnxruntime_genai``. Raises :class:`~autoqra.errors.ExportError` (unsupported input) or
@@ -281,7 +304,20 @@ def export_onnx(
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"export path {directory} is a file; give a folder for the ONNX files")
+    args = (directory, with_past, adapters, opset, accuracy_level, verify_export, tolerance, decode_steps, tokenizer,
+            verify_genai, shape)
+    if dtype != torch.bfloat16:
+        return _write(model, dtype, *args)
+    with _float32_copies(model) as extra:
+        logger.info("bfloat16 model: exported with float32 activations and weights (bf16 widens exactly; "
+                    "%.1f MiB of float32 copies held during the export)", extra / 2**20)
+        return _write(model, torch.float32, *args)
 
+
+def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: bool, adapters: str, opset: int | None,
+           accuracy_level: int, verify_export: bool, tolerance: float, decode_steps: int, tokenizer: Any,
+           verify_genai: bool, shape: DecoderShape) -> OnnxExportResult:
+    """`export_onnx` after its checks: trace, write to a temporary folder, verify, move into place."""
     start = time.perf_counter()
     layers = [m for m in {id(m): m for m in model.modules() if isinstance(m, QuantLoRALinear)}.values()]
     extra = sum(container_bytes(m) for m in layers if m.bits != DENSE_BITS)
