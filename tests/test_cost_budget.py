@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from tiny_models import tiny_llama
@@ -203,3 +204,42 @@ def test_untouched_bytes_counts_each_kept_storage_once(tie, include):
     assert ("lm_head" in graph.order()) is bool(include)
     assert untouched_bytes(model, graph) == expected
     assert expected >= emb.numel() * emb.element_size()
+
+
+class _NarrowGate(torch.nn.Module):
+    """Two wide layers and a one-output gate read the same input (Qwen-MoE's shared expert shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate_proj, self.up_proj = torch.nn.Linear(64, 128), torch.nn.Linear(64, 128)
+        self.expert_gate = torch.nn.Linear(64, 1)
+        self.down_proj = torch.nn.Linear(128, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h) * torch.sigmoid(self.expert_gate(x))
+
+
+def test_a_narrow_layer_leaves_its_fusion_group_instead_of_limiting_it() -> None:
+    import autoqra
+
+    x = (torch.randn(2, 8, 64),)
+    result = autoqra.compile(_NarrowGate(), "6bits", example_inputs=x, ranks=(0, 4, 8), objective="deploy",
+                             cache_dir=None, progress=False)
+    program = analyze(_NarrowGate(), x)  # capture, groups by dataflow, costs: the narrow gate split off
+    assert sorted(program.graph.groups().values()) == [["down_proj"], ["expert_gate"], ["gate_proj", "up_proj"]]
+    assert [t["info"]["split_from_groups"] for t in program.state["timings"]
+            if t["pass"] == "AnnotateCostPass"] == [["expert_gate"]]
+    chosen = result.plan.layers
+    assert chosen["gate_proj"] == chosen["up_proj"] and chosen["expert_gate"][1] == 0
+    program = analyze(_NarrowGate(), x, space=SearchSpace(ranks=(0, 4, 8)))
+    common = set(program.graph.annotation("gate_proj").cost) & set(program.graph.annotation("up_proj").cost)
+    assert {r for _, r in common} == {0, 4, 8}  # the fused wide layers keep every rank
+    with pytest.raises(ConfigError, match=r"min\(in, out\) = 1.*exclude=\[.*expert_gate\$") as info:
+        autoqra.compile(_NarrowGate(), "6bits", example_inputs=x, ranks=(4, 8), objective="deploy", cache_dir=None,
+                        progress=False)
+    assert "pinning" not in str(info.value)
+    excluded = autoqra.compile(_NarrowGate(), "6bits", example_inputs=x, ranks=(4, 8), objective="deploy",
+                               exclude=(r"\.?expert_gate$",), cache_dir=None, progress=False)
+    assert "expert_gate" not in excluded.plan.layers and "gate_proj" in excluded.plan.layers

@@ -85,10 +85,7 @@ class SearchPass(PassBase):
                 keys = allowed if keys is None else keys & allowed
             keys = sorted(keys or ())
             if not keys:
-                raise ConfigError(
-                    f"no (bits, rank) choice is left for {members}: the pinning patterns exclude every choice "
-                    "in the search space; loosen them or add the pinned values to bits/ranks"
-                )
+                raise _no_choice_error(graph, members)
             groups.append(group)
             choices.append(keys)
             costs.append([sum(graph.annotation(m).cost[k] for m in members) for k in keys])
@@ -147,10 +144,7 @@ class CheckBudgetPass(PassBase):
                            if k[0] in c.get("bits", {k[0]}) and k[1] in c.get("rank", {k[1]})}
                 keys = allowed if keys is None else keys & allowed
             if not keys:
-                raise ConfigError(
-                    f"no (bits, rank) choice is left for {members}: the pinning patterns exclude every choice "
-                    "in the search space; loosen them or add the pinned values to bits/ranks"
-                )
+                raise _no_choice_error(graph, members)
             need += min(sum(graph.annotation(m).cost[k] for m in members) for k in keys)
         if need > budget_bytes:
             raise BudgetInfeasibleError(
@@ -191,3 +185,21 @@ class CheckWeightsPass(PassBase):
                 "leave the layers out with exclude=(...)"
             )
         return PassResult(changed=False)
+
+
+def _no_choice_error(graph, members: list[str]) -> ConfigError:  # type: ignore[no-untyped-def]
+    """What to change when a group has no (bits, rank) choice: a layer too narrow for every rank of
+    the menu (its cost table is empty), or pinning patterns that exclude the rest."""
+    for m in members:
+        if not graph.annotation(m).cost:
+            layer = graph.layer(m)
+            width = min(layer.in_features, layer.out_features)
+            return ConfigError(
+                f"layer {m!r} ({layer.in_features}→{layer.out_features}) has no choice: every rank of the menu "
+                f"exceeds min(in, out) = {width}; add rank 0 (or one ≤ {width}) to ranks, or leave the layer "
+                f"out with exclude=[{re.escape('.' + m.rpartition('.')[2]) + '$'!r}]"
+            )
+    return ConfigError(
+        f"no (bits, rank) choice is left for {members}: the pinning patterns exclude every choice "
+        "in the search space; loosen them or add the pinned values to bits/ranks"
+    )
