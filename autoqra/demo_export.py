@@ -24,7 +24,7 @@ from torch import nn
 
 from autoqra.errors import ExportVerificationError
 from autoqra.export import export_onnx
-from autoqra.export.decoder import decoder_shape
+from autoqra.export.decoder import decoder_shape, probe_cache
 from autoqra.export.latency import onnx_latency, torch_latency
 from autoqra.export.verify import greedy_onnx, session
 
@@ -85,7 +85,7 @@ def export_demo(model: nn.Module, fp32_model: nn.Module, tokenizer: Any, prompt_
     ``prompt_ids [1, n]`` start the continuation; ``expected_bytes``: the plan's bytes + untouched."""
     start = time.perf_counter()
     result = export_onnx(model, out_dir, tokenizer=tokenizer)  # verified: raises if the file disagrees
-    shape = decoder_shape(model)
+    shape = probe_cache(model, decoder_shape(model))
     parity = result.parity
     if parity is None:  # verify_export=True always measures it
         raise ExportVerificationError("the demo's export was not verified")

@@ -25,6 +25,9 @@ FAMILIES = {
     "phi": (T.PhiConfig, T.PhiForCausalLM, {}),  # biases, partial rotary, parallel attention/MLP
     "stablelm": (T.StableLmConfig, T.StableLmForCausalLM, GQA),
     "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, {}),
+    # a config key the architecture ignores (GPT-NeoX has no grouped-query attention): the export must
+    # follow the model, not the config
+    "gpt_neox_stray_kv_key": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, GQA),
     "falcon": (T.FalconConfig, T.FalconForCausalLM, {"intermediate_size": None, "max_position_embeddings": None,
                                                      "pad_token_id": None}),
 }
@@ -66,3 +69,14 @@ def test_family_exports_to_onnx_with_the_cache(tmp_path, family) -> None:
     pytest.importorskip("onnxscript")
     result = autoqra.export_onnx(_compiled(family), tmp_path / "onnx", accuracy_level=0)
     assert result.parity.max_rel < 1e-4 and result.parity.tokens_matched == 16
+
+
+def test_the_cache_geometry_comes_from_the_model_not_the_config() -> None:
+    from autoqra.export.decoder import decoder_shape, probe_cache
+
+    model = _make("gpt_neox_stray_kv_key")
+    assert decoder_shape(model).kv_heads == 2  # what the config says
+    shape = probe_cache(model, decoder_shape(model))
+    assert (shape.kv_heads, shape.head_dim) == (4, 16)  # what the model computes
+    gemma = probe_cache(_make("gemma2"), decoder_shape(_make("gemma2")))
+    assert (gemma.kv_heads, gemma.head_dim) == (2, 16)

@@ -14,14 +14,17 @@ Hugging Face's ``DynamicCache`` is rebuilt from the flat tensors inside ``forwar
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from autoqra.errors import ExportError
 
-__all__ = ["DecoderLogits", "DecoderShape", "DecoderWithPast", "decoder_shape"]
+__all__ = ["DecoderLogits", "DecoderShape", "DecoderWithPast", "decoder_shape", "probe_cache"]
+
+logger = logging.getLogger(__name__)
 
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
@@ -60,6 +63,35 @@ def decoder_shape(model: nn.Module) -> DecoderShape:
     return DecoderShape(layers, kv_heads, heads, head_dim, hidden, vocab, context)
 
 
+def probe_cache(model: nn.Module, shape: DecoderShape) -> DecoderShape:
+    """``shape`` with the cache geometry the model really produces: one token through it with the
+    cache on, the key shapes ``[batch, kv_heads, 1, head_dim]`` of every block read back. A config can
+    name a key the architecture ignores (``num_key_value_heads`` on GPT-NeoX) or derive ``head_dim``
+    differently; the graph's cache inputs and ``genai_config.json`` must match the model, not the config."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.ones(1, 1, dtype=torch.long), use_cache=True)
+    finally:
+        model.train(was_training)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    keys = [layer.keys for layer in getattr(cache, "layers", ()) if getattr(layer, "keys", None) is not None]
+    if len(keys) != shape.layers or any(k.dim() != 4 for k in keys):
+        raise ExportError(
+            f"the model's cache has {len(keys)} layers of keys (expected {shape.layers} of [batch, heads, seq, dim]); "
+            "export with with_past=False"
+        )
+    geometry = {(int(k.shape[1]), int(k.shape[3])) for k in keys}
+    if len(geometry) != 1:
+        raise ExportError(f"the blocks' caches differ in shape {sorted(geometry)}; export with with_past=False")
+    kv_heads, head_dim = geometry.pop()
+    if (kv_heads, head_dim) != (shape.kv_heads, shape.head_dim):
+        logger.info("cache geometry from the model (%d key/value heads × %d) instead of the config's (%d × %d)",
+                    kv_heads, head_dim, shape.kv_heads, shape.head_dim)
+    return replace(shape, kv_heads=kv_heads, head_dim=head_dim)
+
+
 def _cache_argument(model: nn.Module) -> str:
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -79,12 +111,12 @@ class DecoderLogits(nn.Module):
 class DecoderWithPast(nn.Module):
     """``(input_ids, attention_mask, position_ids, past...) -> (logits, present...)``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, shape: DecoderShape | None = None) -> None:
         super().__init__()
         from transformers.cache_utils import DynamicCache
 
         self.model = model
-        self.shape = decoder_shape(model)
+        self.shape = shape if shape is not None else decoder_shape(model)
         self._cache_cls = DynamicCache
         self._cache_arg = _cache_argument(model)
 

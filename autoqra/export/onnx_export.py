@@ -34,7 +34,7 @@ from torch import nn
 
 from autoqra.errors import ConfigError, ExportError, MissingDependencyError
 from autoqra.export import verify
-from autoqra.export.decoder import DecoderLogits, DecoderShape, DecoderWithPast, decoder_shape
+from autoqra.export.decoder import DecoderLogits, DecoderShape, DecoderWithPast, decoder_shape, probe_cache
 from autoqra.export.genai import write_genai_config
 from autoqra.export.layers import ACCURACY_LEVELS, ADAPTER_MODES, OnnxQuantLinear, container_bytes
 from autoqra.export.ops import onnx_translation_table
@@ -300,6 +300,8 @@ def export_onnx(
     _check_dependencies(verify_genai)
     dtype = _model_dtype(model)
     shape = decoder_shape(model)
+    if with_past:
+        shape = probe_cache(model, shape)  # the geometry the model produces, whatever its config says
     tolerance = rtol if rtol is not None else DEFAULT_RTOL[accuracy_level]
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
@@ -330,7 +332,7 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
     try:
         counts = _swap_for_export(model, adapters, accuracy_level, dtype, swapped)
         model.eval()
-        wrapper = (DecoderWithPast(model) if with_past else DecoderLogits(model)).eval()  # no training-mode warning
+        wrapper = (DecoderWithPast(model, shape) if with_past else DecoderLogits(model)).eval()  # no training-mode warning
         args, dynamic, input_names, output_names = _trace_inputs(wrapper, shape if with_past else None,
                                                                  shape.vocab, dtype)
         logger.info("exporting to ONNX (%d packed layers: %s)", len(layers), counts)
