@@ -101,10 +101,9 @@ def _front_half(
 ROUNDINGS = ("auto", "gptq", "rtn")
 
 
-def check_model(model: object) -> None:
+def check_model(model: object, function: str = "compile") -> None:
     """A plain, not yet compiled ``nn.Module`` (else a `ConfigError` that says what to pass)."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module (e.g. a transformers model), got {type(model).__name__}")
+    require_module(model, function)
     if any(isinstance(m, QuantLoRALinear) for m in model.modules()):
         raise ConfigError(
             "the model is already compiled (it has QuantLoRALinear layers): compile the original model again "
@@ -437,7 +436,7 @@ def apply_plan(
     from autoqra.passes.materialize import MaterializePass
 
     start = time.perf_counter()
-    check_model(model)
+    check_model(model, "apply_plan")
     if isinstance(plan, (str, Path)):
         plan = Plan.read(plan)
     if not isinstance(plan, Plan):

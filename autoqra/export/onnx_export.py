@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoqra.errors import ConfigError, ExportError, MissingDependencyError
+from autoqra.errors import ConfigError, ExportError, MissingDependencyError, require_module
 from autoqra.export import verify
 from autoqra.export.decoder import DecoderLogits, DecoderShape, DecoderWithPast, decoder_shape, probe_cache
 from autoqra.export.genai import write_genai_config
@@ -112,13 +112,10 @@ def _float32_copies(model: nn.Module) -> Iterator[int]:
     and bfloat16 widens to float32 exactly, so the file computes the bf16 model's weights in
     float32. Yields the bytes the copies take."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        for tensor in (*module._parameters.values(), *module._buffers.values()):
-            if tensor is not None and tensor.dtype == torch.bfloat16 and id(tensor) not in seen:
-                seen.add(id(tensor))
-                saved.append((tensor, tensor.data))
-                tensor.data = tensor.data.float()
+    for tensor in (*model.parameters(), *model.buffers()):  # each tied tensor once
+        if tensor.dtype == torch.bfloat16:
+            saved.append((tensor, tensor.data))
+            tensor.data = tensor.data.float()
     try:
         yield sum(t.numel() * 4 for t, _ in saved)
     finally:
@@ -277,14 +274,13 @@ def export_onnx(
     layers only). ``accuracy_level``: ``MatMulNBits``'s compute precision on CPU — 4 (int8
     activations, default: the fast kernels; without it 2/8-bit run ~40× slower) or 0 (exact fp32).
     A bfloat16 model is exported in float32 (onnxruntime's CPU kernels have no bfloat16; its weights
-    widen exactly) and left as it was. ``verify_export``: run the file in onnxruntime and compare logits (tolerance ``rtol``, default
-    :data:`DEFAULT_RTOL` for the level) and ``decode_steps`` greedy tokens with PyTorch;
+    widen exactly) and left as it was. ``verify_export``: run the file in onnxruntime and compare
+    logits (tolerance ``rtol``, default :data:`DEFAULT_RTOL` for the level) and ``decode_steps`` greedy tokens with PyTorch;
     ``verify_genai`` (default: when onnxruntime-genai is installed and ``with_past``) also decodes
     with ``onnxruntime_genai``. Raises :class:`~autoqra.errors.ExportError` (unsupported input) or
     :class:`~autoqra.errors.ExportVerificationError` (the file disagrees); the model is unchanged.
     """
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"export_onnx expects a torch.nn.Module, got {type(model).__name__}")
+    require_module(model, "export_onnx", hint="pass the compiled model (CompileResult.model or autoqra.load's)")
     if adapters not in ADAPTER_MODES:
         raise ConfigError(f"adapters must be one of {ADAPTER_MODES}, got {adapters!r}")
     if accuracy_level not in ACCURACY_LEVELS:

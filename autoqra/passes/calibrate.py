@@ -10,8 +10,8 @@ For every selected layer it collects
   respect to the weight, ``Σ_t g_t x_tᵀ`` over the calibration tokens (``[out, in]`` held as
   float16 codes × one scale, :class:`~autoqra.scaled_half.ScaledHalf`: half the bytes of the fp32
   weights instead of all of them; built in the same hooks; the layer's input is kept only until
-  its backward, as float16 codes × one scale, one copy per distinct input tensor). It tells what an adapter can learn (:mod:`autoqra.search.plasticity`), which
-  needs only its singular values: `LayerStats.grad_spectrum` computes them once and drops the sum.
+  its backward, as float16 codes × one scale, one copy per distinct input tensor). It tells what an
+  adapter can learn (:mod:`autoqra.search.plasticity`), which needs only its singular values: `LayerStats.grad_spectrum` computes them once and drops the sum.
 
 Statistics are O(channels) per layer, accumulated batch by batch, so memory stays bounded by
 one forward/backward of one batch, plus the weight gradients when asked for (half the fp32
