@@ -10,7 +10,9 @@ Measured on SmolLM2's real gradients of six calibration batches: the plasticity 
 (:mod:`autoqra.search.plasticity`) move by at most 0.06% (mean 0.004%) against float32 sums,
 against 0.45% (mean 0.03%) for plain bfloat16 sums.
 
-Each :meth:`ScaledHalf.add_` adds in float32 (a transient copy of one tensor) and rounds once.
+Each :meth:`ScaledHalf.add_` adds in float32 (a transient copy of one tensor) and rounds once into
+the same float16 storage (allocated once: a sum that moved at every addition would scatter
+long-lived blocks among the transient ones and fragment glibc's heap).
 The result is deterministic: the same additions in the same order give the same bits.
 """
 
@@ -54,7 +56,7 @@ class ScaledHalf:
         t = tensor.detach().to(device=self.codes.device, dtype=torch.float32)
         largest = float(t.abs().max()) if t.numel() else 0.0
         if not math.isfinite(largest):  # NaN / inf stay visible in the sum, unscaled
-            self.codes = (self.float() + t).to(torch.float16)
+            self.codes.copy_(self.float().add_(t))
             self.scale, self._peak = 1.0, 0.0
             return self
         if largest == 0.0:
@@ -63,10 +65,9 @@ class ScaledHalf:
         if self.scale == 0.0 or bound > _LIMIT * self.scale:
             new_scale = bound / _TARGET
             if self.scale:
-                self.codes = (self.codes.float() * (self.scale / new_scale)).to(torch.float16)
+                self.codes.copy_(self.codes.float().mul_(self.scale / new_scale))
             self.scale = new_scale
-        total = self.codes.float().add_(t, alpha=1.0 / self.scale)
-        self.codes = total.to(torch.float16)
+        self.codes.copy_(self.codes.float().add_(t, alpha=1.0 / self.scale))
         self._peak = float(self.codes.abs().max())
         return self
 

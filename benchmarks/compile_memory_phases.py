@@ -114,6 +114,12 @@ def main() -> None:
     parser.add_argument("--activations", action="store_true", help="measure one batch's forward/backward only")
     args = parser.parse_args()
     baseline = rss()
+    # the code a user's job imports anyway to load the model (transformers' model and tokenizer classes:
+    # ~2,000 modules, ~160 MiB): fixed, whatever the model's size
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, LlamaForCausalLM  # noqa: F401
+
+    libraries = rss()
     sampler = Sampler()
     sampler.phase = "load"
     if args.model == "smollm2":
@@ -165,12 +171,13 @@ def main() -> None:
     data = {
         "model": args.model,
         "allocator": "jemalloc" if jemalloc_loaded() else "default (glibc)",
-        "fp32_weights": fp32, "rss_after_import": baseline, "seconds": seconds,
+        "fp32_weights": fp32, "rss_after_import": baseline, "rss_after_libraries": libraries, "seconds": seconds,
         "peaks": sampler.peaks, "short_finetunes": live,
         "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     write_json(args.out, data)
-    print(f"allocator: {data['allocator']}; fp32 weights {fp32 / mib:.0f} MiB; RSS after import {baseline / mib:.0f} MiB")
+    print(f"allocator: {data['allocator']}; fp32 weights {fp32 / mib:.0f} MiB; RSS after import {baseline / mib:.0f} MiB, "
+          f"after transformers' model classes {libraries / mib:.0f} MiB")
     for label, value in sampler.peaks.items():
         print(f"  {label:<28} {value / mib:8.0f} MiB")
     for i, row in enumerate(live, 1):

@@ -2,10 +2,12 @@
 
 SmolLM2-135M compiled at uniform 3-bit r8 (8×512 Lee calibration windows), then the selection's short
 fine-tune recipe (8 AdamW steps of 2×256 tokens of the 6 statistics windows) from the same initial adapters,
-alternating ``trim_memory=False`` / ``True`` ``--repeats`` times. A thread samples ``VmRSS`` every 50 ms;
+alternating ``trim_memory=False`` / ``True`` ``--repeats`` times (``--compare checkpointing``: with
+``trim_memory=True``, ``gradient_checkpointing=False`` / ``True``). A thread samples ``VmRSS`` every 50 ms;
 after each step the peak so far above the live memory before the fine-tune is recorded.
 
     python benchmarks/finetune_step_memory.py                     # ~4 min on 2 cores
+    python benchmarks/finetune_step_memory.py --compare checkpointing --out finetune_step_memory_checkpointing
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="finetune_step_memory")
+    parser.add_argument("--compare", choices=("trim", "checkpointing"), default="trim")
     args = parser.parse_args()
     peak = Peak()
     model, tokenizer = load_default_model()
@@ -68,7 +71,8 @@ def main() -> None:
     init = adapter_state(model)
     runs = []
     for _ in range(args.repeats):
-        for trim in (False, True):
+        for flag in (False, True):
+            trim, ckpt = (flag, False) if args.compare == "trim" else (True, flag)
             load_adapter_state(model, init)
             gc.collect()
             trim_heap()
@@ -79,12 +83,13 @@ def main() -> None:
                 rises.append(peak.value - live)
 
             start = time.perf_counter()
-            finetune(model, tokens, steps=8, lr=5e-4, batch_size=2, seq_len=256, seed=0, progress=False,
-                     trim_memory=trim, callbacks=[record])
-            runs.append({"trim_memory": trim, "seconds": time.perf_counter() - start, "live": live,
-                         "rise_by_step": rises})
-            print(f"trim_memory={trim!s:<5} {runs[-1]['seconds']:5.1f} s; live {live / MIB:.0f} MiB; peak rise by "
-                  f"step (MiB): {' '.join(f'{r / MIB:.0f}' for r in rises)}", flush=True)
+            result = finetune(model, tokens, steps=8, lr=5e-4, batch_size=2, seq_len=256, seed=0, progress=False,
+                              trim_memory=trim, gradient_checkpointing=ckpt, callbacks=[record])
+            runs.append({"trim_memory": trim, "gradient_checkpointing": ckpt, "seconds": time.perf_counter() - start,
+                         "live": live, "rise_by_step": rises, "losses": list(result.losses)})
+            print(f"trim_memory={trim!s:<5} checkpointing={ckpt!s:<5} {runs[-1]['seconds']:5.1f} s; live "
+                  f"{live / MIB:.0f} MiB; peak rise by step (MiB): {' '.join(f'{r / MIB:.0f}' for r in rises)}; "
+                  f"last loss {result.losses[-1]:.6f}", flush=True)
     peak.stop()
     write_json(args.out, {"allocator": "jemalloc" if jemalloc_loaded() else "default (glibc)", "runs": runs})
 

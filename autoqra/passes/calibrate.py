@@ -39,6 +39,7 @@ from autoqra.ir.program import Program
 from autoqra.memory import trim_heap
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.progress import tqdm_disable
+from autoqra.recompute import Recompute, find_blocks
 from autoqra.scaled_half import ScaledHalf
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,10 @@ def _lm_loss(model: nn.Module, batch: torch.Tensor, chunk_tokens: int | None = N
         mean, count = causal_lm_loss(model, {"input_ids": batch}, chunk_tokens=chunk_tokens,
                                      use_cache_flag=hasattr(getattr(model, "config", None), "use_cache"))
         return mean * count
-    out = model(input_ids=batch) if hasattr(model, "config") else model(batch)
+    if hasattr(model, "config"):  # no KV cache: a recomputed block would append to it a second time
+        out = model(input_ids=batch, use_cache=False) if hasattr(model.config, "use_cache") else model(input_ids=batch)
+    else:
+        out = model(batch)
     logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
     if logits.dim() != 3 or logits.shape[:2] != batch.shape:
         raise DataError(
@@ -221,8 +225,10 @@ class CalibratePass(PassBase):
     writes = ("stats",)
 
     def __init__(self, calib: object | None, *, gradients: bool = True, max_batches: int | None = None,
-                 progress: bool = True, covariance_max_dim: int = 2048, weight_gradients: bool = False) -> None:
+                 progress: bool = True, covariance_max_dim: int = 2048, weight_gradients: bool = False,
+                 recompute: bool = True) -> None:
         self.covariance_max_dim = covariance_max_dim
+        self.recompute = recompute
         self.weight_gradients = weight_gradients and gradients
         self.reuse = calib if isinstance(calib, Calibration) else None
         self.batches: Sequence[torch.Tensor] | None = None
@@ -272,11 +278,21 @@ class CalibratePass(PassBase):
             shared[id(arg)] = (weakref.ref(arg), value)
             return value
 
+        aliases = [modules[a] for n in graph.order() for a in (n, *graph.layer(n).tied)]
+        # the weight-gradient sums are allocated before the first batch, once: long-lived blocks allocated
+        # among a backward's transient ones would fragment glibc's heap
+        grad_sums = {n: ScaledHalf((graph.layer(n).out_features, graph.layer(n).in_features), device=device)
+                     for n in graph.order() if self.weight_gradients and self.gradients
+                     and graph.layer(n).kind is not LayerKind.EMBEDDING}
+        # with gradients, each block's activations are recomputed in the backward instead of held
+        recompute = Recompute(find_blocks(model, aliases) if (self.gradients and self.recompute) else (),
+                              after_block=trim_heap)
+
         def make_hooks(name: str, kind: LayerKind):
             def pre_hook(_mod, args):
-                x = args[0].detach()
-                if kind is LayerKind.EMBEDDING:
+                if recompute.active or kind is LayerKind.EMBEDDING:  # the statistics come from the first forward
                     return
+                x = args[0].detach()
                 flat = x.reshape(-1, x.shape[-1]).double()
                 if self.weight_gradients and torch.is_grad_enabled():
                     inputs.setdefault(name, []).append(held_input(args[0]))
@@ -294,7 +310,9 @@ class CalibratePass(PassBase):
                 if not (self.gradients and torch.is_grad_enabled()):
                     return out
                 if not out.requires_grad:
-                    out.requires_grad_()
+                    out.requires_grad_()  # in the recomputation too: it must save what the first forward saved
+                if recompute.active:  # the first forward's graph runs the backward, with its hooks
+                    return out
 
                 def grad_hook(grad):
                     flat = grad.detach().reshape(-1, grad.shape[-1]).double()
@@ -310,7 +328,9 @@ class CalibratePass(PassBase):
                         x_in = x_in.reshape(-1, x_in.shape[-1])
                         wgrad = grad.detach().reshape(-1, grad.shape[-1]).float().T @ x_in
                         if st.grad_sum is None:
-                            st.grad_sum = ScaledHalf(wgrad.shape, device=wgrad.device)
+                            held_sum = grad_sums.pop(name, None)
+                            st.grad_sum = held_sum if held_sum is not None else ScaledHalf(wgrad.shape,
+                                                                                           device=wgrad.device)
                         st.grad_sum.add_(wgrad)
 
                 out.register_hook(grad_hook)
@@ -335,7 +355,7 @@ class CalibratePass(PassBase):
             from autoqra.loss import auto_chunk_tokens
 
             head = model.get_output_embeddings()
-            calibrated = {id(modules[a]) for n in graph.order() for a in (n, *graph.layer(n).tied)}
+            calibrated = {id(m) for m in aliases}
             if head is not None and id(head) not in calibrated:
                 chunk = auto_chunk_tokens(model)
         batches = shard(self.batches)  # all of them in one process; a share under torch.distributed
@@ -345,7 +365,7 @@ class CalibratePass(PassBase):
                 batch = batch.to(device)
                 tokens += batch.numel()
                 if self.gradients:
-                    with torch.enable_grad():
+                    with torch.enable_grad(), recompute():
                         _lm_loss(model, batch, chunk).backward()
                     inputs.clear()
                     shared.clear()
@@ -354,6 +374,7 @@ class CalibratePass(PassBase):
                     with torch.no_grad():
                         model(input_ids=batch) if hasattr(model, "config") else model(batch)
         finally:
+            grad_sums.clear()  # those of layers no batch reached
             for h in handles:
                 h.remove()
             for p, flag in flags.items():
