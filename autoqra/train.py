@@ -462,6 +462,28 @@ def _restore(params: list[nn.Parameter], snapshot: list[torch.Tensor]) -> None:
 
 
 @contextlib.contextmanager
+def _trim_after_blocks(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """While entered, return the heap's free pages after every block's forward (`trim_heap`; nothing
+    under jemalloc): glibc otherwise keeps the forward's transient blocks between the activations it
+    holds for the backward. Blocks: `autoqra.recompute.find_blocks` of the compiled layers."""
+    if not enabled:
+        yield
+        return
+    from autoqra.recompute import find_blocks
+
+    def trim(*_: object) -> None:  # a forward hook that returns None leaves the output as it is
+        trim_heap()
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLoRALinear)]
+    handles = [block.register_forward_hook(trim) for block in find_blocks(model, layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def _gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Turn a Hugging Face model's activation checkpointing on for the loop (off again after,
     when it was off): ``activation_checkpointing_enable`` (transformers >= 5) or the older
@@ -537,12 +559,14 @@ def finetune(
             chunks of tokens whose fp32 logits take ~32 MiB, so the full logits never exist (see
             `autoqra.loss`; the full logits when the model cannot be chunked); an int: that many
             tokens per chunk; None: full logits.
-        trim_memory: after every step, return the heap's free pages to the system
-            (`autoqra.memory.trim_heap`: glibc ``malloc_trim``; nothing under jemalloc). glibc keeps
-            what a step freed and the next step's allocations land beside it, so the peak RSS climbs
-            for several steps; measured on SmolLM2 (uniform 3-bit r8, 8 steps of 2×256 tokens) the rise
-            above the live model fell from ~1.75 to ~1.3 GiB, for ~11% more time (mean of 4 alternations;
-            re-faulting the returned pages). False: leave the heap alone.
+        trim_memory: after every step and after every block's forward, return the heap's free pages
+            to the system (`autoqra.memory.trim_heap`: glibc ``malloc_trim``; nothing under jemalloc).
+            glibc keeps what a step freed and the next step's allocations land beside it, so the peak
+            RSS climbs for several steps; measured on SmolLM2 (uniform 3-bit r8, 8 steps of 2×256
+            tokens) the rise above the live model fell from ~1.75 to ~1.3 GiB with the per-step trim
+            (~11% more time, mean of 4 alternations: re-faulting the returned pages), and to ~0.86 GiB
+            with the per-block trims too (no measurable time; benchmarks/RESULTS.md). False: leave the
+            heap alone.
 
     Raises:
         NotCompiledError: no ``QuantLoRALinear`` in the model (call `autoqra.compile` first).
@@ -626,6 +650,7 @@ def finetune(
         with (
             torch.random.fork_rng(devices=rng_devices),
             _gradient_checkpointing(inner, gradient_checkpointing),
+            _trim_after_blocks(inner, trim_memory),
             tqdm(total=steps, desc="finetune", unit="step", disable=tqdm_disable(progress, also=rank != 0)) as bar,
         ):
             torch.manual_seed(seed + rank)
