@@ -170,3 +170,17 @@ def test_reexec_that_did_not_load_jemalloc_stops_instead_of_looping(monkeypatch)
     monkeypatch.setenv("AUTOQRA_REEXEC", "1")
     with pytest.raises(UnsupportedPlatformError, match="preloaded but is not loaded"):
         cli._reexec_with_jemalloc(["finetune", "m", "--jemalloc", "--out", "o"])
+
+
+def test_sensitivity_trims_the_heap_after_every_layer(monkeypatch):
+    import torch
+    from tiny_models import tiny_llama
+
+    import autoqra
+    import autoqra.passes.sensitivity as sensitivity
+
+    calls: list[int] = []
+    monkeypatch.setattr(sensitivity, "trim_heap", lambda: calls.append(1) or True)
+    result = autoqra.compile(tiny_llama(), "4bits", calib=torch.randint(3, 100, (4, 16)), select=False,
+                             materialize=False, cache_dir=None, progress=False)
+    assert len(calls) == result.report["layers"] == 2 * 7

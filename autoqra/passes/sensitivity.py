@@ -14,6 +14,7 @@ from autoqra.errors import ConfigError
 from autoqra.ir.cost import DENSE_BITS
 from autoqra.ir.layer import LayerKind, LayerNode
 from autoqra.ir.program import Program
+from autoqra.memory import trim_heap
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.progress import tqdm_disable
 from autoqra.quant.base import QuantSpec, get_backend
@@ -99,6 +100,7 @@ class EstimateSensitivityPass(PassBase):
                     (DENSE_BITS,) if DENSE_BITS in bits else ()), ranks, quantize, d, g, right)
                 self.cache.put(key, {**stored, **table})
             tables[name] = {k: table[k] for k in cost}
+            trim_heap()  # glibc keeps each layer's transients as free heap beside the memo's entries
         tables = all_gather_dict(tables)
         for name in graph.order():
             graph.set_error(name, tables[name])
