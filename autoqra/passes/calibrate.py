@@ -282,7 +282,7 @@ class CalibratePass(PassBase):
         # the weight-gradient sums are allocated before the first batch, once: long-lived blocks allocated
         # among a backward's transient ones would fragment glibc's heap
         grad_sums = {n: ScaledHalf((graph.layer(n).out_features, graph.layer(n).in_features), device=device)
-                     for n in graph.order() if self.weight_gradients and self.gradients
+                     for n in graph.order() if self.weight_gradients
                      and graph.layer(n).kind is not LayerKind.EMBEDDING}
         # with gradients, each block's activations are recomputed in the backward instead of held
         recompute = Recompute(find_blocks(model, aliases) if (self.gradients and self.recompute) else (),
