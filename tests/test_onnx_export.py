@@ -81,6 +81,32 @@ def test_export_layer_matches_compiled_layer(bits: int, rank: int, in_features: 
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits, rank, in_features", [(2, 4, 96), (3, 4, 96), (4, 0, 64), (4, 4, 96), (8, 4, 96)])
+def test_one_op_layer_translates_to_the_same_numbers_in_onnxruntime(tmp_path, bits, rank, in_features) -> None:
+    """``autoqra::quant_linear`` (the whole layer as one traced op) → MatMulNBits + side path + bias in the
+    file; onnxruntime's output equals the compiled layer's (also when ``in`` is not a multiple of the group)."""
+    from autoqra.export.ops import onnx_translation_table
+
+    torch.manual_seed(bits + in_features)
+    layer = QuantLoRALinear.from_linear(nn.Linear(in_features, 48), bits, rank)
+    if rank:
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.05)
+    export = OnnxQuantLinear(layer, name="l", adapters="separate", accuracy_level=0, dtype=torch.float32).eval()
+    x = torch.randn(2, 5, in_features)
+    program = torch.onnx.export(export, (x,), dynamo=True, custom_translation_table=onnx_translation_table(),
+                                input_names=["x"], output_names=["y"], optimize=False, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},))
+    program.save(str(tmp_path / "layer.onnx"))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "layer.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 1 and ("Pad" in ops) == (in_features % 64 != 0)
+    with torch.no_grad(), exact_reference(layer):
+        for shape in ((2, 5), (1, 3)):
+            xi = torch.randn(*shape, in_features)
+            got = session(tmp_path / "layer.onnx").run(["y"], {"x": xi.numpy()})[0]
+            torch.testing.assert_close(torch.from_numpy(got), layer(xi), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits, zp_bytes_per_row", [(2, 1), (3, 2), (4, 2), (8, 3)])
 def test_fractional_zero_points_split_into_uint8_and_an_exact_fraction(bits, zp_bytes_per_row) -> None:
     """onnxruntime's fast kernels take uint8 zero points: round(zero) packed per row + the fp16 rest."""

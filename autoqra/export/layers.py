@@ -30,11 +30,10 @@ Code-book formats (bitsandbytes nf4) have no ``MatMulNBits`` form and are refuse
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from autoqra.errors import ExportError
-from autoqra.export.ops import matmul_nbits  # noqa: F401  (registers torch.ops.autoqra.matmul_nbits)
+from autoqra.export.ops import side_path  # also registers torch.ops.autoqra.quant_linear / matmul_nbits
 from autoqra.ir.cost import DENSE_BITS
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.quant.pack import pack, unpack
@@ -113,38 +112,15 @@ class OnnxQuantLinear(nn.Module):
         fraction = (layer.zero.float() - integer).to(torch.float16)  # exact: fp16 minus a small integer
         self.register_buffer("zero_fraction", fraction.clone() if bool((fraction != 0).any()) else None)
 
-    def _side_path(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The low-rank term ``[x @ A^T | Σ_group x] @ [(scaling · B)^T ; -(fraction · scale)^T]``: the
-        adapter and the zero-point fraction's correction share one ``MatMul`` (None when there is
-        neither). The right factor reads only initializers (folded by onnxruntime at load); the group
-        sums read no weights, and onnxruntime computes them once for layers that share an input."""
-        left: list[torch.Tensor] = []
-        right: list[torch.Tensor] = []
-        if self.lora_A_t is not None:
-            left.append(x @ self.lora_A_t)
-            right.append(self.lora_B_t)
-        if self.bits != DENSE_BITS and self.zero_fraction is not None:
-            n_blocks = self.zero_fraction.shape[1]
-            pad = n_blocks * self.block_size - self.in_features
-            xs = F.pad(x, (0, pad)) if pad else x
-            left.append(xs.reshape(*x.shape[:-1], n_blocks, self.block_size).sum(-1))
-            residual = self.zero_fraction.to(x.dtype) * self.scales.view(-1, n_blocks).to(x.dtype)  # [out, n_blocks]
-            right.append(-residual.T)
-        if not left:
-            return None
-        h = left[0] if len(left) == 1 else torch.cat(left, dim=-1)
-        q = right[0] if len(right) == 1 else torch.cat(right, dim=0)
-        return h @ q
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits == DENSE_BITS:
-            y = x @ self.weight_t
-        else:
-            y = torch.ops.autoqra.matmul_nbits(
-                x, self.qweight, self.scales.to(x.dtype), self.zero_points, self.in_features, self.out_features,
-                self.kernel_bits, self.block_size, self.accuracy_level,
+        if self.bits != DENSE_BITS:  # one op, translated into MatMulNBits + the side path + bias
+            return torch.ops.autoqra.quant_linear(
+                x, self.qweight, self.scales, self.zero_points, self.zero_fraction, self.lora_A_t, self.lora_B_t,
+                self.bias, self.in_features, self.out_features, self.kernel_bits, self.block_size,
+                self.accuracy_level,
             )
-        side = self._side_path(x)
+        y = x @ self.weight_t
+        side = side_path(x, None, None, self.lora_A_t, self.lora_B_t, 0)
         if side is not None:
             y = y + side
         if self.bias is not None:
