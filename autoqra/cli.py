@@ -203,7 +203,8 @@ def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> 
     if args.plan_only:
         raise ConfigError("--export-onnx needs a rewritten model; drop --plan-only")
     result = export_onnx(model, out, with_past=not args.no_past, adapters=args.adapters, opset=args.opset,
-                         accuracy_level=args.accuracy_level, verify_export=not args.no_verify, tokenizer=tokenizer)
+                         accuracy_level=args.accuracy_level, verify_export=not args.no_verify, tokenizer=tokenizer,
+                         progress=not args.quiet)
     print(table(["layers", "count"], [[k, v] for k, v in result.layers.items()]))
     line = f"wrote {result.model_file} ({result.file_bytes / 1e6:.1f} MB) in {result.seconds:.0f} s"
     if result.parity is not None:

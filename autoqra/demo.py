@@ -248,7 +248,7 @@ def run_demo(
         emit("")
         onnx = export_demo(default_model, model, tokenizer, splits.evaluation[:24].reshape(1, -1),
                            Path(out_dir) / "onnx", default["plan_bytes"] + untouched_bytes(model, graph),
-                           fp32_onnx=full)
+                           fp32_onnx=full, progress=progress)
         export_lines = onnx.lines()
         for line in export_lines:
             emit(line)

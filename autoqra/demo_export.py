@@ -80,11 +80,12 @@ class DemoExport:
 
 def export_demo(model: nn.Module, fp32_model: nn.Module, tokenizer: Any, prompt_ids: torch.Tensor,
                 out_dir: Path, expected_bytes: int, *, fp32_onnx: bool = False, new_tokens: int = 24,
-                prompt_len: int = 128, decode_steps: int = 16, repeats: int = 3) -> DemoExport:
+                prompt_len: int = 128, decode_steps: int = 16, repeats: int = 3,
+                progress: bool | None = None) -> DemoExport:
     """Export ``model`` (compiled, fine-tuned) to ``out_dir`` and measure it against ``fp32_model``;
     ``prompt_ids [1, n]`` start the continuation; ``expected_bytes``: the plan's bytes + untouched."""
     start = time.perf_counter()
-    result = export_onnx(model, out_dir, tokenizer=tokenizer)  # verified: raises if the file disagrees
+    result = export_onnx(model, out_dir, tokenizer=tokenizer, progress=progress)  # verified: raises if the file disagrees
     shape = probe_cache(model, decoder_shape(model))
     parity = result.parity
     if parity is None:  # verify_export=True always measures it
@@ -97,7 +98,7 @@ def export_demo(model: nn.Module, fp32_model: nn.Module, tokenizer: Any, prompt_
     fp32_onnx_ms = None
     if fp32_onnx:
         fp32_dir = out_dir.parent / (out_dir.name + "_fp32")
-        fp32 = export_onnx(fp32_model, fp32_dir, accuracy_level=0, verify_export=False)
+        fp32 = export_onnx(fp32_model, fp32_dir, accuracy_level=0, verify_export=False, progress=progress)
         fp32_onnx_ms = onnx_latency(fp32.model_file, shape, **timing).decode_s * 1e3
         shutil.rmtree(fp32_dir, ignore_errors=True)  # 0.5 GB that only served the timing
     tokens = greedy_onnx(sess, prompt_ids, shape, new_tokens, np.dtype("float32"))

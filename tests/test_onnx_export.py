@@ -344,3 +344,56 @@ def test_onnxruntime_failure_during_verification_is_a_verification_error() -> No
     with pytest.raises(ExportVerificationError, match="with_past=False") as info:
         _run(Failing(), ["logits"], {}, "logits")
     assert "Expand node" in str(info.value) and "more" not in str(info.value)
+
+
+class _RecordingBar:
+    """Stands in for tqdm: records the export's stages, updates and ``disable``."""
+
+    made: list[_RecordingBar] = []
+
+    def __init__(self, *, total: int, disable: bool | None, **_: object) -> None:
+        self.total, self.disable, self.n, self.stages, self.closed = total, disable, 0, [], False
+        _RecordingBar.made.append(self)
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def set_postfix_str(self, text: str) -> None:
+        self.stages.append(text)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("progress, genai, disable, stages", [
+    (None, HAS_GENAI, None, ["trace + translate (torch.onnx)", "graph clean-up", "write",
+                             "onnxruntime vs PyTorch logits", "greedy decode 4 tokens"]
+     + (["onnxruntime-genai decode"] if HAS_GENAI else [])),
+    (False, False, True, ["trace + translate (torch.onnx)", "graph clean-up", "write",
+                          "onnxruntime vs PyTorch logits", "greedy decode 4 tokens"]),
+])
+def test_export_shows_its_stages(tmp_path, monkeypatch, progress, genai, disable, stages) -> None:
+    """A bar over the export's stages (silent for ~1.5 min on SmolLM2 otherwise): every stage named, the
+    bar full and closed at the end; ``progress=False`` hides it, ``None`` leaves it to tqdm."""
+    import autoqra.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "tqdm", _RecordingBar)
+    _RecordingBar.made.clear()
+    export_onnx(_compiled(tiny_llama()), tmp_path / "o", accuracy_level=0, decode_steps=4, verify_genai=genai,
+                progress=progress)
+    (bar,) = _RecordingBar.made
+    assert bar.stages == stages and bar.disable is disable
+    assert bar.n == bar.total == len(stages) and bar.closed
+
+
+def test_failed_export_closes_its_bar(tmp_path, monkeypatch) -> None:
+    import autoqra.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "tqdm", _RecordingBar)
+    monkeypatch.setattr(onnx_export, "_optimize", lambda program: (_ for _ in ()).throw(RuntimeError("boom")))
+    _RecordingBar.made.clear()
+    with pytest.raises(ExportError, match="boom"):
+        export_onnx(_compiled(tiny_llama()), tmp_path / "o", accuracy_level=0, verify_genai=False)
+    (bar,) = _RecordingBar.made
+    assert bar.stages == ["trace + translate (torch.onnx)", "graph clean-up"] and bar.closed
+    assert bar.n < bar.total  # not shown as done

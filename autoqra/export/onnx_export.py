@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from autoqra.errors import ConfigError, ExportError, MissingDependencyError, require_module
 from autoqra.export import verify
@@ -41,6 +42,7 @@ from autoqra.export.ops import onnx_translation_table
 from autoqra.ir.cost import DENSE_BITS
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.passes.materialize import restore
+from autoqra.progress import tqdm_disable
 
 __all__ = ["DEFAULT_RTOL", "OnnxExportResult", "export_onnx"]
 
@@ -248,6 +250,29 @@ def _quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
+class _Stages:
+    """The export's progress bar: one step per stage, the current stage in its postfix."""
+
+    def __init__(self, with_past: bool, verify_export: bool, decode_steps: int, verify_genai: bool,
+                 progress: bool | None) -> None:
+        total = 3 + (verify_export + (verify_export and with_past and decode_steps > 0) + verify_genai)
+        self._bar = tqdm(total=total, desc="ONNX export", unit="stage", disable=tqdm_disable(progress))
+        self._started = False
+
+    def next(self, stage: str) -> None:
+        if self._started:
+            self._bar.update(1)
+        self._started = True
+        self._bar.set_postfix_str(stage)
+
+    def finish(self) -> None:
+        """The last stage is done (the bar is full)."""
+        self._bar.update(self._bar.total - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def _file_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith(MODEL_FILE))
 
@@ -265,6 +290,7 @@ def export_onnx(
     decode_steps: int = 16,
     tokenizer: Any = None,
     verify_genai: bool | None = None,
+    progress: bool | None = None,
 ) -> OnnxExportResult:
     """Export ``model`` (a compiled Hugging Face causal LM, or a plain one) to the folder ``path``.
 
@@ -277,7 +303,9 @@ def export_onnx(
     widen exactly) and left as it was. ``verify_export``: run the file in onnxruntime and compare
     logits (tolerance ``rtol``, default :data:`DEFAULT_RTOL` for the level) and ``decode_steps`` greedy tokens with PyTorch;
     ``verify_genai`` (default: when onnxruntime-genai is installed and ``with_past``) also decodes
-    with ``onnxruntime_genai``. Raises :class:`~autoqra.errors.ExportError` (unsupported input) or
+    with ``onnxruntime_genai``. ``progress``: a bar over the stages (trace, clean-up, write, checks;
+    ``False`` hides it, ``None`` leaves it to tqdm: hidden when not a terminal or with ``TQDM_DISABLE``).
+    Raises :class:`~autoqra.errors.ExportError` (unsupported input) or
     :class:`~autoqra.errors.ExportVerificationError` (the file disagrees); the model is unchanged.
     """
     require_module(model, "export_onnx", hint="pass the compiled model (CompileResult.model or autoqra.load's)")
@@ -302,19 +330,26 @@ def export_onnx(
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"export path {directory} is a file; give a folder for the ONNX files")
+    stages = _Stages(with_past, verify_export, decode_steps, verify_genai, progress)
     args = (directory, with_past, adapters, opset, accuracy_level, verify_export, tolerance, decode_steps, tokenizer,
-            verify_genai, shape)
-    if dtype != torch.bfloat16:
-        return _write(model, dtype, *args)
-    with _float32_copies(model) as extra:
-        logger.info("bfloat16 model: exported with float32 activations and weights (bf16 widens exactly; "
-                    "%.1f MiB of float32 copies held during the export)", extra / 2**20)
-        return _write(model, torch.float32, *args)
+            verify_genai, shape, stages)
+    try:
+        if dtype != torch.bfloat16:
+            result = _write(model, dtype, *args)
+        else:
+            with _float32_copies(model) as extra:
+                logger.info("bfloat16 model: exported with float32 activations and weights (bf16 widens exactly; "
+                            "%.1f MiB of float32 copies held during the export)", extra / 2**20)
+                result = _write(model, torch.float32, *args)
+        stages.finish()
+        return result
+    finally:
+        stages.close()
 
 
 def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: bool, adapters: str, opset: int | None,
            accuracy_level: int, verify_export: bool, tolerance: float, decode_steps: int, tokenizer: Any,
-           verify_genai: bool, shape: DecoderShape) -> OnnxExportResult:
+           verify_genai: bool, shape: DecoderShape, stages: _Stages) -> OnnxExportResult:
     """`export_onnx` after its checks: trace, write to a temporary folder, verify, move into place."""
     start = time.perf_counter()
     layers = [m for m in {id(m): m for m in model.modules() if isinstance(m, QuantLoRALinear)}.values()]
@@ -332,6 +367,7 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
         args, dynamic, input_names, output_names = _trace_inputs(wrapper, shape if with_past else None,
                                                                  shape.vocab, dtype)
         logger.info("exporting to ONNX (%d packed layers: %s)", len(layers), counts)
+        stages.next("trace + translate (torch.onnx)")
         try:
             with _quiet_exporter():
                 program = torch.onnx.export(
@@ -339,12 +375,14 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
                     input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
                     opset_version=opset, optimize=False, verbose=False,
                 )
+            stages.next("graph clean-up")
             _optimize(program)
         except Exception as exc:  # the exporter's errors are long; keep the cause, name the fix
             raise ExportError(
                 f"torch's ONNX exporter failed on {type(model).__name__} ({type(exc).__name__}: "
                 f"{str(exc).strip().splitlines()[0][:300]}); try with_past=False, or report the model type"
             ) from exc
+        stages.next("write")
         program.save(str(tmp / MODEL_FILE), external_data=weight_bytes > _EXTERNAL_DATA_BYTES)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -361,7 +399,7 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
         parity = None
         if verify_export:
             parity = _verify(tmp, model, shape if with_past else None, tolerance, decode_steps, tokenizer,
-                             verify_genai, dtype)
+                             verify_genai, dtype, stages)
         directory.mkdir(parents=True, exist_ok=True)
         for item in sorted(tmp.iterdir()):
             target = directory / item.name
@@ -386,15 +424,16 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
 
 
 def _verify(directory: Path, model: nn.Module, shape: DecoderShape | None, tolerance: float, steps: int,
-            tokenizer: Any, with_genai: bool, dtype: torch.dtype) -> verify.Parity:
+            tokenizer: Any, with_genai: bool, dtype: torch.dtype, stages: _Stages) -> verify.Parity:
     # one switch to the exact float path for every PyTorch reference below (each switch re-lays out
     # every 4-bit layer's codes; the nested switches inside are then no-ops)
     with verify.exact_reference(model):
-        return _verify_exact(directory, model, shape, tolerance, steps, tokenizer, with_genai, dtype)
+        return _verify_exact(directory, model, shape, tolerance, steps, tokenizer, with_genai, dtype, stages)
 
 
 def _verify_exact(directory: Path, model: nn.Module, shape: DecoderShape | None, tolerance: float, steps: int,
-                  tokenizer: Any, with_genai: bool, dtype: torch.dtype) -> verify.Parity:
+                  tokenizer: Any, with_genai: bool, dtype: torch.dtype, stages: _Stages) -> verify.Parity:
+    stages.next("onnxruntime vs PyTorch logits")
     sess = verify.session(directory / MODEL_FILE)
     ids = _verification_ids(tokenizer, shape.vocab if shape else model.config.vocab_size, 16)
     parity = verify.logits_parity(sess, model, ids, shape, tolerance)
@@ -402,11 +441,13 @@ def _verify_exact(directory: Path, model: nn.Module, shape: DecoderShape | None,
         return parity
     np_dtype = np.dtype(str(dtype).removeprefix("torch."))
     prompt = ids[:1]
+    stages.next(f"greedy decode {steps} tokens")
     torch_tokens, margins = verify.greedy_torch(model, prompt, steps)
     onnx_tokens = verify.greedy_onnx(sess, prompt, shape, steps, np_dtype)
     matched, tie = verify.compare_tokens(onnx_tokens, torch_tokens, margins, parity.max_abs)
     genai_match = None
     if with_genai:
+        stages.next("onnxruntime-genai decode")
         genai = verify.genai_tokens(directory, prompt[0].tolist(), steps)
         # genai stops at the end-of-sequence token: compare what it produced
         genai_match = genai == onnx_tokens[: len(genai)] and len(genai) > 0
