@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from autoqra.errors import ExportError
-from autoqra.export.ops import side_path  # also registers torch.ops.autoqra.quant_linear / matmul_nbits
+from autoqra.export.ops import side_path  # also registers torch.ops.autoqra.quant_linear
 from autoqra.ir.cost import DENSE_BITS
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.quant.pack import pack, unpack

@@ -3,8 +3,9 @@
 The graph is captured with torch's dynamo ONNX exporter (``torch.onnx.export(dynamo=True)``, which
 uses ``torch.export`` and onnxscript); every packed layer is swapped for an
 :class:`~autoqra.export.layers.OnnxQuantLinear` for the duration of the export (the model is
-restored afterwards, also on failure), whose ``autoqra::matmul_nbits`` op the exporter translates
-into one ``com.microsoft::MatMulNBits`` node holding the layer's own codes, scales and zero points.
+restored afterwards, also on failure), whose ``autoqra::quant_linear`` op the exporter translates
+into one ``com.microsoft::MatMulNBits`` node holding the layer's own codes, scales and zero points,
+plus the adapter / zero-fraction side path and the bias.
 Then the written file is run in onnxruntime and compared with the PyTorch model
 (:mod:`autoqra.export.verify`).
 

@@ -1,5 +1,5 @@
-"""``autoqra::matmul_nbits``: the PyTorch op that stands for onnxruntime's ``com.microsoft::MatMulNBits``,
-and ``autoqra::quant_linear``: a whole exported quantized layer (``MatMulNBits`` + side path + bias).
+"""``autoqra::quant_linear``: a whole exported quantized layer (onnxruntime's ``com.microsoft::MatMulNBits``
++ side path + bias) as one PyTorch op, and its ONNX translation.
 
 During export every packed 2/4/8-bit layer (and a 3-bit one, in a 4-bit container) calls
 ``quant_linear``; the exporter translates it into ``MatMulNBits`` with the same tensors (so the ONNX
@@ -9,13 +9,13 @@ form keeps torch's tracing, decompositions and ONNX translation short (SmolLM2, 
 run each under cProfile on a 2-core VM: the export 202 → 136 s) and writes the same graph after
 onnxruntime's load-time optimization (3,181 against 3,183 nodes, the same initializers).
 
-The op's semantics are ``MatMulNBits``'s: ``Y = A @ W^T`` with ``W[n, k] = (q[n, k] - zp[n, g]) *
+The base product's semantics are ``MatMulNBits``'s (:func:`matmul_nbits`): ``Y = A @ W^T`` with ``W[n, k] = (q[n, k] - zp[n, g]) *
 scales[n, g]``, ``g = k // block_size``; ``b`` is ``uint8 [N, n_blocks, block_size * bits / 8]``
 (codes packed little-endian inside each byte: exactly autoqra's packed layout for 2/4/8 bits, see
 :mod:`autoqra.quant.pack`); ``scales`` ``[N * n_blocks]`` in the activation dtype; ``zero_points``
 ``[N * n_blocks]`` in the activation dtype (fractional zero points) or uint8 (packed like the
-codes, one row per output). Its PyTorch implementation (dequantize, then multiply) is the
-reference the exported file is checked against.
+codes, one row per output). Its PyTorch implementation (dequantize, then multiply) is, with the side
+path, the reference the exported file is checked against.
 
 ONNX has no schema for Microsoft's contrib ops, and onnxscript needs one to emit a node: the
 schema below declares ``MatMulNBits`` as onnxruntime documents it (the inputs we use and the
@@ -35,19 +35,10 @@ __all__ = ["matmul_nbits", "onnx_translation_table", "quant_linear"]
 MS_DOMAIN = "com.microsoft"
 
 
-@torch.library.custom_op("autoqra::matmul_nbits", mutates_args=())
-def matmul_nbits(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scales: torch.Tensor,
-    zero_points: torch.Tensor,
-    k: int,
-    n: int,
-    bits: int,
-    block_size: int,
-    accuracy_level: int,
-) -> torch.Tensor:
-    """Reference implementation of ``MatMulNBits`` (see the module docstring)."""
+def matmul_nbits(a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, k: int, n: int,
+                 bits: int, block_size: int) -> torch.Tensor:
+    """Reference implementation of ``MatMulNBits`` in PyTorch (see the module docstring; the op's
+    ``accuracy_level`` only changes onnxruntime's compute precision, not what it computes)."""
     n_blocks = b.shape[1]
     k_pad = n_blocks * block_size
     codes = unpack(b.reshape(-1), bits, n * k_pad).view(n, n_blocks, block_size).to(a.dtype)
@@ -59,11 +50,6 @@ def matmul_nbits(
         zp = zero_points.view(n, n_blocks).to(a.dtype)
     w = ((codes - zp.unsqueeze(-1)) * scales.view(n, n_blocks, 1).to(a.dtype)).view(n, k_pad)[:, :k]
     return a @ w.T
-
-
-@matmul_nbits.register_fake
-def _(a, b, scales, zero_points, k, n, bits, block_size, accuracy_level):  # type: ignore[no-untyped-def]
-    return a.new_empty(*a.shape[:-1], n)
 
 
 def side_path(x: torch.Tensor, scales: torch.Tensor | None, zero_fraction: torch.Tensor | None,
@@ -108,7 +94,7 @@ def quant_linear(
     :func:`side_path`; ``scales`` fp16 as stored, cast to ``x``'s dtype). One node in the traced graph
     instead of ~15 keeps torch's export, its decompositions and the ONNX translation short; the
     translation emits the same ONNX nodes the decomposed form would."""
-    y = matmul_nbits(x, qweight, scales.to(x.dtype), zero_points, k, n, bits, block_size, accuracy_level)
+    y = matmul_nbits(x, qweight, scales.to(x.dtype), zero_points, k, n, bits, block_size)
     side = side_path(x, scales, zero_fraction, lora_a_t, lora_b_t, block_size)
     if side is not None:
         y = y + side
@@ -156,11 +142,6 @@ def onnx_translation_table() -> dict[Any, Any]:
 
     matmul_nbits_op = onnxscript.values.Op(onnxscript.values.Opset(MS_DOMAIN, 1), "MatMulNBits", _schema())
 
-    def matmul_nbits_onnx(a, b, scales, zero_points, k: int, n: int, bits: int, block_size: int,  # type: ignore[no-untyped-def]
-                          accuracy_level: int):
-        return matmul_nbits_op(a, b, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size,
-                               accuracy_level=accuracy_level)
-
     def quant_linear_onnx(x, qweight, scales, zero_points, zero_fraction, lora_a_t, lora_b_t, bias,  # type: ignore[no-untyped-def]
                           k: int, n: int, bits: int, block_size: int, accuracy_level: int):
         from onnxscript.onnx_opset import opset18 as op
@@ -190,5 +171,4 @@ def onnx_translation_table() -> dict[Any, Any]:
             y = op.Add(y, op.MatMul(h, q))
         return y if bias is None else op.Add(y, bias)
 
-    return {torch.ops.autoqra.matmul_nbits.default: matmul_nbits_onnx,
-            torch.ops.autoqra.quant_linear.default: quant_linear_onnx}
+    return {torch.ops.autoqra.quant_linear.default: quant_linear_onnx}
