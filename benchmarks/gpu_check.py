@@ -77,6 +77,9 @@ def _layers(size: int, device: torch.device) -> dict[str, nn.Module]:
     layers: dict[str, nn.Module] = {"bf16 nn.Linear": copy.deepcopy(linear).to(device, torch.bfloat16)}
     packed = QuantLoRALinear.from_linear(linear, 4, 8)
     layers["packed 4-bit r8"] = packed.to(device)
+    layers["packed 4-bit r8, kernel_cache"] = QuantLoRALinear.from_linear(linear, 4, 8, kernel_cache=True).to(device)
+    layers["packed 4-bit r8, fast_path=False"] = QuantLoRALinear.from_linear(linear, 4, 8, fast_path=False).to(device)
+    layers["packed 3-bit r8"] = QuantLoRALinear.from_linear(linear, 3, 8).to(device)
     if HAS_BNB and device.type == "cuda":
         import bitsandbytes as bnb
 
@@ -112,8 +115,23 @@ def layer_speed(device: torch.device, size: int, rounds: int) -> list[dict[str, 
 
 
 # -- 2. compile ----------------------------------------------------------------------------------
-def _model_and_tokens(quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """(fp32 model, calibration windows [8, L], training tokens 1-D)."""
+#: SmolLM2-135M's architecture (its config.json), for ``--synthetic``
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                     rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+def _model_and_tokens(quick: bool, synthetic: bool = False) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(fp32 model, calibration windows [8, L], training tokens 1-D). ``synthetic``: SmolLM2-135M's
+    architecture with random weights and random tokens (for a GPU machine the real weights cannot reach:
+    speed and memory do not depend on the values; the compile's choices do)."""
+    if synthetic and not quick:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval()
+        tokens = torch.randint(3, SMOLLM2_SHAPE["vocab_size"], (65536,), generator=torch.Generator().manual_seed(0))
+        return model, tokens[: 8 * 512].view(8, 512), tokens
     if quick:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -258,6 +276,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny Llama, small layers, 2 steps")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 50; quick 2)")
     parser.add_argument("--sections", default="layer,compile,finetune,ddp", help="comma-separated subset")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="SmolLM2-135M's architecture with random weights and tokens (no download)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
@@ -266,22 +286,24 @@ def main() -> None:
     sections = set(args.sections.split(","))
     steps = args.steps or (2 if args.quick else 50)
     payload: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                               "torch": torch.__version__, "quick": args.quick, "steps": steps, "rows": []}
+                               "torch": torch.__version__, "quick": args.quick, "steps": steps,
+                               "model": "SmolLM2-135M shape, random weights" if args.synthetic else "default",
+                               "rows": []}
     name = "gpu_check_quick" if args.quick else "gpu_check"
     rows = payload["rows"]
     if "layer" in sections:
         rows += layer_speed(device, 256 if args.quick else 4096, 2 if args.quick else 20)
         write_json(name, payload)
     if sections & {"compile", "finetune"}:
-        model, calib, tokens = _model_and_tokens(args.quick)
-        if "compile" in sections:
-            rows += compile_time(model, calib, device, args.quick)
-            write_json(name, payload)
+        model, calib, tokens = _model_and_tokens(args.quick, args.synthetic)
         if "finetune" in sections:
             rows += finetune_memory(model, tokens, device, steps, 32 if args.quick else 256)
             write_json(name, payload)
+        if "compile" in sections:
+            rows += compile_time(model, calib, device, args.quick)
+            write_json(name, payload)
     if "ddp" in sections:
-        rows += ddp(device, args.quick)
+        rows += ddp(device, args.quick or args.synthetic)
         write_json(name, payload)
     keys = ["seconds", "vs bf16", "vs cpu", "peak_bytes", "peak vs bf16 LoRA", "tokens_per_s", "ok"]
 

@@ -378,3 +378,42 @@ def test_row_chunks_forward_and_input_gradient(monkeypatch: pytest.MonkeyPatch, 
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_bf16_autocast_on_cpu_runs_the_base_in_bf16_with_fp32_adapters() -> None:
+    torch.manual_seed(0)
+    layer = QuantLoRALinear.from_linear(torch.nn.Linear(256, 128), 3, 8)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02)
+    x = torch.randn(300, 256, requires_grad=True)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, rtol=3e-2, atol=3e-2 * reference.abs().max().item())
+    y.float().square().mean().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and x.grad is not None and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("bits", "out_features", "available", "want"), [
+    (4, 128, True, "int4_cuda"),
+    (4, 128, False, "packed"),   # the layout check failed on this GPU (logged): dequantizing path
+    (3, 128, True, "packed"),    # 2/3/8 bits keep the packed codes
+    (4, 100, True, "packed"),    # not whole 8-row tiles
+])
+def test_device_selects_the_layout(monkeypatch, bits, out_features, available, want) -> None:
+    from autoqra.quant import int4_cuda
+
+    layer = QuantLoRALinear.from_linear(torch.nn.Linear(256, out_features), bits, 4)
+    monkeypatch.setattr(int4_cuda, "available", lambda device, k: available)
+    assert layer._resident_layout(torch.device("cuda")) == want
+    assert layer._resident_layout(torch.device("meta")) == "packed"
+
+
+def test_cuda_int4_layout_is_unavailable_without_a_gpu() -> None:
+    from autoqra.quant import int4_cuda
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/test_cuda.py covers the layout there")
+    assert not int4_cuda.available(torch.device("cuda"), 256)
+    assert int4_cuda.inner_k_tiles(576) == 4 and int4_cuda.inner_k_tiles(1536) == 8 and int4_cuda.inner_k_tiles(48) is None

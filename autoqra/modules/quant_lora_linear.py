@@ -30,7 +30,11 @@ Choices made here:
   fewer than ``KERNEL_MAX_ROWS`` (256) input rows: decoding and small batches; longer inputs
   (prefill, training, evaluation) take the chunked path below, which is faster there.
   ``state_dict()`` / save / export always see the packed form (``packed_qweight()``), and a
-  move to another device converts back. 2/3-bit codes fit the same kernel only as a second,
+  move to another device converts back. On a CUDA GPU the same holds with torch's CUDA int4 layout
+  (:mod:`autoqra.quant.int4_cuda`, tinygemm's ``_weight_int4pack_mm``; ``out % 8 == 0``) for fewer than
+  ``CUDA_KERNEL_MAX_ROWS`` (256) rows; ``kernel_cache=True`` keeps its bf16 scale/offset pairs (held and
+  counted: +1/9 of a 4-bit base at group 64). Under ``torch.autocast`` the base product runs in
+  autocast's dtype. 2/3-bit codes fit the same kernel only as a second,
   4-bit copy: ``kernel_cache=True`` opts into that (speed over memory: the copy is held beside
   the packed codes and counted by ``held_bytes``). Otherwise (2/3/8 bits, code books, GPU,
   ``fast_path=False``) the weight is
@@ -55,7 +59,7 @@ from torch import nn
 
 from autoqra.errors import ConfigError, MergeError, QuantizationError, UnsupportedLayerError
 from autoqra.ir.cost import DENSE_BITS, PACKED_BITS, packed_nbytes
-from autoqra.quant import int4_layout
+from autoqra.quant import int4_cuda, int4_layout
 from autoqra.quant.base import (
     QuantBackend,
     QuantizedWeight,
@@ -85,6 +89,10 @@ _CHUNK_ELEMENTS = 1 << 24
 #: float matmul (measured on SmolLM2's 576/1536 shapes, 1 thread: at 512 rows the kernel took 1.9-2.5x
 #: the fp32 ``nn.Linear``, the chunks 1.2-1.8x; at 128 rows both ~2.2x; at 1-64 rows the kernel wins)
 KERNEL_MAX_ROWS = 256
+#: the same limit for torch's CUDA int4 kernel (tinygemm, built for few rows). Measured on an H200 (torch
+#: 2.11, bf16 inputs, whole layer forward): the kernel beat dequantizing once for cuBLAS at 1-256 rows on
+#: 4096x4096 (0.36 vs 0.56 ms at 256) and lost at 512 (0.67 vs 0.57 ms); on 1536x576 it won up to 512
+CUDA_KERNEL_MAX_ROWS = 256
 
 
 def _tracing() -> bool:
@@ -182,7 +190,8 @@ class QuantLoRALinear(nn.Module):
         self.scaling = 1.0 if alpha is None or rank == 0 else float(alpha) / rank
         self.group_size = group_size
         self.backend_name = backend.name if isinstance(backend, QuantBackend) else str(backend)
-        #: how ``qweight`` holds the codes: "packed" (autoqra's format) or "int4_cpu" (the kernel's)
+        #: how ``qweight`` holds the codes: "packed" (autoqra's format), "int4_cpu" or "int4_cuda" (torch's
+        #: int4 kernel layouts on the CPU and on CUDA GPUs, same bytes)
         self.layout = "packed"
         self._fast_path = fast_path
         self.kernel_cache = kernel_cache
@@ -254,6 +263,8 @@ class QuantLoRALinear(nn.Module):
         weight, bias = linear_weight(linear)
         w = check_weight(weight, name)
         out_f, in_f = w.shape
+        # statistics gathered elsewhere (calibration keeps them on the CPU) work on the weight's device
+        d, g, hessian = (None if t is None else t.to(w.device) for t in (d, g, hessian))
         if not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"rank must be an int >= 0, got {rank!r}")
         if rank > min(in_f, out_f):
@@ -335,24 +346,26 @@ class QuantLoRALinear(nn.Module):
         if "scale" in self._buffers or "weight" in self._buffers:
             self._sync_layout()
 
-    def _resident_kernel(self, device: torch.device | None = None) -> bool:
-        """Whether the codes can live in the int4 kernel layout (4 bits, CPU, supported shape)."""
+    def _resident_layout(self, device: torch.device | None = None) -> str:
+        """The layout the codes live in on ``device``: an int4 kernel's (4 bits, uniform grid, supported
+        shape and group size; "int4_cpu" or "int4_cuda") or "packed"."""
         device = device if device is not None else self.scale.device
-        return (
-            self.bits == 4
-            and self.fast_path
-            and self.codebook is None
-            and device.type == "cpu"
-            and self.out_features % int4_layout.block_n() == 0
-            and self.group_size in _INT4_GROUP_SIZES
-            and int4_layout.layout_matches_torch()
-        )
+        if not (self.bits == 4 and self.fast_path and self.codebook is None and self.group_size in _INT4_GROUP_SIZES):
+            return "packed"
+        if (device.type == "cpu" and self.out_features % int4_layout.block_n() == 0
+                and int4_layout.layout_matches_torch()):
+            return "int4_cpu"
+        k = self.scale.shape[1] * self.group_size
+        if (device.type == "cuda" and self.out_features % int4_cuda.TILE_N == 0
+                and int4_cuda.available(device, k)):
+            return "int4_cuda"
+        return "packed"
 
     def _sync_layout(self) -> None:
         """Put ``qweight`` in the layout the current device and settings call for (in place)."""
         if self.bits == DENSE_BITS:
             return
-        want = "int4_cpu" if self._resident_kernel() else "packed"
+        want = self._resident_layout()
         if want == self.layout:
             return
         if self.qweight.device.type == "meta":  # no values to convert: just the packed shape
@@ -365,6 +378,8 @@ class QuantLoRALinear(nn.Module):
         with torch.no_grad():
             if want == "int4_cpu":
                 self._buffers["qweight"] = int4_layout.encode(codes)
+            elif want == "int4_cuda":
+                self._buffers["qweight"] = int4_cuda.encode(codes)
             else:
                 self._buffers["qweight"] = pack(codes, self.bits)
         self.layout = want
@@ -377,6 +392,10 @@ class QuantLoRALinear(nn.Module):
             block = int4_layout.block_n()
             lo, hi = start - start % block, -(-stop // block) * block
             return int4_layout.decode(self.qweight, lo, hi)[start - lo : stop - lo]
+        if self.layout == "int4_cuda":
+            tile = int4_cuda.TILE_N
+            lo, hi = start - start % tile, -(-stop // tile) * tile
+            return int4_cuda.decode(self.qweight, k, lo, hi)[start - lo : stop - lo]
         row_bytes = self.qweight.numel() // self.out_features
         return unpack(self.qweight[start * row_bytes : stop * row_bytes], self.bits, (stop - start) * k).view(
             stop - start, k
@@ -480,6 +499,8 @@ class QuantLoRALinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def _kernel_eligible(self, x: torch.Tensor) -> bool:
+        if self.layout == "int4_cuda":  # few rows: tinygemm; many: one dequantization and cuBLAS
+            return 0 < x.shape[0] < CUDA_KERNEL_MAX_ROWS and x.dtype.is_floating_point
         if not 0 < x.shape[0] < KERNEL_MAX_ROWS:  # many rows: dequantized chunks + sgemm are faster
             return False
         if self.layout == "int4_cpu":
@@ -507,9 +528,17 @@ class QuantLoRALinear(nn.Module):
 
     def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """int4 kernel layout of the codes and bf16 (scale, offset): the held ``qweight`` itself
-        at 4 bits (scale/offset derived per call), else a cached 4-bit copy (``kernel_cache``)."""
+        at 4 bits (scale/offset derived per call, or kept with ``kernel_cache`` on a GPU), else a
+        cached 4-bit copy (``kernel_cache``)."""
         if self.layout == "int4_cpu":
             return self.qweight, self._scale_offset()
+        if self.layout == "int4_cuda":
+            if not self.kernel_cache:
+                return self.qweight, self._scale_offset()
+            key = tuple(v for t in (self.scale, self.zero) for v in (t.data_ptr(), _version_of(t)))
+            if self._kernel_cache is None or self._kernel_cache[0] != key:
+                self._kernel_cache = (key, self.qweight, self._scale_offset())
+            return self.qweight, self._kernel_cache[2]
         key = tuple(v for t in (self.qweight, self.scale, self.zero) for v in (t.data_ptr(), _version_of(t)))
         if self._kernel_cache is not None and self._kernel_cache[0] == key:
             return self._kernel_cache[1], self._kernel_cache[2]
@@ -528,13 +557,16 @@ class QuantLoRALinear(nn.Module):
         pad = self.scale.shape[1] * self.group_size - self.in_features
         if pad:
             xb = F.pad(xb, (0, pad))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, self.group_size, scale_offset)
+        if self.layout == "int4_cuda":
+            y = int4_cuda.kernel_mm(xb.contiguous(), packed, self.group_size, scale_offset)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, self.group_size, scale_offset)
         return y.to(x2.dtype)
 
     def _row_chunks(self) -> range:
         rows = max(1, _CHUNK_ELEMENTS // (self.scale.shape[1] * self.group_size))
-        if self.layout == "int4_cpu":  # whole layout blocks
-            block = int4_layout.block_n()
+        if self.layout in ("int4_cpu", "int4_cuda"):  # whole layout blocks
+            block = int4_layout.block_n() if self.layout == "int4_cpu" else int4_cuda.TILE_N
             rows = max(block, rows // block * block)
         return range(0, self.out_features, rows)
 
@@ -583,10 +615,14 @@ class QuantLoRALinear(nn.Module):
         if _tracing():
             return F.linear(x, self.dequantized_weight(x.dtype))
         x2 = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and x2.requires_grad:
-            y2 = _PackedLinear.apply(x2, self)
-        else:
-            y2 = self._packed_mm(x2)
+        device_type = x2.device.type
+        if torch.is_autocast_enabled(device_type):  # the base product in autocast's dtype (bf16 / fp16)
+            x2 = x2.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            if torch.is_grad_enabled() and x2.requires_grad:
+                y2 = _PackedLinear.apply(x2, self)
+            else:
+                y2 = self._packed_mm(x2)
         return y2.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,8 @@ class EstimateSensitivityPass(PassBase):
             d, g = self.estimator.weights(stats.get(name))
             st = stats.get(name)
             hessian = st.hessian if (self.rounding == "gptq" and self.estimator.use_d and st is not None) else None
+            # the statistics live on the CPU; the error is computed where the weight is (a GPU when the model is)
+            d, g, hessian = (None if t is None else t.to(weight.device) for t in (d, g, hessian))
             right = damped_cholesky(hessian) if hessian is not None else None
             # one entry per (weight, statistics, settings), whatever the menu: each (bits, rank) error is
             # computed independently, so a compile over a narrower or another menu reuses the entries it finds
