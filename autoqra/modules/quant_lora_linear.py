@@ -618,12 +618,17 @@ class QuantLoRALinear(nn.Module):
         device_type = x2.device.type
         if torch.is_autocast_enabled(device_type):  # the base product in autocast's dtype (bf16 / fp16)
             x2 = x2.to(torch.get_autocast_dtype(device_type))
-        with torch.autocast(device_type, enabled=False):
-            if torch.is_grad_enabled() and x2.requires_grad:
-                y2 = _PackedLinear.apply(x2, self)
-            else:
-                y2 = self._packed_mm(x2)
+            with torch.autocast(device_type, enabled=False):
+                y2 = self._packed_product(x2)
+        else:
+            y2 = self._packed_product(x2)
         return y2.reshape(*x.shape[:-1], self.out_features)
+
+    def _packed_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ W_q^T``, differentiable in ``x2`` when it requires grad (the base never trains)."""
+        if torch.is_grad_enabled() and x2.requires_grad:
+            return _PackedLinear.apply(x2, self)
+        return self._packed_mm(x2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base_forward(x)
