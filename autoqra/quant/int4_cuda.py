@@ -63,12 +63,18 @@ def _convert(codes: torch.Tensor, t: int) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack(_byte_pairs(codes), t)
 
 
+def _learning_device() -> str:
+    """Where the tile order is learned: the current CUDA device (the CPU only where torch has no CUDA,
+    which only a test's stand-in converter can serve)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @functools.cache
-def _tile_order(t: int) -> torch.Tensor:
+def _tile_order(t: int, device: str) -> torch.Tensor:
     """``int64 [128 t]`` (on the CPU): for each nibble slot of a converted tile, the position
-    ``row * 16 t + column`` of the code it holds. Learned on the current CUDA device by converting
-    the three base-16 digits of every position."""
-    rows, cols, device = TILE_N, TILE_K * t, "cuda"
+    ``row * 16 t + column`` of the code it holds. Learned on ``device`` by converting the three
+    base-16 digits of every position."""
+    rows, cols = TILE_N, TILE_K * t
     position = torch.arange(rows * cols, device=device).view(rows, cols)
     order = torch.zeros(rows * cols, dtype=torch.int64, device=device)
     for digit in range(3):  # 128 t <= 1024 < 16 ** 3
@@ -83,7 +89,7 @@ def _tile_order(t: int) -> torch.Tensor:
 @functools.cache
 def _inverse_order(t: int, device: torch.device) -> torch.Tensor:
     """For each tile position, the nibble slot that holds it (the inverse of `_tile_order`), on ``device``."""
-    return torch.argsort(_tile_order(t)).to(device)
+    return torch.argsort(_tile_order(t, _learning_device())).to(device)
 
 
 def encode(codes: torch.Tensor) -> torch.Tensor:
