@@ -64,15 +64,15 @@ def test_layer_holds_exactly_its_cost(in_f, out_f, bits, rank, group, dtype) -> 
     assert held_bytes([m], skip=("bias",)) == cost
 
 
-@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_kernel_cache_is_opt_in_and_counted(bits: int) -> None:
     m = QuantLoRALinear.from_linear(nn.Linear(256, 128), bits, 8, kernel_cache=True)
     cost = CostModel().layer_bytes(256, 128, bits, 8)
     assert held_bytes([m], skip=("bias",)) == cost
     _forward_backward(m, 256)
     held = held_bytes([m], skip=("bias",))
-    # the 4-bit copy of the codes (128 × 256 / 2) and bf16 scale/offset pairs (128 × 4 groups × 2 × 2)
-    assert held == cost + 128 * 256 // 2 + 128 * 4 * 2 * 2
+    # bf16 scale/offset pairs (128 × 4 groups × 2 × 2), and below 4 bits a 4-bit copy of the codes (128 × 256 / 2)
+    assert held == cost + 128 * 4 * 2 * 2 + (128 * 256 // 2 if bits < 4 else 0)
 
 
 def test_int4_layout_round_trips_state_dict_save_and_device_moves(tmp_path) -> None:

@@ -191,6 +191,7 @@ def test_constructor_validation(kwargs: dict) -> None:
         (2, 128, True, "packed", True),  # opt-in speed: a 4-bit kernel copy beside the codes
         (3, 80, True, "packed", True),
         (4, 128, False, "int4_cpu", False),  # 4 bits: the kernel layout IS the storage
+        (4, 128, True, "int4_cpu", True),  # opt-in speed: the bf16 scale/offset pairs kept
         (4, 80, False, "packed", False),  # out not a multiple of the layout block (64 AVX-512, 32 AVX2)
         (4, 80, True, "packed", True),
         (8, 128, True, "packed", False),  # no int4 kernel at 8 bits

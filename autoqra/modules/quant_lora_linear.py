@@ -32,9 +32,9 @@ Choices made here:
   ``state_dict()`` / save / export always see the packed form (``packed_qweight()``), and a
   move to another device converts back. On a CUDA GPU the same holds with torch's CUDA int4 layout
   (:mod:`autoqra.quant.int4_cuda`, tinygemm's ``_weight_int4pack_mm``; ``out % 8 == 0``) for fewer than
-  ``CUDA_KERNEL_MAX_ROWS`` (256) rows; ``kernel_cache=True`` keeps its bf16 scale/offset pairs (held and
-  counted: +1/9 of a 4-bit base at group 64). Under ``torch.autocast`` the base product runs in
-  autocast's dtype. 2/3-bit codes fit the same kernel only as a second,
+  ``CUDA_KERNEL_MAX_ROWS`` (256) rows. On either device ``kernel_cache=True`` keeps the bf16
+  scale/offset pairs instead of deriving them per call (held and counted: +1/9 of a 4-bit base at group
+  64). Under ``torch.autocast`` the base product runs in autocast's dtype. 2/3-bit codes fit the same kernel only as a second,
   4-bit copy: ``kernel_cache=True`` opts into that (speed over memory: the copy is held beside
   the packed codes and counted by ``held_bytes``). Otherwise (2/3/8 bits, code books, GPU,
   ``fast_path=False``) the weight is
@@ -528,11 +528,9 @@ class QuantLoRALinear(nn.Module):
 
     def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """int4 kernel layout of the codes and bf16 (scale, offset): the held ``qweight`` itself
-        at 4 bits (scale/offset derived per call, or kept with ``kernel_cache`` on a GPU), else a
-        cached 4-bit copy (``kernel_cache``)."""
-        if self.layout == "int4_cpu":
-            return self.qweight, self._scale_offset()
-        if self.layout == "int4_cuda":
+        at 4 bits (scale/offset derived per call, or kept with ``kernel_cache``), else a cached
+        4-bit copy (``kernel_cache``)."""
+        if self.layout in ("int4_cpu", "int4_cuda"):
             if not self.kernel_cache:
                 return self.qweight, self._scale_offset()
             key = tuple(v for t in (self.scale, self.zero) for v in (t.data_ptr(), _version_of(t)))
