@@ -13,7 +13,9 @@ costs against the usual baselines, measured in one process on one device, one ta
    peft LoRA r8 on the fp32 base; peft LoRA r8 on the bf16 base; QLoRA (peft LoRA r16 on bitsandbytes
    nf4, CUDA only). Peak ``torch.cuda.max_memory_allocated`` (CUDA) and tokens/s. Goals: autoqra's peak
    ≤ 0.5× the bf16-base LoRA's and ≤ QLoRA's; tokens/s ≥ QLoRA's.
-4. **DDP**: ``torchrun --nproc_per_node 2 scripts/finetune_ddp.py`` (NCCL) when two GPUs are visible, else
+4. **Decoding**: greedy decoding with the KV cache, time per token in eager PyTorch: the bf16 model against the
+   uniform 4-bit r8 compile (scale/offset derived per call, kept with ``kernel_cache``, packed codes).
+5. **DDP**: ``torchrun --nproc_per_node 2 scripts/finetune_ddp.py`` (NCCL) when two GPUs are visible, else
    the single-process path of the same script.
 
     python benchmarks/gpu_check.py                         # on a CUDA machine (SmolLM2; minutes)
@@ -225,6 +227,20 @@ def _train(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: 
     return {"peak_bytes": peak, "tokens_per_s": counted / seconds if seconds else None, "loss": float(loss)}
 
 
+def _compiled(model: nn.Module, device: torch.device, **layer_settings: Any) -> nn.Module:
+    """A copy of ``model`` compiled as uniform 4-bit r8 on ``device``, adapters trainable; ``layer_settings``
+    (``fast_path``, ``kernel_cache``) are set on every compiled layer."""
+    work = copy.deepcopy(model).to(device)
+    autoqra.compile(work, "16bits", bits=(4,), ranks=(8,), cache_dir=None, progress=False)
+    for module in work.modules():
+        if isinstance(module, QuantLoRALinear):
+            for key, value in layer_settings.items():
+                setattr(module, key, value)
+    for name, p in work.named_parameters():
+        p.requires_grad_(name.endswith(("lora_A", "lora_B")))
+    return work
+
+
 def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int,
                     seq_len: int) -> list[dict[str, Any]]:
     rows = []
@@ -236,14 +252,8 @@ def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def compiled() -> nn.Module:
-        work = copy.deepcopy(model).to(device)
-        autoqra.compile(work, "16bits", bits=(4,), ranks=(8,), cache_dir=None, progress=False)
-        for name, p in work.named_parameters():
-            p.requires_grad_(name.endswith(("lora_A", "lora_B")))
-        return work
-
-    run("autoqra uniform 4-bit r8", compiled)
+    run("autoqra uniform 4-bit r8", lambda: _compiled(model, device))
+    run("autoqra uniform 4-bit r8, fast_path=False", lambda: _compiled(model, device, fast_path=False))
     run("peft LoRA r8, fp32 base", lambda: _peft(copy.deepcopy(model).to(device), 8))
     run("peft LoRA r8, bf16 base", lambda: _peft(copy.deepcopy(model).to(device, torch.bfloat16), 8))
     if HAS_BNB and device.type == "cuda":
@@ -255,7 +265,44 @@ def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device
     return rows
 
 
-# -- 4. DDP --------------------------------------------------------------------------------------
+# -- 4. decoding ----------------------------------------------------------------------------------
+def decode_speed(model: nn.Module, calib: torch.Tensor, device: torch.device, tokens: int) -> list[dict[str, Any]]:
+    """Greedy decoding with the KV cache after a 64-token prompt, seconds per token (eager PyTorch): the model
+    as loaded in bf16 against uniform 4-bit r8 with the scale/offset pairs derived per call (default) and kept
+    (``kernel_cache=True``), and with packed codes (``fast_path=False``)."""
+    prompt = calib[:1, :64].to(device)
+
+    def per_token(work: nn.Module) -> float:
+        with torch.no_grad():
+            out = work(prompt, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for step in range(tokens + 2):
+                if step == 2:  # two warm-up tokens
+                    _sync(device)
+                    start = time.perf_counter()
+                out = work(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            _sync(device)
+        return (time.perf_counter() - start) / tokens
+
+    builds: dict[str, Callable[[], nn.Module]] = {
+        "bf16 model": lambda: copy.deepcopy(model).to(device, torch.bfloat16),
+        "autoqra uniform 4-bit r8": lambda: _compiled(model, device),
+        "autoqra uniform 4-bit r8, kernel_cache": lambda: _compiled(model, device, kernel_cache=True),
+        "autoqra uniform 4-bit r8, fast_path=False": lambda: _compiled(model, device, fast_path=False),
+    }
+    rows = []
+    for label, build in builds.items():
+        work = build().eval()
+        rows.append({"section": "decode", "row": f"{label}, per token", "seconds": per_token(work)})
+        del work
+    base = rows[0]["seconds"]
+    for r in rows:
+        r["vs bf16"] = r["seconds"] / base
+    return rows
+
+
+# -- 5. DDP --------------------------------------------------------------------------------------
 def ddp(device: torch.device, quick: bool) -> list[dict[str, Any]]:
     script = str(ROOT / "scripts" / "finetune_ddp.py")
     extra = ["--tiny"] if quick else ["--steps", "10"]
@@ -275,7 +322,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run of every step)")
     parser.add_argument("--quick", action="store_true", help="a tiny Llama, small layers, 2 steps")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 50; quick 2)")
-    parser.add_argument("--sections", default="layer,compile,finetune,ddp", help="comma-separated subset")
+    parser.add_argument("--sections", default="layer,compile,finetune,decode,ddp", help="comma-separated subset")
     parser.add_argument("--synthetic", action="store_true",
                         help="SmolLM2-135M's architecture with random weights and tokens (no download)")
     args = parser.parse_args()
@@ -294,10 +341,13 @@ def main() -> None:
     if "layer" in sections:
         rows += layer_speed(device, 256 if args.quick else 4096, 2 if args.quick else 20)
         write_json(name, payload)
-    if sections & {"compile", "finetune"}:
+    if sections & {"compile", "finetune", "decode"}:
         model, calib, tokens = _model_and_tokens(args.quick, args.synthetic)
         if "finetune" in sections:
             rows += finetune_memory(model, tokens, device, steps, 32 if args.quick else 256)
+            write_json(name, payload)
+        if "decode" in sections:
+            rows += decode_speed(model, calib, device, 4 if args.quick else 32)
             write_json(name, payload)
         if "compile" in sections:
             rows += compile_time(model, calib, device, args.quick)

@@ -158,17 +158,23 @@ def test_qlora_parity_quick() -> None:
 
 
 def test_gpu_check_quick_on_cpu() -> None:
-    """The GPU check's benchmark steps on CPU (a tiny Llama): the layer rows and the fine-tuning rows;
+    """The GPU check's benchmark steps on CPU (a tiny Llama): the layer, fine-tuning and decoding rows;
     on a machine without CUDA its default device is refused with the fix."""
     path = Path(os.environ["AUTOQRA_BENCH_RESULTS"]) / "gpu_check_quick.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick",
-                           "--sections", "layer,finetune"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+                           "--sections", "layer,finetune,decode"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(path.read_text())
     rows = {r["row"]: r for r in data["rows"]}
     assert {"bf16 nn.Linear, forward, 1 tokens", "packed 4-bit r8, forward+backward, 4096 tokens"} <= set(rows)
     assert {"autoqra uniform 4-bit r8", "peft LoRA r8, fp32 base", "peft LoRA r8, bf16 base"} <= set(rows)
     assert all(r["tokens_per_s"] > 0 for r in data["rows"] if r["section"] == "finetune")
+    decode = [r for r in data["rows"] if r["section"] == "decode"]
+    assert [r["row"] for r in decode] == [f"{label}, per token" for label in (
+        "bf16 model", "autoqra uniform 4-bit r8", "autoqra uniform 4-bit r8, kernel_cache",
+        "autoqra uniform 4-bit r8, fast_path=False")]
+    assert decode[0]["vs bf16"] == 1 and all(r["seconds"] > 0 for r in decode)
     import torch
 
     if not torch.cuda.is_available():
