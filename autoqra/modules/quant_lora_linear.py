@@ -632,7 +632,12 @@ class QuantLoRALinear(nn.Module):
         y = self._base_forward(x)
         if self.rank and not self.merged:
             xa = self.lora_dropout(x).to(self.lora_A.dtype)
-            y = y + (F.linear(F.linear(xa, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+            t = F.linear(xa, self.lora_A)
+            if t.dtype == y.dtype:  # one fused y + scaling * t Bᵀ (no product, scaling or sum tensors apart)
+                y = torch.addmm(y.reshape(-1, self.out_features), t.reshape(-1, self.rank), self.lora_B.T,
+                                alpha=self.scaling).view(y.shape)
+            else:
+                y = y + (F.linear(t, self.lora_B) * self.scaling).to(y.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
