@@ -418,3 +418,36 @@ def test_cuda_int4_layout_is_unavailable_without_a_gpu() -> None:
         pytest.skip("this machine has a GPU: tests/test_cuda.py covers the layout there")
     assert not int4_cuda.available(torch.device("cuda"), 256)
     assert int4_cuda.inner_k_tiles(576) == 4 and int4_cuda.inner_k_tiles(1536) == 8 and int4_cuda.inner_k_tiles(48) is None
+
+
+def test_pickling_stores_packed_codes_and_lays_them_out_again(monkeypatch) -> None:
+    import pickle
+
+    layer = QuantLoRALinear.from_linear(nn.Linear(200, 128), 4, 8)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02)
+    assert layer.layout == "int4_cpu"
+    state = layer.__getstate__()
+    assert state["layout"] == "packed" and torch.equal(state["_buffers"]["qweight"], layer.packed_qweight())
+    assert layer.layout == "int4_cpu"  # pickling leaves the original alone
+    back = pickle.loads(pickle.dumps(layer))
+    assert back.layout == "int4_cpu" and torch.equal(back.qweight, layer.qweight)
+    x = torch.randn(3, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), layer(x), rtol=0, atol=0)
+    # another machine's layout: the packed codes are laid out for the loader, whatever made the pickle
+    monkeypatch.setattr(QuantLoRALinear, "_resident_layout", lambda self, device=None: "packed")
+    moved = pickle.loads(pickle.dumps(layer))
+    assert moved.layout == "packed" and torch.equal(moved.qweight, layer.packed_qweight())
+
+
+def test_deepcopy_keeps_the_layout_without_repacking(monkeypatch) -> None:
+    import copy
+
+    layer = QuantLoRALinear.from_linear(nn.Linear(200, 128), 4, 8)
+    monkeypatch.setattr(QuantLoRALinear, "packed_qweight", lambda self: pytest.fail("deepcopy repacked"))
+    twin = copy.deepcopy(layer)
+    assert twin.layout == "int4_cpu" and torch.equal(twin.qweight, layer.qweight)
+    assert twin.qweight.data_ptr() != layer.qweight.data_ptr() and twin.lora_A is not layer.lora_A
+    twin.lora_A.data.zero_()
+    assert layer.lora_A.abs().sum() > 0

@@ -50,6 +50,7 @@ Choices made here:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -408,6 +409,29 @@ class QuantLoRALinear(nn.Module):
         if self.layout == "packed":
             return self.qweight
         return pack(self._codes(0, self.out_features), self.bits)
+
+    def __getstate__(self) -> dict:
+        """Pickling (``torch.save(model)``) stores the packed codes: a kernel layout belongs to the machine
+        and device that made it (the CPU layout's block differs between AVX2 and AVX-512; the CUDA one is
+        learned on a GPU), and `__setstate__` lays the codes out again for wherever they are loaded."""
+        state = dict(self.__dict__)
+        if self.bits != DENSE_BITS and self.layout != "packed":
+            state["_buffers"] = {**self._buffers, "qweight": self.packed_qweight()}
+            state["layout"] = "packed"
+            state["_kernel_cache"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._sync_layout()
+
+    def __deepcopy__(self, memo: dict) -> QuantLoRALinear:
+        """A copy in the same process keeps the layout as it is (no packing and re-laying out)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[no-untyped-def]
         super()._save_to_state_dict(destination, prefix, keep_vars)
