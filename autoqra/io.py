@@ -184,10 +184,12 @@ def load(directory: str | Path, base: nn.Module | Any) -> nn.Module:
         if name not in modules:
             raise SaveFormatError(f"layer {name!r} of the saved model does not exist in {type(base).__name__}; "
                                   "load onto the same architecture it was saved from")
+        replaced = modules[name]  # the new layer lives where the one it replaces does (a GPU base stays there)
+        device = next((t.device for t in (*replaced.parameters(), *replaced.buffers())), None)
         layer = QuantLoRALinear(
             cfg["in_features"], cfg["out_features"], cfg["bits"], cfg["rank"], alpha=cfg["alpha"],
             dropout=cfg["dropout"], group_size=cfg["group_size"], backend=cfg["backend"], bias=cfg["bias"],
-            adapter_dtype=getattr(torch, cfg["adapter_dtype"]),
+            adapter_dtype=getattr(torch, cfg["adapter_dtype"]), device=device,
         )
         layer.merged = bool(cfg.get("merged", False))
         new_modules[name] = layer

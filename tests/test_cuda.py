@@ -109,3 +109,16 @@ def test_bf16_autocast_runs_the_base_in_bf16_with_fp32_adapters() -> None:
     torch.testing.assert_close(y.float(), reference, rtol=3e-2, atol=3e-2 * reference.abs().max().item())
     y.float().square().mean().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and x.grad is not None
+
+
+def test_load_onto_a_cuda_base_keeps_the_layers_there(tmp_path) -> None:
+    model = tiny_llama()
+    autoqra.compile(model, "5bits", calib=CALIB, cache_dir=None, progress=False)
+    autoqra.save(model, tmp_path / "saved")
+    on_cpu = autoqra.load(tmp_path / "saved", tiny_llama())
+    on_gpu = autoqra.load(tmp_path / "saved", tiny_llama().cuda())
+    assert all(t.device.type == "cuda" for t in list(on_gpu.parameters()) + list(on_gpu.buffers()))
+    ids = CALIB[:1]
+    with torch.no_grad():
+        ref, got = on_cpu(ids).logits, on_gpu(ids.cuda()).logits.cpu()
+    torch.testing.assert_close(got, ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
