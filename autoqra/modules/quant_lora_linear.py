@@ -91,8 +91,9 @@ _CHUNK_ELEMENTS = 1 << 24
 #: the fp32 ``nn.Linear``, the chunks 1.2-1.8x; at 128 rows both ~2.2x; at 1-64 rows the kernel wins)
 KERNEL_MAX_ROWS = 256
 #: the same limit for torch's CUDA int4 kernel (tinygemm, built for few rows). Measured on an H200 (torch
-#: 2.11, bf16 inputs, whole layer forward): the kernel beat dequantizing once for cuBLAS at 1-256 rows on
-#: 4096x4096 (0.36 vs 0.56 ms at 256) and lost at 512 (0.67 vs 0.57 ms); on 1536x576 it won up to 512
+#: 2.11, bf16 inputs, whole layer forward, two runs): the kernel beat dequantizing once for cuBLAS at 1-256
+#: rows on 4096x4096 in both (0.36-0.44 vs 0.56-0.88 ms at 256); at 512 one run had it losing (0.67 vs
+#: 0.57 ms), the other winning (0.68 vs 0.91 ms); on 1536x576 it won up to 512 in both
 CUDA_KERNEL_MAX_ROWS = 256
 
 

@@ -53,8 +53,7 @@ def _byte_pairs(codes: torch.Tensor) -> torch.Tensor:
 def _nibbles(words: torch.Tensor) -> torch.Tensor:
     """``int32 [...]`` → ``uint8 [..., 8]``: nibble ``j`` of each word at bits ``4j .. 4j + 3`` (read
     through the words' little-endian bytes: a quarter of the traffic of shifting int32 words)."""
-    if not words.is_contiguous():
-        words = words.contiguous()
+    words = words.contiguous()
     raw = words.view(torch.uint8).view(*words.shape, 4)
     return torch.stack([raw & 15, raw >> 4], dim=-1).view(*words.shape, 8)
 
