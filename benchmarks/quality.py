@@ -18,7 +18,8 @@ budget), ``uniform`` (uniform at the budget's bits, r8, our init), ``uniform4`` 
 bytes), ``qlora`` (bitsandbytes NF4 + LoRA r16, B = 0 init, alpha = 2r: the recipe people use, its own
 bytes), ``hqq`` (HQQ-fitted scales and zeros at the budget's uniform bits + r8, our init: equal bytes),
 ``hqq4`` (HQQ 4-bit + r8, its own bytes), ``deploy`` (autoqra, objective deploy), ``evolutionary`` (autoqra,
-``solver="evolutionary"``), ``default`` (autoqra's default: objective finetune).
+``solver="evolutionary"``), ``default`` (autoqra's default: objective finetune), ``lambdaX`` (the default
+with ``lambda_=X`` fixed, e.g. ``lambda4``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import copy
 import gc
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,8 @@ from autoqra.train import finetune  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 
 ROWS = ("default", "uniform", "deploy", "evolutionary", "fp32", "uniform4", "qlora", "hqq", "hqq4", "lambda1", "lambda2")
+#: ``lambdaX`` rows (X a number, e.g. lambda4, lambda0.5): the default compile with ``lambda_=X`` fixed
+_LAMBDA_ROW = re.compile(r"lambda(\d+(?:\.\d+)?)")
 
 
 def _data(quick: bool, calib_windows: int, eval_windows: int):
@@ -90,9 +94,9 @@ def _row_kwargs(row: str, bits: int | None, budget: int) -> tuple[int | str, dic
         return budget, {}
     if row == "deploy":
         return budget, {"objective": "deploy"}
-    if row in ("lambda1", "lambda2"):  # one fixed plasticity weight instead of the fitted one (the selection
-        # still measures it against the uniform plans): does a longer horizon want more rank than 8 steps pick?
-        return budget, {"lambda_": float(row[-1])}
+    if (fixed := _LAMBDA_ROW.fullmatch(row)) is not None:  # one fixed plasticity weight instead of the fitted
+        # one (the selection still measures it against the uniform plans): does a longer horizon want more rank?
+        return budget, {"lambda_": float(fixed.group(1))}
     if row == "evolutionary":
         return budget, {"solver": "evolutionary"}
     if row == "hqq":
@@ -111,7 +115,7 @@ def _row_kwargs(row: str, bits: int | None, budget: int) -> tuple[int | str, dic
         return "100GB", {"bits": (16,), "ranks": (8,), "loftq_iters": 0}
     if row == "qlora":
         return "100GB", {"bits": (4,), "ranks": (16,), "backend": "bnb", "alpha": 32.0, "loftq_iters": 0}
-    raise SystemExit(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+    raise SystemExit(f"unknown row {row!r}; rows: {', '.join(ROWS)}, or lambdaX (a fixed λ = X, e.g. lambda4)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

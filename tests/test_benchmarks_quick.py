@@ -181,3 +181,33 @@ def test_gpu_check_quick_on_cpu() -> None:
         refused = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True,
                                  text=True, timeout=120)
         assert refused.returncode == 2 and "pass --device cpu" in refused.stderr
+
+
+def _quality_module():  # noqa: ANN202
+    """``benchmarks/quality.py`` imported as a module (its functions, not its command line)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return quality
+
+
+@pytest.mark.parametrize(("row", "expected"), [
+    ("lambda1", {"lambda_": 1.0}),
+    ("lambda4", {"lambda_": 4.0}),
+    ("lambda0.5", {"lambda_": 0.5}),
+    ("default", {}),
+    ("deploy", {"objective": "deploy"}),
+])
+def test_quality_row_settings(row: str, expected: dict) -> None:
+    """``lambdaX`` rows fix the plasticity weight at X; the named rows keep their settings."""
+    quality = _quality_module()
+    assert quality._row_kwargs(row, 3, 1000) == (1000, expected)
+
+
+@pytest.mark.parametrize("row", ["lambda", "lambdax", "lambda-1", "nonsense"])
+def test_quality_unknown_row_is_refused(row: str) -> None:
+    quality = _quality_module()
+    with pytest.raises(SystemExit, match="unknown row"):
+        quality._row_kwargs(row, 3, 1000)
