@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autoqra.report import table  # noqa: E402
-from benchmarks.common import RESULTS, write_json  # noqa: E402
+from benchmarks.common import RESULTS, smollm2_360m_shape, write_json  # noqa: E402
 
 GOAL = 0.6
 KINDS = ("fp32", "autoqra", "autoqra-load")
@@ -133,13 +133,7 @@ def load(quick: bool, seq_len: int, model_name: str = "smollm2-135m"):
 
     model, tokenizer = load_default_model()
     if model_name == "smollm2-360m-shape":  # same tokenizer and family; random weights of the 360M shape
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(**{**model.config.to_dict(), "hidden_size": 960, "intermediate_size": 2560,
-                                "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
-                                "head_dim": 64})
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).float()
+        model = smollm2_360m_shape(model)
     return model, lee_windows(tokenizer, split="calib", seq_len=seq_len, n=None)
 
 

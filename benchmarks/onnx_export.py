@@ -21,6 +21,7 @@ ONNX export of the same base model and against PyTorch eager on the compiled mod
 
     python benchmarks/onnx_export.py            # SmolLM2-135M, ~15 min on 2 cores
     python benchmarks/onnx_export.py --quick    # a tiny Llama (CI smoke)
+    python benchmarks/onnx_export.py --model smollm2-360m-shape   # SmolLM2-360M's shape, random weights
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from autoqra.export import export_onnx, latency  # noqa: E402
 from autoqra.export.decoder import DecoderShape, decoder_shape  # noqa: E402
 from autoqra.export.verify import _feeds, session  # noqa: E402
 from autoqra.report import table  # noqa: E402
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import smollm2_360m_shape, write_json  # noqa: E402
 
 logger = logging.getLogger("bench.onnx_export")
 
@@ -88,6 +89,9 @@ def main() -> None:
                         help="comma-separated plan names to run (default: all; --quick: the first two)")
     parser.add_argument("--out", default=None,
                         help="results name under benchmarks/results (default onnx_export, onnx_export_quick with --quick)")
+    parser.add_argument("--model", default="smollm2-135m", choices=("smollm2-135m", "smollm2-360m-shape"),
+                        help="the real SmolLM2-135M (default) or SmolLM2-360M's shape with random weights (speed and "
+                             "size only: its perplexity means nothing)")
     parser.add_argument("--skip-latency", action="store_true",
                         help="quality only: no latency figures (writes onnx_export_quality.json)")
     args = parser.parse_args()
@@ -110,6 +114,8 @@ def main() -> None:
         from autoqra.zoo import load_default_model
 
         base, tokenizer = load_default_model()
+        if args.model == "smollm2-360m-shape":
+            base = smollm2_360m_shape(base)
         windows = lee_windows(tokenizer, split="eval", seq_len=512, n=args.ppl_windows) if args.ppl_windows else None
         prompt_len, decode_steps, repeats = 128, 32, 5
         plans = {"mostly 4-bit": dict(bits=(4, 8), ranks=(8,), budget="5.3bits"),
@@ -131,7 +137,7 @@ def main() -> None:
     out_root = Path(tempfile.mkdtemp(prefix="autoqra-onnx-bench-"))
     rows = []
     levels = [int(v) for v in args.accuracy_levels.split(",")]
-    payload: dict = {"quick": args.quick, "accuracy_levels": levels, "threads": args.threads,
+    payload: dict = {"quick": args.quick, "model": "tiny llama" if args.quick else args.model, "accuracy_levels": levels, "threads": args.threads,
                      "prompt_len": prompt_len, "decode_steps": decode_steps, "rows": rows}
     name = "onnx_export_quick" if args.quick else "onnx_export"
     if args.skip_latency:
