@@ -59,7 +59,6 @@ def smollm2_360m_shape(base: Any) -> Any:
     """A Llama of SmolLM2-360M's shape (960 hidden, 2560 MLP, 32 blocks, 15 / 5 heads, SmolLM2-135M's tokenizer
     and vocabulary) with random weights (seed 0), built from the config of ``base`` (SmolLM2-135M): speed and
     memory at a size where the weights weigh more, without a download; its quality means nothing."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{**base.config.to_dict(), "hidden_size": 960, "intermediate_size": 2560,

@@ -137,8 +137,9 @@ def main() -> None:
     out_root = Path(tempfile.mkdtemp(prefix="autoqra-onnx-bench-"))
     rows = []
     levels = [int(v) for v in args.accuracy_levels.split(",")]
-    payload: dict = {"quick": args.quick, "model": "tiny llama" if args.quick else args.model, "accuracy_levels": levels, "threads": args.threads,
-                     "prompt_len": prompt_len, "decode_steps": decode_steps, "rows": rows}
+    payload: dict = {"quick": args.quick, "model": "tiny llama" if args.quick else args.model,
+                     "accuracy_levels": levels, "threads": args.threads, "prompt_len": prompt_len,
+                     "decode_steps": decode_steps, "rows": rows}
     name = "onnx_export_quick" if args.quick else "onnx_export"
     if args.skip_latency:
         name += "_quality"
