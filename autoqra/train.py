@@ -14,6 +14,13 @@ train (AdamW); the packed bases never change. Choices made here:
   with ``seed``, so the caller's RNG state is untouched and two runs give the same adapters.
 * **Loss.** Mean next-token cross-entropy in fp32 over the targets (position ``t`` predicts
   token ``t + 1``; padding and -100 labels ignored), averaged over ``grad_accum`` micro-batches.
+* **Pause and resume.** ``pause_after=k`` stops after step ``k`` of ``steps`` and returns a
+  `FinetuneCheckpoint` in ``FinetuneResult.checkpoint`` (adapters, AdamW and schedule state, the
+  position in the window order, the RNG state); ``finetune(..., resume=checkpoint)`` with the same
+  model, data and settings goes on from step ``k + 1`` exactly as if the run had not stopped (the same
+  batches, learning rates, losses and adapters, bit for bit). The measured selection uses it to screen
+  every candidate at a few steps and continue only the best (`autoqra.passes.select`). Token data only
+  (not a DataLoader) and one process.
 * **Failure.** A NaN/Inf loss or gradient stops training with `NonFiniteLossError` naming the
   step; the adapters are restored to the last values that gave a finite loss (a copy of the
   adapters, which are small, is kept before every step).
@@ -40,7 +47,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -62,7 +69,7 @@ from autoqra.memory import trim_heap
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.progress import tqdm_disable
 
-__all__ = ["FinetuneResult", "StepInfo", "adapter_parameters", "adapter_state", "finetune", "load_adapter_state",
+__all__ = ["FinetuneCheckpoint", "FinetuneResult", "StepInfo", "adapter_parameters", "adapter_state", "finetune", "load_adapter_state",
            "unwrap_model", "wrap_ddp"]
 
 logger = logging.getLogger(__name__)
@@ -97,11 +104,32 @@ class FinetuneResult:
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     stopped_early: bool = False
+    #: where a run paused by ``pause_after`` stopped (pass it back as ``resume=``); None otherwise
+    checkpoint: FinetuneCheckpoint | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = asdict(replace(self, checkpoint=None))
+        del out["checkpoint"]
         out["eval_perplexities"] = [list(p) for p in self.eval_perplexities]
+        out["paused"] = self.checkpoint is not None
         return out
+
+
+@dataclass(frozen=True)
+class FinetuneCheckpoint:
+    """A `finetune` run paused after ``step`` (``pause_after``); ``finetune(..., resume=it)`` with the
+    same model, data and settings continues it exactly. ``adapters``: `adapter_state` at the pause
+    (loaded back into the model on resume, so the adapters may be used for something else between);
+    ``drawn``: window batches drawn so far; ``rng``: the CPU RNG state (dropout)."""
+
+    step: int
+    steps: int
+    adapters: dict[str, dict[str, torch.Tensor]]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    drawn: int
+    rng: torch.Tensor
+    result: FinetuneResult
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -355,15 +383,19 @@ def _is_loader(data: Any) -> bool:
     return isinstance(data, Iterable)
 
 
-def _window_batches(windows: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless batches of windows: a fresh seeded permutation per pass over the data."""
+def _window_batches(windows: torch.Tensor, batch_size: int, seed: int, skip: int = 0) -> Iterator[torch.Tensor]:
+    """Endless batches of windows: a fresh seeded permutation per pass over the data; the first ``skip``
+    batches are drawn and dropped (a resumed run goes on where the paused one stopped)."""
     generator = torch.Generator().manual_seed(seed)
     pending: list[int] = []
+    drawn = 0
     while True:
         while len(pending) < batch_size:
             pending.extend(torch.randperm(windows.shape[0], generator=generator).tolist())
         idx, pending = pending[:batch_size], pending[batch_size:]
-        yield windows[idx]
+        drawn += 1
+        if drawn > skip:
+            yield windows[idx]
 
 
 def _loader_batches(loader: Iterable[Any]) -> Iterator[Any]:
@@ -533,6 +565,8 @@ def finetune(
     weight_decay: float = 0.0,
     loss_chunk_tokens: int | str | None = "auto",
     trim_memory: bool = True,
+    pause_after: int | None = None,
+    resume: FinetuneCheckpoint | None = None,
 ) -> FinetuneResult:
     """Fine-tune the LoRA adapters of a compiled model on a causal-LM objective, in place.
 
@@ -567,6 +601,10 @@ def finetune(
             (~11% more time, mean of 4 alternations: re-faulting the returned pages), and to ~0.86 GiB
             with the per-block trims too (no measurable time; benchmarks/RESULTS.md). False: leave the
             heap alone.
+        pause_after: stop after this step (``1 <= pause_after < steps``) and return the
+            `FinetuneCheckpoint` in ``FinetuneResult.checkpoint`` (see "Pause and resume" above).
+        resume: a checkpoint of a paused run with the same ``steps`` and settings: load its adapters
+            and optimizer state and go on from the step after it.
 
     Raises:
         NotCompiledError: no ``QuantLoRALinear`` in the model (call `autoqra.compile` first).
@@ -579,7 +617,10 @@ def finetune(
     if not isinstance(trim_memory, bool):
         raise ConfigError(f"finetune: trim_memory must be True or False, got {trim_memory!r}")
     require_module(model, "finetune", hint="pass the compiled model (CompileResult.model)")
+    _check_pause(steps, pause_after, resume, data)
     inner = unwrap_model(model)
+    if resume is not None:
+        load_adapter_state(inner, resume.adapters)
     params = adapter_parameters(inner)
     trainable = {id(p) for p in params}
     stray = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in trainable]
@@ -594,6 +635,9 @@ def finetune(
     mode, group, rank, world = _distributed(model)
     share: int | None = None  # this rank's slice of every global batch of windows
 
+    if (pause_after is not None or resume is not None) and mode:
+        raise ConfigError("finetune: pause_after / resume run in one process, not under torch.distributed")
+    drawn = 0 if resume is None else resume.drawn  # window batches drawn so far
     if _is_loader(data):
         batches: Iterator[Any] = _loader_batches(data)
         from_loader = True
@@ -609,7 +653,7 @@ def finetune(
         if train_windows.shape[0] < batch_size:
             logger.warning("only %d windows for batch_size=%d: windows repeat within a batch",
                            train_windows.shape[0], batch_size)
-        batches = _window_batches(train_windows, batch_size, seed)
+        batches = _window_batches(train_windows, batch_size, seed, skip=drawn)
         from_loader = False
     eval_windows = None
     if isinstance(eval_data, torch.Tensor) and eval_data.dim() == 2:
@@ -631,7 +675,16 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps=steps, warmup=warmup, scheduler=scheduler)
     )
-    result = FinetuneResult(steps=0)
+    first = 1
+    if resume is None:
+        result = FinetuneResult(steps=0)
+    else:
+        optimizer.load_state_dict(resume.optimizer)  # the lr the schedule had set after the paused step
+        schedule.load_state_dict(resume.scheduler)
+        result = replace(resume.result, losses=list(resume.result.losses), lrs=list(resume.result.lrs),
+                         eval_perplexities=list(resume.result.eval_perplexities), checkpoint=None)
+        first = resume.step + 1
+    last = steps if pause_after is None else pause_after
 
     def evaluate(step: int) -> float:
         from autoqra.evaluate import perplexity
@@ -645,7 +698,7 @@ def finetune(
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     warned_shape = False
     try:
-        if eval_windows is not None:
+        if eval_windows is not None and resume is None:
             evaluate(0)
         with (
             torch.random.fork_rng(devices=rng_devices),
@@ -654,11 +707,14 @@ def finetune(
             tqdm(total=steps, desc="finetune", unit="step", disable=tqdm_disable(progress, also=rank != 0)) as bar,
         ):
             torch.manual_seed(seed + rank)
+            if resume is not None:
+                torch.set_rng_state(resume.rng)
             model.train()
             # two preallocated copies of the adapters: the last that gave a finite loss, and this step's
             good, start = _snapshot(params), _snapshot(params)
-            good_step = 0
-            for step in range(1, steps + 1):
+            good_step = first - 1
+            bar.update(first - 1)
+            for step in range(first, last + 1):
                 t0 = time.perf_counter()
                 _copy_into(start, params)
                 optimizer.zero_grad(set_to_none=True)
@@ -666,6 +722,7 @@ def finetune(
                 step_tokens = 0
                 for micro in range(grad_accum):
                     raw = next(batches)
+                    drawn += 1
                     if share is not None:  # every rank drew the same global batch: take this rank's slice
                         raw = raw[rank * share : (rank + 1) * share]
                     batch = _as_batch(raw) if from_loader else {"input_ids": raw}
@@ -741,14 +798,38 @@ def finetune(
                     result.stopped_early = True
                     logger.info("a callback stopped training after step %d", step)
                     break
+            if pause_after is not None and result.steps == pause_after and not result.stopped_early:
+                result.checkpoint = FinetuneCheckpoint(
+                    step=pause_after, steps=steps, adapters=adapter_state(inner), optimizer=optimizer.state_dict(),
+                    scheduler=schedule.state_dict(), drawn=drawn, rng=torch.get_rng_state(),
+                    result=replace(result, checkpoint=None))
     finally:
         for module, training in modes:
             module.training = training
     if eval_windows is not None:
         evaluate(result.steps)
-    logger.info("fine-tuned %d steps: loss %.4f -> %.4f, %.0f tokens/s", result.steps, result.losses[0],
+    logger.info("fine-tuned %d steps%s: loss %.4f -> %.4f, %.0f tokens/s", result.steps,
+                f" of {steps} (paused)" if result.checkpoint is not None else "", result.losses[0],
                 result.losses[-1], result.tokens_per_second)
     return result
+
+
+def _check_pause(steps: int, pause_after: int | None, resume: FinetuneCheckpoint | None, data: Any) -> None:
+    if pause_after is not None and (isinstance(pause_after, bool) or not isinstance(pause_after, int)
+                                    or not 1 <= pause_after < steps):
+        raise ConfigError(f"finetune: pause_after must be an int in [1, steps), got {pause_after!r} (steps={steps})")
+    if resume is not None:
+        if not isinstance(resume, FinetuneCheckpoint):
+            raise ConfigError(f"finetune: resume must be the FinetuneResult.checkpoint of a paused run, "
+                              f"got {type(resume).__name__}")
+        if resume.steps != steps:
+            raise ConfigError(f"finetune: resume comes from a run of steps={resume.steps}; pass the same steps "
+                              f"(got {steps}): the schedule depends on it")
+        if pause_after is not None and pause_after <= resume.step:
+            raise ConfigError(f"finetune: pause_after={pause_after} is not after the resumed step {resume.step}")
+    if (pause_after is not None or resume is not None) and _is_loader(data):
+        raise ConfigError("finetune: pause_after / resume need token data (a tensor or (text, tokenizer)), "
+                          "not a DataLoader, whose position cannot be restored")
 
 
 def _when(step: int) -> str:

@@ -70,6 +70,52 @@ def test_seeded_runs_are_identical(compiled_model):
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2], strict=True))
 
 
+@pytest.mark.parametrize(("scheduler", "grad_accum", "dropout"), [("constant", 1, 0.0), ("cosine", 2, 0.3)])
+def test_paused_and_resumed_run_equals_the_straight_run(compiled_model, scheduler, grad_accum, dropout):
+    """8 steps straight == 3 steps, something else done with the adapters, then resumed to 8: the same
+    batches, learning rates, losses and adapters, bit for bit (dropout: the RNG state travels too)."""
+    kwargs = dict(steps=8, scheduler=scheduler, warmup=2, grad_accum=grad_accum, seed=3, **FAST)
+    straight = copy.deepcopy(compiled_model)
+    paused = copy.deepcopy(compiled_model)
+    for m in (straight, paused):
+        for layer in m.modules():
+            if isinstance(layer, QuantLoRALinear) and dropout:
+                layer.lora_dropout = torch.nn.Dropout(dropout)
+    full = finetune(straight, TOKENS, **kwargs)
+    first = finetune(paused, TOKENS, pause_after=3, **kwargs)
+    assert first.steps == 3 and first.checkpoint is not None and first.checkpoint.step == 3
+    assert first.to_dict()["paused"] is True and "checkpoint" not in first.to_dict()
+    with torch.no_grad():  # the adapters are used for something else meanwhile: resume loads its own
+        for p in adapter_parameters(paused):
+            p.add_(1.0)
+    torch.manual_seed(123)  # and the caller's RNG moves on
+    rest = finetune(paused, TOKENS, resume=first.checkpoint, **kwargs)
+    assert rest.steps == 8 and rest.checkpoint is None
+    assert rest.losses == full.losses and rest.lrs == full.lrs and rest.tokens == full.tokens
+    assert all(torch.equal(a, b) for a, b in zip(_adapters(straight), _adapters(paused), strict=True))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(pause_after=8), r"pause_after must be an int in \[1, steps\)"),
+    (dict(pause_after=0), r"pause_after must be an int in \[1, steps\)"),
+    (dict(resume="step 3"), "resume must be the FinetuneResult.checkpoint"),
+])
+def test_bad_pause_and_resume(model, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        finetune(model, TOKENS, steps=8, **kwargs, **FAST)
+
+
+def test_resume_needs_the_same_steps_and_token_data(model):
+    checkpoint = finetune(model, TOKENS, steps=4, pause_after=2, **FAST).checkpoint
+    with pytest.raises(ConfigError, match="run of steps=4"):
+        finetune(model, TOKENS, steps=6, resume=checkpoint, **FAST)
+    with pytest.raises(ConfigError, match="not after the resumed step 2"):
+        finetune(model, TOKENS, steps=4, resume=checkpoint, pause_after=2, **FAST)
+    loader = DataLoader(TOKENS[:320].reshape(10, 32), batch_size=2)
+    with pytest.raises(ConfigError, match="not a DataLoader"):
+        finetune(model, loader, steps=4, pause_after=2, **FAST)
+
+
 def test_schedules():
     assert lr_factor(0, steps=10, warmup=2, scheduler="cosine") == pytest.approx(0.5)
     assert lr_factor(1, steps=10, warmup=2, scheduler="cosine") == pytest.approx(1.0)
