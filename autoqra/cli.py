@@ -137,7 +137,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     import autoqra
-    from autoqra.report import plan_table
+    from autoqra.report import plan_table, selection_table
     from autoqra.zoo import load_model
 
     if args.jemalloc:
@@ -147,12 +147,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     select: object = None
     if args.no_select:
         select = False
-    elif args.score_steps is not None and calib is not None:
+    elif (args.score_steps is not None or args.screen_steps is not None) and calib is not None:
         from autoqra.passes.select import SelectConfig
 
         objective = args.objective or "finetune"
-        select = SelectConfig(objective=objective, lambda_=args.lambda_, score_steps=args.score_steps,
-                              seed=args.seed)
+        steps = {k: v for k, v in (("score_steps", args.score_steps), ("screen_steps", args.screen_steps))
+                 if v is not None}
+        select = SelectConfig(objective=objective, lambda_=args.lambda_, seed=args.seed, **steps)
     result = autoqra.compile(
         model, args.budget, calib=calib, bits=_ints(args.bits), ranks=_ints(args.ranks), group_size=args.group_size,
         estimator=args.estimator, solver=args.solver, seed=args.seed, include=tuple(args.include),
@@ -164,10 +165,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if selection:
         print(f"objective {selection['objective']}; candidates scored on held-back calibration batches "
               f"({selection['fidelity']}), winner: {selection['winner']}")
-        print(table(["candidate", "bytes", "loss step 0", "loss after short fine-tune", "note"],
-                    [[c["label"], c["bytes"], "-" if c["loss0"] is None else f"{c['loss0']:.4f}",
-                      "-" if c["loss_ft"] is None else f"{c['loss_ft']:.4f}", c["note"]]
-                     for c in selection["candidates"]]))
+        print(selection_table(selection))
     print(f"capture route: {result.report['capture_route']}; {result.report['seconds']:.1f} s in all")
     print(table(["pass", "seconds"], [[t["pass"], f"{t['seconds']:.2f}"] for t in result.report["timings"]]))
     if args.out:
@@ -434,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed plasticity weight (normalized) instead of fitting it by measured loss")
     p.add_argument("--score-steps", type=int, default=None,
                    help="short fine-tune steps that score each candidate plan (default 8; 0: step-0 loss only)")
+    p.add_argument("--screen-steps", type=int, default=None,
+                   help="steps of the short fine-tune after which only the best 2 plans and the best uniform plan "
+                        "continue (default 4; 0: every candidate runs all --score-steps)")
     p.add_argument("--no-select", action="store_true",
                    help="trust the proxy: no candidate plan is measured (uniform plans are not compared)")
     p.add_argument("--export-onnx", metavar="DIR", default=None,

@@ -42,7 +42,7 @@ from autoqra.footprint import layers_held_bytes
 from autoqra.ir.cost import CostModel
 from autoqra.passes.select import SelectConfig, short_finetune
 from autoqra.quant.memo import quant_memo
-from autoqra.report import fmt_bytes, table
+from autoqra.report import fmt_bytes, selection_table, table
 from autoqra.train import finetune, load_adapter_state
 
 logger = logging.getLogger(__name__)
@@ -217,10 +217,7 @@ def run_demo(
     if selection:
         emit(f"\nautoqra default: candidates scored on held-back calibration windows ({selection['fidelity']}; "
              f"mean next-token loss, lower is better), winner: {selection['winner']}")
-        emit(table(["candidate", "bytes", "loss at step 0", "after short fine-tune", "note"],
-                   [[c["label"], fmt_bytes(c["bytes"]), "-" if c["loss0"] is None else f"{c['loss0']:.4f}",
-                     "-" if c["loss_ft"] is None else f"{c['loss_ft']:.4f}", c["note"]]
-                    for c in selection["candidates"]]))
+        emit(selection_table(selection))
     emit(f"\nLee evaluation perplexity ({evals.shape[0]}×{seq_len} tokens):")
     emit(table(headers, table_rows))
     ratios = []

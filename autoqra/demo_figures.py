@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from autoqra.errors import MissingDependencyError
-from autoqra.report import fmt_bytes, table
+from autoqra.report import selection_table, table
 
 __all__ = ["DemoRow", "plan_grid", "plan_heatmap", "summary_plot", "write_report"]
 
@@ -137,10 +137,7 @@ def write_report(path: Path, *, header: list[str], rows: list[list[Any]], row_he
         out += ["## How the default plan was chosen", "",
                 f"Candidates scored on held-back calibration windows ({selection['fidelity']}; mean next-token "
                 f"loss, lower is better). Winner: **{selection['winner']}**.", "", "```",
-                table(["candidate", "bytes", "loss at step 0", "after short fine-tune", "note"],
-                      [[c["label"], fmt_bytes(c["bytes"]), "-" if c["loss0"] is None else f"{c['loss0']:.4f}",
-                        "-" if c["loss_ft"] is None else f"{c['loss_ft']:.4f}", c["note"]]
-                       for c in selection["candidates"]]), "```", ""]
+                selection_table(selection), "```", ""]
     for label, plan in plans.items():
         out += [f"## {label}: layers per (bits, rank)", "", "```",
                 table(["bits", "rank", "layers", "bytes"], plan_summary(plan)), "```", ""]

@@ -22,6 +22,30 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def selection_table(selection: dict) -> str:
+    """The measured selection's candidates (``CompileResult.report["selection"]``) as a table: held-back
+    loss at step 0, after the screen's first fine-tuning steps (when there was a screen) and after the
+    whole short fine-tune."""
+    cands = selection["candidates"]
+
+    def loss(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    screened = any(c.get("loss_screen") is not None for c in cands)
+    steps = selection.get("config") or {}
+    headers = ["candidate", "bytes", "loss at step 0"]
+    if screened:
+        headers.append(f"after {steps.get('screen_steps', '?')} steps")
+    headers += [f"after {steps.get('score_steps', '?')} steps" if screened else "after short fine-tune", "note"]
+    rows = []
+    for c in cands:
+        row = [c["label"], fmt_bytes(c["bytes"]), loss(c["loss0"])]
+        if screened:
+            row.append(loss(c.get("loss_screen")))
+        rows.append([*row, loss(c["loss_ft"]), c["note"]])
+    return table(headers, rows)
+
+
 def plan_table(plan) -> str:  # autoqra.plan.Plan (imported lazily by callers)
     """Per-layer table (bits, rank, bytes, predicted error) with totals against the budget."""
     rows = [

@@ -76,6 +76,16 @@ def test_compile_objective_flags(model_dir, text_file, tmp_path, capsys, flags, 
     assert ("winner:" in capsys.readouterr().out) == selected
 
 
+def test_compile_screen_steps_flag(model_dir, text_file, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    assert main(["compile", str(model_dir), "--budget", "5bits", "--calib", str(text_file), "--seq-len", "32",
+                 "--calib-windows", "4", "--plan-only", "--out", str(out_dir), "--score-steps", "2",
+                 "--screen-steps", "1"]) == 0
+    config = json.loads((out_dir / "report.json").read_text())["selection"]["config"]
+    assert (config["score_steps"], config["screen_steps"]) == (2, 1)
+    assert "winner:" in capsys.readouterr().out
+
+
 def test_compile_plan_only_data_free(model_dir, tmp_path, capsys):
     code = main(["compile", str(model_dir), "--budget", "4bits", "--calib", "none", "--plan-only",
                  "--solver", "greedy", "--out", str(tmp_path)])

@@ -286,3 +286,56 @@ def test_held_back_windows_are_scored_in_as_few_forwards_as_fit(shapes, expected
     batches = select._holdout_batches()
     assert [tuple(b.shape) for b in batches] == expected
     assert torch.equal(torch.cat([b.reshape(-1) for b in batches]), torch.cat([h.reshape(-1) for h in held]))
+
+
+def test_screen_continues_the_best_and_the_best_uniform_plan_with_unchanged_scores() -> None:
+    """Every fine-tuned candidate runs the screen's first steps; the best ``keep`` non-uniform plans and the
+    best uniform plan continue, and their scores and adapters are those of the unscreened selection."""
+    from autoqra.report import selection_table
+
+    cfg = dict(score_steps=3, lambdas=(0.5, 1.0, 2.0))
+    full = autoqra.compile(tiny_llama(), "7bits", calib=CALIB, ranks=(4, 8),
+                           select=SelectConfig(screen_steps=0, **cfg), **FAST)
+    screened = autoqra.compile(tiny_llama(), "7bits", calib=CALIB, ranks=(4, 8),
+                               select=SelectConfig(screen_steps=1, keep=1, **cfg), **FAST)
+    rows = {c["label"]: c for c in screened.report["selection"]["candidates"]}
+    before = {c["label"]: c for c in full.report["selection"]["candidates"]}
+    assert rows.keys() == before.keys()
+    screened_rows = [c for c in rows.values() if c["loss_screen"] is not None]
+    assert len(screened_rows) == len([c for c in before.values() if c["loss_ft"] is not None]) > 2
+    going_on = [c for c in screened_rows if c["loss_ft"] is not None]
+    assert sorted(c["uniform"] for c in going_on) == [False, True]  # keep=1 + the best uniform plan
+    for c in going_on:  # continued from the pause: exactly the uninterrupted score
+        assert c["loss_ft"] == before[c["label"]]["loss_ft"]
+        for layer, state in screened.scored_adapters[c["label"]].items():
+            assert all(torch.equal(v, full.scored_adapters[c["label"]][layer][k]) for k, v in state.items())
+    stopped = [c for c in screened_rows if c["loss_ft"] is None]
+    assert stopped and all("stopped after the 1-step screen" in c["note"] for c in stopped)
+    best_planned = min((c for c in screened_rows if not c["uniform"]), key=lambda c: c["loss_screen"])
+    assert best_planned in going_on
+    assert set(screened.scored_adapters) == {c["label"] for c in going_on}
+    assert screened.report["selection"]["winner"] in {c["label"] for c in going_on}
+    assert "1 steps for each candidate" in screened.report["selection"]["fidelity"]
+    text = selection_table(screened.report["selection"])
+    assert "after 1 steps" in text and "after 3 steps" in text
+
+
+@pytest.mark.parametrize("scores, keep, expected", [
+    # (loss_screen, uniform) per candidate: the best `keep` non-uniform + the best uniform, in index order
+    ([(3.9, True), (3.6, False), (3.5, False), (3.7, False), (4.2, True)], 2, [0, 1, 2]),
+    ([(3.9, True), (3.6, False), (3.5, False), (3.7, False)], 1, [0, 2]),
+    # a diverged candidate (inf) never continues, a tie goes to the earlier candidate
+    ([(math.inf, True), (3.6, False), (3.6, False), (4.0, True)], 1, [1, 3]),
+    # no uniform plan fits
+    ([(3.6, False), (3.5, False), (3.7, False)], 2, [0, 1]),
+])
+def test_survivors_of_the_screen(scores, keep, expected) -> None:
+    cands = [Candidate(label=f"c{i}", choices=(), bytes=0, proxy=0.0, uniform=u, loss_screen=s)
+             for i, (s, u) in enumerate(scores)]
+    assert SelectPlanPass.survivors(cands, list(range(len(cands))), keep) == expected
+
+
+@pytest.mark.parametrize("kwargs", [{"screen_steps": -1}, {"keep": 0}, {"screen_steps": 1.5}, {"keep": True}])
+def test_bad_screen_settings(kwargs) -> None:
+    with pytest.raises(ConfigError, match="must be an int"):
+        SelectConfig(**kwargs)
