@@ -119,9 +119,9 @@ def test_compile_empties_its_own_memo_before_the_short_fine_tunes(outer: bool, m
     held: list[int] = []
     original = SelectPlanPass._finetune_loss
 
-    def spy(self, program, modules, *args):  # noqa: ANN001, ANN002, ANN202
+    def spy(self, program, modules, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         held.append(active_memo().nbytes)
-        return original(self, program, modules, *args)
+        return original(self, program, modules, *args, **kwargs)
 
     monkeypatch.setattr(SelectPlanPass, "_finetune_loss", spy)
     torch.manual_seed(0)
