@@ -229,3 +229,44 @@ def test_graph_json_rejects_other_version():
     data["format_version"] = 99
     with pytest.raises(Exception, match="format version"):
         LayerGraph.from_dict(data)
+
+
+def test_a_recent_capture_of_the_same_structure_is_reused(monkeypatch):
+    """Weights do not shape the graph: a deep copy or a re-weighted model reuses the traced graph (same layer
+    graph as a fresh trace); another structure, a hook, a patched forward or reuse=False traces again."""
+    import copy
+    from collections import OrderedDict
+
+    from autoqra.ir import capture
+    from autoqra.ir.capture import structure_key
+
+    monkeypatch.setattr(capture, "_RECENT", OrderedDict())  # nothing kept from earlier tests
+    model = tiny_llama()
+    first = analyze(model)
+    assert first.attempts[-1] == ("export", "ok")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    again = analyze(other)
+    assert again.attempts[-1] == ("export", "ok (reused)") and again.graph_module is first.graph_module
+    assert again.model is other
+    fresh = analyze(other, capture_config=CaptureConfig(reuse=False))
+    assert fresh.attempts[-1] == ("export", "ok") and fresh.graph_module is not first.graph_module
+    assert again.graph.to_json() == fresh.graph.to_json() == first.graph.to_json()
+    # nothing is held: no parameter or buffer of the captured model stays reachable from the kept graph
+    held = {id(t) for t in first.graph_module.parameters()} | {id(t) for t in first.graph_module.buffers()}
+    assert not held & {id(p) for p in model.parameters()}
+    # what changes the graph changes the key
+    args, kwargs = (), {"input_ids": torch.ones(1, 8, dtype=torch.long), "use_cache": False}
+    names = set(first.layer_names)
+    key = structure_key(model, args, kwargs, names, "auto")
+    assert key == structure_key(other, args, kwargs, names, "auto")
+    assert key != structure_key(tiny_llama(layers=3), args, kwargs, names, "auto")
+    assert key != structure_key(model, args, {**kwargs, "input_ids": torch.ones(1, 9, dtype=torch.long)},
+                                names, "auto")
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: o)
+    assert structure_key(model, args, kwargs, names, "auto") is None
+    handle.remove()
+    model.model.norm.forward = lambda x: x
+    assert structure_key(model, args, kwargs, names, "auto") is None
