@@ -90,7 +90,7 @@ def export_demo(model: nn.Module, fp32_model: nn.Module, tokenizer: Any, prompt_
     parity = result.parity
     if parity is None:  # verify_export=True always measures it
         raise ExportVerificationError("the demo's export was not verified")
-    timing = {"prompt_len": prompt_len, "decode_steps": decode_steps, "repeats": repeats}
+    timing = {"prompt_len": prompt_len, "decode_steps": decode_steps, "repeats": repeats, "prompt": False}
     sess = session(result.model_file)  # one session for the timing and the continuation
     onnx_t = onnx_latency(sess, shape, **timing)
     torch_t = torch_latency(model, shape.vocab, **timing)

@@ -53,6 +53,10 @@ def test_export_demo_measures_the_exported_file(tmp_path) -> None:
     for timing in (onnx_latency(tmp_path / "onnx" / "model.onnx", shape, prompt_len=4, decode_steps=2, repeats=1),
                    torch_latency(model, shape.vocab, prompt_len=4, decode_steps=2, repeats=1)):
         assert timing.prompt_s > 0 and timing.decode_s > 0
+    for timing in (onnx_latency(tmp_path / "onnx" / "model.onnx", shape, prompt_len=4, decode_steps=2, repeats=1,
+                                prompt=False),
+                   torch_latency(model, shape.vocab, prompt_len=4, decode_steps=2, repeats=1, prompt=False)):
+        assert timing.prompt_s is None and timing.decode_s > 0  # decode only (what the demo shows)
 
 
 def test_latency_helpers_check_their_arguments() -> None:

@@ -1,7 +1,8 @@
 """Prompt and per-token decode latency of an exported KV-cache graph (onnxruntime CPU) and of a
 PyTorch model (eager, its own cache), measured the same way: a prompt of ``prompt_len`` random
 tokens, then ``decode_steps`` greedy tokens one at a time; medians over ``repeats`` runs after a
-warm-up. Used by ``autoqra demo`` and ``benchmarks/onnx_export.py``. Absolute times depend on the
+warm-up. ``prompt=False`` skips timing the prompt on its own (``prompt_s`` is then None; the demo shows
+decode only). Used by ``autoqra demo`` and ``benchmarks/onnx_export.py``. Absolute times depend on the
 machine and its load: compare figures measured in one run.
 """
 
@@ -26,9 +27,9 @@ __all__ = ["Latency", "onnx_latency", "torch_latency"]
 
 @dataclass(frozen=True)
 class Latency:
-    """Seconds for the prompt's forward and per decoded token (medians)."""
+    """Seconds for the prompt's forward (None when not timed) and per decoded token (medians)."""
 
-    prompt_s: float
+    prompt_s: float | None
     decode_s: float
 
 
@@ -59,14 +60,14 @@ def _prompt(vocab: int, prompt_len: int) -> torch.Tensor:
 
 
 def onnx_latency(path: str | Path | Any, shape: DecoderShape, *, prompt_len: int = 128, decode_steps: int = 32,
-                 repeats: int = 5, threads: int | None = None) -> Latency:
+                 repeats: int = 5, threads: int | None = None, prompt: bool = True) -> Latency:
     """Latency of the KV-cache graph ``path`` (written by `export_onnx` with ``with_past=True``), or of an
     open onnxruntime session of it (``threads`` then ignored)."""
     _check(prompt_len, decode_steps, repeats)
     sess = session(path, threads) if isinstance(path, (str, Path)) else path
     names = [o.name for o in sess.get_outputs()]
     feeds = _feeds(_prompt(shape.vocab, prompt_len), shape, np.dtype("float32"))
-    prompt_s = _median_seconds(lambda: sess.run(names, feeds), repeats)
+    prompt_s = _median_seconds(lambda: sess.run(names, feeds), repeats) if prompt else None
 
     def decode() -> float:
         outs = sess.run(names, feeds)
@@ -82,16 +83,16 @@ def onnx_latency(path: str | Path | Any, shape: DecoderShape, *, prompt_len: int
 
 @torch.no_grad()
 def torch_latency(model: nn.Module, vocab: int, *, prompt_len: int = 128, decode_steps: int = 32,
-                  repeats: int = 5) -> Latency:
+                  repeats: int = 5, prompt: bool = True) -> Latency:
     """The same two figures for a Hugging Face causal LM in PyTorch eager (its cache, its fast CPU
     paths); the decode median is over ``max(1, repeats // 2)`` runs (eager decoding is slow)."""
     _check(prompt_len, decode_steps, repeats)
-    prompt = _prompt(vocab, prompt_len)
-    prompt_s = _median_seconds(lambda: model(input_ids=prompt, use_cache=True), repeats)
+    ids = _prompt(vocab, prompt_len)
+    prompt_s = _median_seconds(lambda: model(input_ids=ids, use_cache=True), repeats) if prompt else None
     cache_arg = _cache_argument(model)
 
     def decode() -> float:
-        out = model(input_ids=prompt, use_cache=True)
+        out = model(input_ids=ids, use_cache=True)
         start = time.perf_counter()
         for _ in range(decode_steps):
             token = out.logits[:, -1:].argmax(-1)
