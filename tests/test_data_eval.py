@@ -264,3 +264,31 @@ def test_perplexity_rejects_bad_windows() -> None:
         perplexity(model, torch.zeros(3, 1, dtype=torch.long), progress=False)
     with pytest.raises(ConfigError):
         perplexity(model, torch.zeros(3, 4, dtype=torch.long), batch_size=0, progress=False)
+
+
+def test_one_gguf_parse_shares_readers_and_name_maps_and_restores_gguf(tmp_path) -> None:
+    """Inside `zoo._one_gguf_parse` a file is parsed once (one reader per path) and each name map built once;
+    outside (and after an error inside) the gguf package is as it was."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with zoo._one_gguf_parse():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # same file, same parse
+        assert [t.name for t in first.tensors] == ["token_embd.weight"]
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader_cls, name_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+    with pytest.raises(RuntimeError, match="boom"), zoo._one_gguf_parse():
+        raise RuntimeError("boom")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader_cls, name_map)

