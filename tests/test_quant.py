@@ -284,3 +284,41 @@ def test_stacked_mse_fit_equals_trying_candidates_one_by_one(bits, case) -> None
     got = fit_scale_zero(w, h, bits, valid=valid)
     want = _fit_one_by_one(w, h, bits, valid=valid)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_shared_first_iteration_gives_bit_identical_inits(monkeypatch) -> None:
+    """Inside `share_first_iteration` consecutive inits of one weight reuse its first rounding and
+    decomposition: every (bits, rank, iters) gives exactly what a fresh init gives; another weight, other
+    statistics or an in-place change to the weight are never answered from the kept one."""
+    from autoqra.quant import loftq
+    from autoqra.quant.loftq import loftq_init, share_first_iteration
+
+    calls = {"n": 0}
+    real = loftq._gram_eigh
+
+    def counted(m):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        return real(m)
+
+    monkeypatch.setattr(loftq, "_gram_eigh", counted)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=gen)
+    d = torch.rand(96, generator=gen) + 0.1
+    g = torch.rand(48, generator=gen) + 0.1
+    cases = [(3, 0, 2), (3, 4, 2), (3, 8, 2), (3, 8, 1), (2, 4, 2), (2, 16, 1)]
+    fresh = [loftq_init(w, b, r, iters=i, d=d, g=g) for b, r, i in cases]
+    fresh_calls, calls["n"] = calls["n"], 0
+    with share_first_iteration():
+        shared = [loftq_init(w.detach(), b, r, iters=i, d=d, g=g) for b, r, i in cases]
+        assert calls["n"] == fresh_calls - 3  # 3-bit: ranks 8, 8 reuse rank 4's; 2-bit: rank 16 reuses rank 4's
+        first = shared[3][0]  # iters=1: the kept first rounding itself, copied out
+        again = loftq_init(w, 3, 8, iters=1, d=d, g=g)[0]
+        assert again.packed.data_ptr() != first.packed.data_ptr()
+        other_stats = loftq_init(w, 2, 16, iters=1, d=d * 2, g=g)
+        assert not torch.equal(other_stats[1], shared[-1][1])
+        w.add_(0.5)  # modified in place: the kept iteration is stale
+        moved = loftq_init(w, 2, 16, iters=1, d=d, g=g)
+        assert not torch.equal(moved[0].packed, shared[-1][0].packed) or not torch.equal(moved[1], shared[-1][1])
+    for (qa, aa, ba), (qb, ab, bb) in zip(fresh, shared, strict=True):
+        assert torch.equal(qa.packed, qb.packed) and torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero, qb.zero)
+        assert torch.equal(aa, ab) and torch.equal(ba, bb)

@@ -71,6 +71,7 @@ from autoqra.passes.base import PassBase, PassResult
 from autoqra.passes.materialize import MaterializePass, restore, swap_in
 from autoqra.passes.search import SearchPass
 from autoqra.progress import tqdm_disable
+from autoqra.quant.loftq import share_first_iteration
 from autoqra.quant.memo import active_memo
 from autoqra.search.problem import Choice, SearchProblem
 from autoqra.train import FinetuneCheckpoint, adapter_state
@@ -348,6 +349,18 @@ class SelectPlanPass(PassBase):
                 out[name] = built[key]
         return out
 
+    def _build_all(self, program: Program, cands: list[Candidate], built: dict[tuple[str, int, int], QuantLoRALinear],
+                   problem: SearchProblem) -> None:
+        """Build every candidate's layers once, sorted by (layer, bits, rank): the ranks of one layer at one
+        bit-width come one after the other and share LoftQ's first iteration
+        (`autoqra.quant.loftq.share_first_iteration`; the same modules as built one candidate at a time)."""
+        for cand in cands:
+            self._modules_for(program, cand, built, problem, build=False)
+        keys = sorted({(n, *c) for cand in cands for n, c in cand.layers.items()} - set(built))
+        with share_first_iteration():
+            for key in tqdm(keys, desc="build candidate layers", unit="layer", disable=tqdm_disable(self.progress)):
+                built[key] = self.materialize.build(program, *key)
+
     def _swap(self, program: Program, new: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
         swapped: list[tuple[str, nn.Module]] = []
         try:
@@ -453,11 +466,12 @@ class SelectPlanPass(PassBase):
             win = self._winner(cands, finetuned)
             logger.info("selection scores from the cache (%s): %s", cache_key[:12], cands[win].label)
             return self._choose(program, base, cands, win, built, unit, finetuned, cached=True)
+        clock = time.perf_counter()
+        self._build_all(program, cands, built, base)
+        self._seconds["build"] += time.perf_counter() - clock
         bar = tqdm(total=len(cands), desc="score candidates", unit="plan", disable=tqdm_disable(self.progress))
         for cand in cands:
-            clock = time.perf_counter()
             modules = self._modules_for(program, cand, built, base)
-            self._seconds["build"] += time.perf_counter() - clock
             clock = time.perf_counter()
             swapped = self._swap(program, modules)
             try:

@@ -16,11 +16,22 @@ gradient w.r.t. its output; both are clamped below at ``1e-3 * mean``. Then::
 and the quantizer gets ``importance = d**2`` (it minimizes the same input-weighted error).
 Small matrices use ``torch.linalg.svd``; when ``min(out, in) > 1024``, ``torch.svd_lowrank``
 (seeded, so the result is deterministic).
+
+The first iteration does not depend on the rank (the weight's own rounding and the eigen-decomposition
+of its residual's Gram matrix; only how many of its directions are kept does). Inside
+``with share_first_iteration():`` the last one is kept, so inits of one weight at the same bits and
+several ranks built one after the other decompose it once (bit-identical factors: the same tensors
+are sliced); the measured selection builds its candidates' layers sorted by (layer, bits, rank).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -28,7 +39,7 @@ from autoqra.errors import ConfigError, QuantizationError
 from autoqra.quant.base import QuantBackend, QuantizedWeight, QuantSpec, check_weight, get_backend
 from autoqra.quant.memo import active_memo, quantize_memo
 
-__all__ = ["loftq_init", "lowrank_factors", "clamp_stat", "input_importance"]
+__all__ = ["loftq_init", "lowrank_factors", "clamp_stat", "input_importance", "share_first_iteration"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +74,37 @@ def input_importance(d: torch.Tensor | None, in_features: int, name: str | None 
     return None if d is None else d * d
 
 
-def _top_svd_gram(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` singular triplets of ``m`` from the eigen-decomposition of its smaller Gram
-    matrix in float64 (several times faster than a full SVD for the tall/wide layers of LLMs; the
-    top singular values are accurate to float32 precision)."""
+#: the last first-iteration decomposition inside `share_first_iteration` (None outside it)
+_SHARED: ContextVar[list[Any] | None] = ContextVar("autoqra_loftq_first_iteration", default=None)
+
+
+@contextlib.contextmanager
+def share_first_iteration() -> Iterator[None]:
+    """While entered, `loftq_init` reuses the previous call's first iteration when it is of the same
+    weight (same tensor, unchanged), bits, backend and statistics (see the module docstring)."""
+    token = _SHARED.set([])
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _gram_eigh(m: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor, torch.Tensor]:
+    """``(m in float64, wide, eigenvalues, eigenvectors)`` of ``m``'s smaller Gram matrix, largest first."""
     m64 = m.double()
     wide = m64.shape[0] <= m64.shape[1]
     gram = m64 @ m64.T if wide else m64.T @ m64
     evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(0)[:rank].clamp_min(0.0), evecs.flip(1)[:, :rank]
+    return m64, wide, evals.flip(0), evecs.flip(1)
+
+
+def _top_svd_gram(m: torch.Tensor, rank: int, decomposition: tuple | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of ``m`` from the eigen-decomposition of its smaller Gram
+    matrix in float64 (several times faster than a full SVD for the tall/wide layers of LLMs; the
+    top singular values are accurate to float32 precision); ``decomposition``: `_gram_eigh` (m) already made."""
+    m64, wide, evals, evecs = decomposition if decomposition is not None else _gram_eigh(m)
+    evals, evecs = evals[:rank].clamp_min(0.0), evecs[:, :rank]
     s = evals.sqrt()
     inv = torch.where(s > s.max() * 1e-12, 1.0 / s, torch.zeros_like(s)) if rank else s
     if wide:
@@ -83,10 +116,12 @@ def _top_svd_gram(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
 
 
-def lowrank_factors(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lowrank_factors(m: torch.Tensor, rank: int, decomposition: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B [out, r], A [r, in])`` with ``B A`` the best rank-r approximation of ``m``; the singular
-    values are split evenly (``B = U S^1/2``, ``A = S^1/2 V^T``)."""
-    if min(m.shape) > _EXACT_SVD_MAX_DIM:
+    values are split evenly (``B = U S^1/2``, ``A = S^1/2 V^T``). ``decomposition``: `_gram_eigh` (m)."""
+    if decomposition is not None:
+        u, s, vh = _top_svd_gram(m, rank, decomposition)
+    elif min(m.shape) > _EXACT_SVD_MAX_DIM:
         q = min(rank + 10, min(m.shape))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -96,6 +131,30 @@ def lowrank_factors(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
         u, s, vh = _top_svd_gram(m, rank)
     root = s.sqrt()
     return u * root, root.unsqueeze(1) * vh
+
+
+def _same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    return (x is None and y is None) or (x is not None and y is not None and x.shape == y.shape and torch.equal(x, y))
+
+
+def _shared_first(shared: list[Any], weight: torch.Tensor, quantizer: QuantBackend, spec: QuantSpec,
+                  d: torch.Tensor | None, g: torch.Tensor | None) -> tuple | None:
+    """The kept first iteration ``(weight, Q, residual, decomposition)`` if it is of this weight (the same
+    memory, not modified since), backend, spec and (clamped) statistics; else None."""
+    if not shared:
+        return None
+    where, backend, spec0, d0, g0, first = shared[0]
+    if where == _where(weight) and backend == repr(quantizer) and spec0 == spec and _same(d0, d) and _same(g0, g):
+        return first
+    return None
+
+
+def _where(weight: torch.Tensor) -> tuple:
+    """Which memory ``weight`` is (any view of it: the layer's ``weight.detach()`` differs per call) and
+    its version counter (shared by views; it moves when the weight is modified in place). The kept entry
+    holds the residual computed from it, which keeps the storage alive, so its address cannot be reused."""
+    return (weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape), weight.stride(),
+            weight.dtype, weight.device, weight._version)
 
 
 def loftq_init(
@@ -165,21 +224,35 @@ def loftq_init(
             return hit  # type: ignore[return-value]
     a = w.new_zeros(rank, in_f)
     b = w.new_zeros(out_f, rank)
-    # the first rounding is of the weight itself: the sensitivity pass (or another candidate) may have done it
-    qw = quant(w) if chol is not None else quantize_memo(quantizer, w, spec, importance=importance, name=name)
+    shared = _SHARED.get()
+    first = None
+    if shared is not None and chol is None and min(out_f, in_f) <= _EXACT_SVD_MAX_DIM:
+        first = _shared_first(shared, weight, quantizer, spec, d, g)
+    if first is not None:  # a copy, as the memo gives: modules never share their packed tensors
+        qw = replace(first[1], packed=first[1].packed.clone(), scale=first[1].scale.clone(),
+                     zero=first[1].zero.clone())
+    else:  # the first rounding is of the weight itself: the sensitivity pass (or another candidate) may have done it
+        qw = quant(w) if chol is not None else quantize_memo(quantizer, w, spec, importance=importance, name=name)
     for step in range(iters):
         if step:
             qw = quant(w - b @ a)
         if rank == 0:
             break
-        residual = w - quantizer.dequantize(qw).to(w.device)
-        if g is not None:
-            residual = residual * g.unsqueeze(1)
-        if chol is not None:
-            residual = residual @ chol
-        elif d is not None:
-            residual = residual * d.unsqueeze(0)
-        b, a = lowrank_factors(residual, rank)
+        if step == 0 and first is not None:
+            residual, decomposition = first[2], first[3]
+        else:
+            residual = w - quantizer.dequantize(qw).to(w.device)
+            if g is not None:
+                residual = residual * g.unsqueeze(1)
+            if chol is not None:
+                residual = residual @ chol
+            elif d is not None:
+                residual = residual * d.unsqueeze(0)
+            decomposition = None
+            if step == 0 and shared is not None and chol is None and min(out_f, in_f) <= _EXACT_SVD_MAX_DIM:
+                decomposition = _gram_eigh(residual)
+                shared[:] = [(_where(weight), repr(quantizer), spec, d, g, (weight, qw, residual, decomposition))]
+        b, a = lowrank_factors(residual, rank, decomposition)
         if g is not None:
             b = b / g.unsqueeze(1)
         if chol is not None:
