@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None, help="autoqra's budget (default: the bytes of uniform 3-bit rank 8)")
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 512 tokens (default 8)")
     p.add_argument("--eval-windows", type=int, default=None,
-                   help="evaluation windows of 512 tokens (default 8, 16 with --full)")
+                   help="evaluation windows of 512 tokens (default 6, 16 with --full)")
     p.add_argument("--solver", default="exact", choices=available_solvers(),
                    help="solver for the joint plan (default exact)")
     p.add_argument("--finetune-steps", type=int, default=None,

@@ -3,13 +3,14 @@
 `run_demo(emit)` loads the model and text (or takes them), calibrates once, and compares on the Lee
 evaluation split, at the bytes of uniform 3-bit rank 8 (or ``budget``):
 
-* **fast** (default, ~7 minutes on 2 cores): fp32; uniform 4-bit r0 (as compiled: a point of the
+* **fast** (default, ~5 minutes on 2 cores): fp32; uniform 4-bit r0 (as compiled: a point of the
   uniform line, built from the roundings the error tables already made); uniform 3-bit r8 and the
   autoqra default, each as compiled and after the **selection's short fine-tune** — the adapters the
   default compile trained to score its candidates (`CompileResult.scored_adapters`: 8 AdamW steps of
   2×256 tokens of the calibration windows, the same recipe for every candidate), evaluated on the Lee
   evaluation split, so nothing is fine-tuned twice (a plan the selection did not fine-tune gets
-  `autoqra.passes.select.short_finetune`, the same recipe); 8 evaluation windows.
+  `autoqra.passes.select.short_finetune`, the same recipe); 6 evaluation windows (the default-to-uniform
+  ratios on 6 windows are within 0.003 of those on 16, on 8 within 0.006: benchmarks/RESULTS.md).
 * **full** (``full=True``): also uniform 2-bit r8 and the autoqra ``deploy`` plan, uniform 4-bit at
   r8, every quantized row fine-tuned ``finetune_steps`` (default 10) steps of `RECIPE` on the Lee
   training split, 16 evaluation windows (the numbers in ``benchmarks/RESULTS.md``).
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 #: the fine-tuning recipe of every fine-tuned row (AdamW, constant lr, Lee training split): 2×256 tokens a
 #: step, half the quality benchmark's batch, so that the demo's two fine-tunes take ~1 minute each
 RECIPE = {"lr": 5e-4, "batch_size": 2, "seq_len": 256, "seed": 0}
+#: evaluation windows per forward: a compiled model dequantizes its packed weights once per forward, so the
+#: fast demo's windows go in one (the output layer and the loss run in chunks: no [8, 512, vocab] logits)
+_EVAL_BATCH = 8
 
 
 def real_bytes(model: nn.Module) -> int:
@@ -91,7 +95,7 @@ def run_demo(
         from autoqra.zoo import load_default_model
 
         model, tokenizer = load_default_model()
-    eval_windows = eval_windows or (16 if full else 8)
+    eval_windows = eval_windows or (16 if full else 6)
     emit(f"model: SmolLM2-135M-Instruct, {sum(p.numel() for p in model.parameters()):,} parameters; "
          f"{'full' if full else 'fast'} demo")
     splits = split_tokens(lee_corpus_text(), tokenizer)
@@ -129,7 +133,7 @@ def run_demo(
     results: dict[str, Any] = {"mode": "full" if full else "fast", "eval_windows": int(evals.shape[0]),
                                "finetune_steps": finetune_steps, "recipe": recipe, "rows": {}}
     t = time.perf_counter()
-    fp32 = perplexity(model, evals, progress=False)
+    fp32 = perplexity(model, evals, batch_size=_EVAL_BATCH, progress=False)
     emit(f"fp32 perplexity: {fp32:.2f} ({time.perf_counter() - t:.1f} s)")
     results["fp32"] = {"ppl": fp32, "bytes": n_weights * 4}
 
@@ -159,7 +163,7 @@ def run_demo(
             t = time.perf_counter()
             result = compile(work, nbytes, calib=cal, group_size=group_size, progress=progress, **kwargs)
             seconds = time.perf_counter() - t
-            ppl = perplexity(work, evals, progress=False)
+            ppl = perplexity(work, evals, batch_size=_EVAL_BATCH, progress=False)
             measured = real_bytes(work)  # after forwards: a cache beside the weights would show here
             emit(f"{label}: compiled in {seconds:.1f} s; held bytes {measured:,} vs plan "
                  f"{result.plan.total_bytes:,} ({'equal' if measured == result.plan.total_bytes else 'DIFFERENT'}); "
@@ -181,7 +185,7 @@ def run_demo(
                 else:  # not fine-tuned by the selection (e.g. scores from the cache): the same recipe here
                     short_finetune(work, list(cal.batches), select_config)
                     how = "the selection's short fine-tune recipe, run here"
-                after = perplexity(work, evals, progress=False)
+                after = perplexity(work, evals, batch_size=_EVAL_BATCH, progress=False)
                 emit(f"{label}: after {finetune_steps} adapter steps ({how}: AdamW lr {recipe['lr']:g}, "
                      f"{recipe['batch_size']}×{recipe['seq_len']} tokens of the calibration windows) "
                      f"[{time.perf_counter() - t:.1f} s]: perplexity {ppl:.2f} → {after:.2f}")
@@ -190,7 +194,7 @@ def run_demo(
                 t = time.perf_counter()
                 finetune(work, splits.calibration, steps=finetune_steps, lr=RECIPE["lr"], batch_size=RECIPE["batch_size"],
                          seq_len=RECIPE["seq_len"], seed=RECIPE["seed"], progress=progress)
-                after = perplexity(work, evals, progress=False)
+                after = perplexity(work, evals, batch_size=_EVAL_BATCH, progress=False)
                 emit(f"{label}: {finetune_steps} fine-tuning steps (adapters only, AdamW lr {RECIPE['lr']:g}, "
                      f"{RECIPE['batch_size']}×{RECIPE['seq_len']} tokens of the Lee training split) in "
                      f"{time.perf_counter() - t:.1f} s: perplexity {ppl:.2f} → {after:.2f}")
