@@ -265,6 +265,8 @@ def test_a_recent_capture_of_the_same_structure_is_reused(monkeypatch):
     assert key != structure_key(tiny_llama(layers=3), args, kwargs, names, "auto")
     assert key != structure_key(model, args, {**kwargs, "input_ids": torch.ones(1, 9, dtype=torch.long)},
                                 names, "auto")
+    other.config._attn_implementation = "eager" if model.config._attn_implementation != "eager" else "sdpa"
+    assert key != structure_key(other, args, kwargs, names, "auto")
     handle = model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: o)
     assert structure_key(model, args, kwargs, names, "auto") is None
     handle.remove()

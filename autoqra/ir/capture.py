@@ -102,6 +102,8 @@ def structure_key(model: nn.Module, args: tuple, kwargs: dict, names: set[str], 
     config = getattr(model, "config", None)
     if config is not None:
         text = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
+        # the attention kernel shapes the graph too, and Hugging Face configs do not serialize it
+        text += f" attn={getattr(config, '_attn_implementation', None)}"
         h.update(b"config " + text.encode())
     h.update(json.dumps([[_describe(a) for a in args], {k: _describe(v) for k, v in sorted(kwargs.items())},
                          sorted(names), route, [f"{n}:{id(fn)}" for n, fn in CAPTURE_ROUTES.items()],
