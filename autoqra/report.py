@@ -32,11 +32,11 @@ def selection_table(selection: dict) -> str:
         return "-" if value is None else f"{value:.4f}"
 
     screened = any(c.get("loss_screen") is not None for c in cands)
-    steps = selection.get("config") or {}
+    config = selection.get("config") or {}
     headers = ["candidate", "bytes", "loss at step 0"]
     if screened:
-        headers.append(f"after {steps.get('screen_steps', '?')} steps")
-    headers += [f"after {steps.get('score_steps', '?')} steps" if screened else "after short fine-tune", "note"]
+        headers.append(f"after {config.get('screen_steps', '?')} steps")
+    headers += [f"after {config.get('score_steps', '?')} steps" if screened else "after short fine-tune", "note"]
     rows = []
     for c in cands:
         row = [c["label"], fmt_bytes(c["bytes"]), loss(c["loss0"])]

@@ -272,3 +272,10 @@ def test_a_recent_capture_of_the_same_structure_is_reused(monkeypatch):
     handle.remove()
     model.model.norm.forward = lambda x: x
     assert structure_key(model, args, kwargs, names, "auto") is None
+
+
+def test_capture_reuse_must_be_a_bool():
+    from autoqra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reuse must be True or False"):
+        CaptureConfig(reuse="no")

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from autoqra.errors import CaptureError, UnknownNameError
+from autoqra.errors import CaptureError, ConfigError, UnknownNameError
 from autoqra.ir.discover import discover_layers, layer_kind
 from autoqra.ir.program import Program
 
@@ -59,6 +59,8 @@ class CaptureConfig:
             raise UnknownNameError(
                 f"unknown capture method {self.method!r}; available: auto, {', '.join(CAPTURE_ROUTES)}"
             )
+        if not isinstance(self.reuse, bool):
+            raise ConfigError(f"CaptureConfig.reuse must be True or False, got {self.reuse!r}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 

@@ -178,6 +178,9 @@ class Candidate:
     #: points); empty: its own label
     family: str = ""
 
+    def add_note(self, text: str) -> None:
+        self.note = f"{self.note}; {text}" if self.note else text
+
     def score(self, finetuned: bool) -> float:
         value = self.loss_ft if finetuned else self.loss0
         return math.inf if value is None or not math.isfinite(value) else value
@@ -321,7 +324,7 @@ class SelectPlanPass(PassBase):
                 if choices in seen:
                     for c in found:
                         if c.choices == choices:
-                            c.note = (c.note + "; " if c.note else "") + f"also {name}"
+                            c.add_note(f"also {name}")
                     continue
                 seen.add(choices)
                 found.append(Candidate(label=name, choices=choices, bytes=int(result.cost), proxy=proxy,
@@ -489,16 +492,21 @@ class SelectPlanPass(PassBase):
         finetuned = cfg.objective == "finetune" and cfg.score_steps > 0
         if finetuned:
             chosen = self.finetune_choice(cands, cfg.max_finetuned)
-            # only the fine-tuned candidates' modules are needed again: drop the others' (bounded memory)
-            needed = {(n, *c) for i in chosen for n, c in cands[i].layers.items()}
-            for key in [k for k in built if k not in needed]:
-                del built[key]
+            self._keep_built(built, cands, chosen)  # only the fine-tuned candidates' modules are needed again
             self._park(program)
             self._short_finetunes(program, cands, chosen, built, base)
         win = self._winner(cands, finetuned)
         self._cache.put_json(cache_key, {"finetuned": finetuned,
                                          "scores": [[c.loss0, c.loss_ft, c.note, c.loss_screen] for c in cands]})
         return self._choose(program, base, cands, win, built, unit, finetuned)
+
+    @staticmethod
+    def _keep_built(built: dict[tuple[str, int, int], QuantLoRALinear], cands: list[Candidate],
+                    indices: list[int]) -> None:
+        """Drop the built modules that none of ``cands[indices]`` uses (bounded memory)."""
+        needed = {(n, *c) for i in indices for n, c in cands[i].layers.items()}
+        for key in [k for k in built if k not in needed]:
+            del built[key]
 
     def _short_finetunes(self, program: Program, cands: list[Candidate], chosen: list[int],
                          built: dict[tuple[str, int, int], QuantLoRALinear], base: SearchProblem) -> None:
@@ -522,7 +530,7 @@ class SelectPlanPass(PassBase):
                 self._restore(program, swapped)
             self._seconds[desc] = self._seconds.get(desc, 0.0) + time.perf_counter() - clock
             if note and note not in cand.note:
-                cand.note = (cand.note + "; " if cand.note else "") + note
+                cand.add_note(note)
             return loss, note, checkpoint
 
         survivors = sorted(chosen)
@@ -532,10 +540,9 @@ class SelectPlanPass(PassBase):
                 cands[i].loss_screen, _, paused[i] = run(i, "screen", pause_after=screen)
             survivors = self.survivors(cands, chosen, cfg.keep)
             for i in sorted(set(chosen) - set(survivors)):
-                cands[i].note = (cands[i].note + "; " if cands[i].note else "") + f"stopped after the {screen}-step screen"
-            needed = {(n, *c) for i in survivors for n, c in cands[i].layers.items()}
-            for key in [k for k in built if k not in needed]:
-                del built[key]  # the screened-out candidates' modules (bounded memory)
+                cands[i].add_note(f"stopped after the {screen}-step screen")
+                paused.pop(i, None)
+            self._keep_built(built, cands, survivors)  # the screened-out candidates' modules go
         desc = f"short fine-tunes, steps {screen + 1}-{cfg.score_steps}" if screen else "short fine-tunes"
         for i in tqdm(survivors, desc=desc, unit="plan", disable=tqdm_disable(self.progress)):
             cand = cands[i]

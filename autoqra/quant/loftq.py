@@ -224,10 +224,10 @@ def loftq_init(
             return hit  # type: ignore[return-value]
     a = w.new_zeros(rank, in_f)
     b = w.new_zeros(out_f, rank)
-    shared = _SHARED.get()
-    first = None
-    if shared is not None and chol is None and min(out_f, in_f) <= _EXACT_SVD_MAX_DIM:
-        first = _shared_first(shared, weight, quantizer, spec, d, g)
+    # the first iteration is shared inside `share_first_iteration`, for the exact-SVD path only (the randomized
+    # one depends on the rank) and without error-compensating rounding
+    shared = _SHARED.get() if chol is None and min(out_f, in_f) <= _EXACT_SVD_MAX_DIM else None
+    first = _shared_first(shared, weight, quantizer, spec, d, g) if shared is not None else None
     if first is not None:  # a copy, as the memo gives: modules never share their packed tensors
         qw = replace(first[1], packed=first[1].packed.clone(), scale=first[1].scale.clone(),
                      zero=first[1].zero.clone())
@@ -249,7 +249,7 @@ def loftq_init(
             elif d is not None:
                 residual = residual * d.unsqueeze(0)
             decomposition = None
-            if step == 0 and shared is not None and chol is None and min(out_f, in_f) <= _EXACT_SVD_MAX_DIM:
+            if step == 0 and shared is not None:
                 decomposition = _gram_eigh(residual)
                 shared[:] = [(_where(weight), repr(quantizer), spec, d, g, (weight, qw, residual, decomposition))]
         b, a = lowrank_factors(residual, rank, decomposition)
