@@ -16,13 +16,17 @@ evaluation split, at the bytes of uniform 3-bit rank 8 (or ``budget``):
   training split, 16 evaluation windows (the numbers in ``benchmarks/RESULTS.md``).
 
 Every compile shares the one calibration and the error tables (the default compile runs first;
-the uniform compiles read its table from the cache). ``out_dir`` receives ``summary.png``
+the uniform compiles read its table from the cache). As soon as the default compile has chosen and
+fine-tuned its plan, the fine-tuned model's ONNX export starts in a background process
+(`autoqra.export.background`: its tracing is single-threaded Python) while this one evaluates and
+compiles the other rows on the other core; the export's latencies are then timed on a quiet machine. ``out_dir`` receives ``summary.png``
 (perplexity against bytes), ``plan_default.png`` (the default plan per block × projection),
 ``report.md`` and ``results.json``. ``emit`` receives the lines to show (the CLI passes ``print``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -44,7 +48,7 @@ from autoqra.ir.cost import CostModel
 from autoqra.passes.select import SelectConfig, short_finetune
 from autoqra.quant.memo import quant_memo
 from autoqra.report import fmt_bytes, selection_table, table
-from autoqra.train import finetune, load_adapter_state
+from autoqra.train import adapter_state, finetune, load_adapter_state
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +75,15 @@ def plan_summary(plan) -> list[list[Any]]:  # noqa: ANN001
     return [[b, r, n, fmt_bytes(size[(b, r)])] for (b, r), n in sorted(counts.items())]
 
 
-def run_demo(
+def run_demo(emit: Callable[[str], None], **kwargs: Any) -> dict[str, Any]:
+    """Run the demo (see the module docstring; keyword arguments as `_run_demo`'s); a background ONNX
+    export still running when the demo fails is stopped."""
+    with contextlib.ExitStack() as stack:
+        return _run_demo(stack, emit, **kwargs)
+
+
+def _run_demo(
+    stack: contextlib.ExitStack,
     emit: Callable[[str], None],
     *,
     full: bool = False,
@@ -132,10 +144,6 @@ def run_demo(
                   "data": f"the {len(cal.batches)} calibration windows (the selection's short fine-tune)"}
     results: dict[str, Any] = {"mode": "full" if full else "fast", "eval_windows": int(evals.shape[0]),
                                "finetune_steps": finetune_steps, "recipe": recipe, "rows": {}}
-    t = time.perf_counter()
-    fp32 = perplexity(model, evals, batch_size=_EVAL_BATCH, progress=False)
-    emit(f"fp32 perplexity: {fp32:.2f} ({time.perf_counter() - t:.1f} s)")
-    results["fp32"] = {"ppl": fp32, "bytes": n_weights * 4}
 
     # (label, bytes, compile kwargs, fine-tune?, uniform?) — the default first: its error table is then
     # cached for the others
@@ -154,7 +162,32 @@ def run_demo(
         ]
     rows = results["rows"]
     scored: dict[str, Any] = {}  # the default compile's short-fine-tuned adapters, by candidate label
-    default_model = None  # the compiled (and fine-tuned) default, kept for the ONNX export
+    default_model = None  # the compiled (and fine-tuned) default, kept for the ONNX export's measurements
+    do_export = export and out_dir is not None and tokenizer is not None
+    job: Any = None  # the background export (entered in ``stack``: stopped if the demo fails)
+
+    def evaluate(m: nn.Module) -> float:
+        if job is not None:
+            job.poll()  # the export has ended: this process gets its cores back
+        return perplexity(m, evals, batch_size=_EVAL_BATCH, progress=False)
+
+    def fp32_perplexity() -> float:
+        t = time.perf_counter()
+        value = evaluate(model)
+        emit(f"fp32 perplexity: {value:.2f} ({time.perf_counter() - t:.1f} s)")
+        results["fp32"] = {"ppl": value, "bytes": n_weights * 4}
+        return value
+
+    def start_export(compiled: nn.Module) -> None:
+        # the fine-tuned default's ONNX export runs in a child process (one core) while the demo evaluates
+        # and compiles the rest on the other: its tracing is single-threaded Python (autoqra.export.background)
+        nonlocal job
+        if do_export and job is None:
+            from autoqra.export.background import export_in_background
+
+            job = stack.enter_context(export_in_background(compiled, Path(out_dir) / "onnx", tokenizer=tokenizer))
+            emit("ONNX export of the fine-tuned default started in a background process")
+
     # one memo for every compile: the uniform compiles reuse the default compile's roundings, and the
     # uniform plan the selection built as a candidate (LoftQ inits kept: ~0.5 GB for SmolLM2)
     with quant_memo(1 << 30, inits=True):
@@ -163,7 +196,16 @@ def run_demo(
             t = time.perf_counter()
             result = compile(work, nbytes, calib=cal, group_size=group_size, progress=progress, **kwargs)
             seconds = time.perf_counter() - t
-            ppl = perplexity(work, evals, batch_size=_EVAL_BATCH, progress=False)
+            if label == "autoqra default":
+                scored = result.scored_adapters
+                winner = (result.report.get("selection") or {}).get("winner")
+                if reuse_selection and winner in scored:  # the fine-tuned default is known: export it now
+                    compiled_state = adapter_state(work)
+                    load_adapter_state(work, scored[winner])
+                    start_export(work)
+                    load_adapter_state(work, compiled_state)
+                fp32 = fp32_perplexity()  # (after the export started: it runs beside it)
+            ppl = evaluate(work)
             measured = real_bytes(work)  # after forwards: a cache beside the weights would show here
             emit(f"{label}: compiled in {seconds:.1f} s; held bytes {measured:,} vs plan "
                  f"{result.plan.total_bytes:,} ({'equal' if measured == result.plan.total_bytes else 'DIFFERENT'}); "
@@ -172,8 +214,6 @@ def run_demo(
                            "seconds": seconds, "uniform": is_uniform, "plan": result.plan,
                            "selection": result.report.get("selection"), "timings": result.report.get("timings"),
                            "quant_memo": result.report.get("quant_memo")}
-            if label == "autoqra default":
-                scored = result.scored_adapters
             if tune and finetune_steps and reuse_selection:
                 t = time.perf_counter()
                 selection = rows["autoqra default"].get("selection") or {}
@@ -185,7 +225,9 @@ def run_demo(
                 else:  # not fine-tuned by the selection (e.g. scores from the cache): the same recipe here
                     short_finetune(work, list(cal.batches), select_config)
                     how = "the selection's short fine-tune recipe, run here"
-                after = perplexity(work, evals, batch_size=_EVAL_BATCH, progress=False)
+                if label == "autoqra default":
+                    start_export(work)
+                after = evaluate(work)
                 emit(f"{label}: after {finetune_steps} adapter steps ({how}: AdamW lr {recipe['lr']:g}, "
                      f"{recipe['batch_size']}×{recipe['seq_len']} tokens of the calibration windows) "
                      f"[{time.perf_counter() - t:.1f} s]: perplexity {ppl:.2f} → {after:.2f}")
@@ -194,13 +236,16 @@ def run_demo(
                 t = time.perf_counter()
                 finetune(work, splits.calibration, steps=finetune_steps, lr=RECIPE["lr"], batch_size=RECIPE["batch_size"],
                          seq_len=RECIPE["seq_len"], seed=RECIPE["seed"], progress=progress)
-                after = perplexity(work, evals, batch_size=_EVAL_BATCH, progress=False)
+                if label == "autoqra default":
+                    start_export(work)
+                after = evaluate(work)
                 emit(f"{label}: {finetune_steps} fine-tuning steps (adapters only, AdamW lr {RECIPE['lr']:g}, "
                      f"{RECIPE['batch_size']}×{RECIPE['seq_len']} tokens of the Lee training split) in "
                      f"{time.perf_counter() - t:.1f} s: perplexity {ppl:.2f} → {after:.2f}")
                 rows[label]["ppl_finetuned"] = after
             if label == "autoqra default":
                 default_model = work
+                start_export(work)  # (not fine-tuned: finetune_steps=0)
             del work
             gc.collect()
     # results under the old flat keys too (scripts and tests read results["uniform 3-bit r8"])
@@ -241,15 +286,16 @@ def run_demo(
                 results["ratio_vs_uniform3_finetuned" + suffix] = tuned_ratio
             emit(line)
             ratios.append(line)
+    pictures = _write_pictures(Path(out_dir), results, graph, fp32, finetune_steps) if out_dir is not None else {}
     export_lines: list[str] = []
-    if export and out_dir is not None and default_model is not None and tokenizer is not None:
+    if job is not None and default_model is not None:
         from autoqra.analysis import untouched_bytes
         from autoqra.demo_export import export_demo
 
         emit("")
         onnx = export_demo(default_model, model, tokenizer, splits.evaluation[:24].reshape(1, -1),
                            Path(out_dir) / "onnx", default["plan_bytes"] + untouched_bytes(model, graph),
-                           fp32_onnx=full, progress=progress)
+                           fp32_onnx=full, progress=progress, exported=job)
         export_lines = onnx.lines()
         for line in export_lines:
             emit(line)
@@ -258,29 +304,37 @@ def run_demo(
     seconds = time.perf_counter() - start
     results["seconds"] = seconds
     if out_dir is not None:
-        _write_outputs(Path(out_dir), emit, results, graph, table_rows, headers, ratios, fp32, finetune_steps,
+        _write_outputs(Path(out_dir), emit, results, pictures, table_rows, headers, ratios, finetune_steps,
                        seconds, export_lines)
     emit(f"demo done in {seconds:.0f} s")
     return results
 
 
-def _write_outputs(out: Path, emit: Callable[[str], None], results: dict[str, Any], graph, table_rows,  # noqa: ANN001
-                   headers, ratios: list[str], fp32: float, steps: int, seconds: float,
-                   export_lines: list[str]) -> None:
-    from autoqra.demo_figures import DemoRow, plan_heatmap, summary_plot, write_report
+def _write_pictures(out: Path, results: dict[str, Any], graph, fp32: float, steps: int) -> dict[str, str]:  # noqa: ANN001
+    """``summary.png`` and the plans' heat maps (written while a background export may still run);
+    returns {what: file name}."""
+    from autoqra.demo_figures import DemoRow, plan_heatmap, summary_plot
 
     out.mkdir(parents=True, exist_ok=True)
     rows = results["rows"]
     summary_plot([DemoRow(label, r["bytes"], r["ppl"], r.get("ppl_finetuned"), r["uniform"])
                   for label, r in rows.items()], out / "summary.png", fp32_ppl=fp32, steps=steps)
     pictures = {"summary": "summary.png"}
-    plans = {"autoqra default": rows["autoqra default"]["plan"]}
-    if "autoqra deploy" in rows:
-        plans["autoqra deploy"] = rows["autoqra deploy"]["plan"]
-    for label, plan in plans.items():
-        name = "plan_" + label.split()[-1] + ".png"
-        plan_heatmap(plan, graph, out / name, title=f"{label}: bits and adapter rank per layer")
-        pictures[label] = name
+    for label in ("autoqra default", "autoqra deploy"):
+        if label in rows:
+            name = "plan_" + label.split()[-1] + ".png"
+            plan_heatmap(rows[label]["plan"], graph, out / name, title=f"{label}: bits and adapter rank per layer")
+            pictures[label] = name
+    return pictures
+
+
+def _write_outputs(out: Path, emit: Callable[[str], None], results: dict[str, Any], pictures: dict[str, str],
+                   table_rows, headers, ratios: list[str], steps: int, seconds: float,  # noqa: ANN001
+                   export_lines: list[str]) -> None:
+    from autoqra.demo_figures import write_report
+
+    rows = results["rows"]
+    plans = {label: rows[label]["plan"] for label in ("autoqra default", "autoqra deploy") if label in rows}
     recipe = results["recipe"]
     data = recipe.get("data", "the Lee training split")
     header = [f"SmolLM2-135M-Instruct + Lee corpus, {results['mode']} demo, {results['eval_windows']}×512 evaluation "

@@ -49,4 +49,5 @@ def test_demo_runs_end_to_end_on_the_real_model(tmp_path, monkeypatch):
     assert 0.95 < onnx["file_bytes"] / onnx["expected_bytes"] < 1.05  # the size goal
     assert onnx["tokens_checked"] == 16 and onnx["onnx_decode_ms"] > 0 and onnx["continuation"]
     assert any(line.startswith("ONNX export of the fine-tuned autoqra default") for line in lines)
+    assert onnx["background"] and "by a background process while the demo went on" in text  # overlapped
     assert "## ONNX export" in report and saved["onnx"]["file_bytes"] == onnx["file_bytes"]

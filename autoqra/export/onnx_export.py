@@ -83,6 +83,18 @@ class OnnxExportResult:
             "files": list(self.files),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OnnxExportResult:
+        """The inverse of :meth:`as_dict` (a background export's result comes back this way)."""
+        parity = data.get("parity")
+        return cls(
+            directory=Path(data["directory"]), model_file=Path(data["model_file"]), file_bytes=int(data["file_bytes"]),
+            layers={str(k): int(v) for k, v in data["layers"].items()},
+            container_extra_bytes=int(data["container_extra_bytes"]),
+            parity=None if parity is None else verify.Parity(**parity), seconds=float(data["seconds"]),
+            files=tuple(data.get("files", ())),
+        )
+
 
 def _check_dependencies(with_genai: bool) -> None:
     for module in ("onnx", "onnxscript", "onnxruntime"):
