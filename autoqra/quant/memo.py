@@ -118,6 +118,19 @@ class QuantMemo:
             _, old = self._items.popitem(last=False)
             self._bytes -= _nbytes(old)
 
+    def keys(self) -> set[tuple[str, ...]]:
+        """The keys held now."""
+        return set(self._items)
+
+    def take_new(self, known: set[tuple[str, ...]]) -> list[tuple[tuple[str, ...], Entry]]:
+        """Remove and return the entries whose keys are not in ``known``, oldest first (a forked worker
+        hands what it computed to the parent's memo: `autoqra.parallel`)."""
+        new = [(k, e) for k, e in self._items.items() if k not in known]
+        for k, e in new:
+            del self._items[k]
+            self._bytes -= _nbytes(e)
+        return new
+
     def clear(self) -> None:
         """Drop every entry (the hit and miss counts stay)."""
         self._items.clear()
