@@ -165,7 +165,10 @@ def export_in_background(model: nn.Module, path: str | Path, *, tokenizer: Any =
             "dtype": str(dtype).removeprefix("torch."),
         }, indent=1) + "\n")
         log = (job / "worker.log").open("wb")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        # the child imports this very autoqra, also when the caller put it on sys.path by hand (not installed)
+        root = str(Path(__file__).resolve().parents[2])
+        path_env = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path_env}
         process = subprocess.Popen([sys.executable, "-m", "autoqra.export.background", str(job)], stdout=log,
                                    stderr=subprocess.STDOUT, env=env)
         log.close()
