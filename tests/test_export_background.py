@@ -4,7 +4,9 @@ and given back, the child's errors raised here, a running child stopped by ``clo
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +84,14 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path, compiled, mo
     with pytest.raises(ConfigError, match=words):
         export_in_background(compiled[0] if model is None else model, tmp_path / "x", **kwargs)
     assert torch.get_num_threads() == threads and not (tmp_path / "x").exists()
+
+
+def test_a_file_where_the_folder_goes_is_refused_before_the_model_is_saved(tmp_path, compiled) -> None:
+    (tmp_path / "file").write_text("x")
+    jobs = set(Path(tempfile.gettempdir()).glob("autoqra-export-*"))
+    with pytest.raises(ConfigError, match="is a file; give a folder"):
+        export_in_background(compiled[0], tmp_path / "file")
+    assert set(Path(tempfile.gettempdir()).glob("autoqra-export-*")) == jobs  # nothing saved
 
 
 def test_close_stops_a_running_child(tmp_path, compiled) -> None:

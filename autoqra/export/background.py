@@ -138,6 +138,7 @@ def export_in_background(model: nn.Module, path: str | Path, *, tokenizer: Any =
     return at once (after saving the model for it: ~1 s for SmolLM2-135M). The model must not be
     needed unchanged by the export afterwards: the child works on the saved copy. ``share_cores``:
     lower the caller's torch threads while the child runs (see the module docstring)."""
+    from autoqra.export.onnx_export import _check_dependencies, _model_dtype
     from autoqra.io import save
 
     require_module(model, "export_in_background", hint="pass the compiled model")
@@ -145,6 +146,11 @@ def export_in_background(model: nn.Module, path: str | Path, *, tokenizer: Any =
     if unknown:
         raise ConfigError(f"export_in_background cannot pass {unknown} to the child; it takes "
                           f"{sorted(_ARGUMENTS)} (and tokenizer=)")
+    target = Path(path)
+    if target.exists() and not target.is_dir():  # the cheap checks before the model is saved
+        raise ConfigError(f"export path {target} is a file; give a folder for the ONNX files")
+    dtype = _model_dtype(model)  # a model mixing float dtypes is refused here, not in the child
+    _check_dependencies(export_args.get("verify_genai") is True)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise ConfigError("export_in_background needs a Hugging Face model (one with a config) to rebuild it in the "
@@ -158,9 +164,8 @@ def export_in_background(model: nn.Module, path: str | Path, *, tokenizer: Any =
             generation.save_pretrained(str(job / "config"))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(job / "tokenizer"))
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         (job / "job.json").write_text(json.dumps({
-            "path": str(Path(path).resolve()), "arguments": export_args, "tokenizer": tokenizer is not None,
+            "path": str(target.resolve()), "arguments": export_args, "tokenizer": tokenizer is not None,
             "attn_implementation": getattr(config, "_attn_implementation", None),
             "dtype": str(dtype).removeprefix("torch."),
         }, indent=1) + "\n")

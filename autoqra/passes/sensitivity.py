@@ -19,7 +19,7 @@ from autoqra.ir.cost import DENSE_BITS
 from autoqra.ir.layer import LayerKind, LayerNode
 from autoqra.ir.program import Program
 from autoqra.memory import trim_heap
-from autoqra.parallel import default_workers, fork_map
+from autoqra.parallel import effective_workers, fork_map
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.progress import tqdm_disable
 from autoqra.quant.base import QuantSpec, get_backend
@@ -146,14 +146,14 @@ class EstimateSensitivityPass(PassBase):
         # worker processes for CPU weights worth it (forking a pool costs ~0.1 s; tiny models stay serial)
         worth = sum(item.weight.numel() for item in todo) >= PARALLEL_MIN_WEIGHTS
         on_cpu = all(item.weight.device.type == "cpu" for item in todo)
-        workers = (self.workers if self.workers is not None else default_workers()) if (on_cpu and worth) else 1
+        workers = effective_workers(self.workers, len(todo)) if (on_cpu and worth) else 1
         results = fork_map(compute, len(todo), workers)
         for item, (table, new, (memo_hits, memo_misses)) in zip(
                 todo, tqdm(results, total=len(todo), desc=f"sensitivity ({self.estimator.name})", unit="layer",
                            disable=tqdm_disable(self.progress)), strict=True):
             if memo is not None:
                 for entry_key, entry in new:
-                    memo.put(entry_key, entry)
+                    memo.put(entry_key, entry, copy=False)  # unpickled here: nothing else holds it
                 memo.hits += memo_hits
                 memo.misses += memo_misses
             self.cache.put(item.key, {**item.stored, **table})
@@ -163,4 +163,4 @@ class EstimateSensitivityPass(PassBase):
             graph.set_error(name, tables[name])
         _, world = rank_and_world()
         return PassResult(info={"estimator": self.estimator.name, "cache_hits": hits, "layers": len(graph),
-                                "processes": world, "workers": min(workers, len(todo)) if todo else 0})
+                                "processes": world, "workers": workers if todo else 0})

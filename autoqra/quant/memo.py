@@ -108,11 +108,12 @@ class QuantMemo:
         self._items.move_to_end(key)
         return _clone(qw)  # callers own their tensors (a module may re-lay them out)
 
-    def put(self, key: tuple[str, ...], entry: Entry) -> None:
+    def put(self, key: tuple[str, ...], entry: Entry, *, copy: bool = True) -> None:
+        """Keep ``entry`` (a copy; ``copy=False`` when the caller hands over tensors nothing else holds)."""
         size = _nbytes(entry)
         if size > self.max_bytes or key in self._items:
             return
-        self._items[key] = _clone(entry)
+        self._items[key] = _clone(entry) if copy else entry
         self._bytes += size
         while self._bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
