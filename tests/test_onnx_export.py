@@ -156,7 +156,10 @@ def test_export_with_past_runs_and_decodes(tmp_path, factory) -> None:
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     n_quant = sum(isinstance(m, QuantLoRALinear) and m.bits != 16 for m in model.modules())
-    assert ops.count("MatMulNBits") == n_quant
+    # layers that read one input with the same kernel run as one MatMulNBits, split after
+    fused = [len(n.output) for n in graph.node if n.op_type == "Split" and n.name.startswith("autoqra_fused")]
+    assert len(fused) == result.fused_groups and all(size >= 2 for size in fused)
+    assert ops.count("MatMulNBits") == n_quant - sum(size - 1 for size in fused)
     nbits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
     assert nbits == {2, 4, 8}  # 3-bit layers run in the 4-bit container
     levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
@@ -191,6 +194,48 @@ def test_export_without_past_has_dynamic_batch_and_length(tmp_path) -> None:
             ref = model(input_ids=ids).logits.numpy()
         assert got.shape == ref.shape
         assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def _logits(path, ids: torch.Tensor) -> np.ndarray:
+    return session(path).run(["logits"], _feeds(ids, None, np.dtype("float32")))[0]
+
+
+def _zeroed(path, out, name: str):
+    """A copy of the ONNX file at ``path`` with the initializer ``name`` set to zeros (an adapter swapped)."""
+    model = onnx.load(str(path))
+    (init,) = [i for i in model.graph.initializer if i.name == name]
+    zeros = np.zeros_like(onnx.numpy_helper.to_array(init))
+    init.CopyFrom(onnx.numpy_helper.from_array(zeros, name))
+    onnx.save(model, str(out))
+    return out
+
+
+@pytest.mark.parametrize("bits_cycle, rank_cycle", [((4,), (4,)), ((3, 4), (0, 4, 8))],
+                         ids=["uniform 4-bit r4", "3-bit in the 4-bit container beside 4-bit, ranks 0/4/8"])
+def test_layers_that_share_an_input_fuse_into_one_matmulnbits(tmp_path, bits_cycle, rank_cycle) -> None:
+    model = _compiled(tiny_llama(), bits_cycle, rank_cycle)
+    blocks = model.config.num_hidden_layers
+    fused = export_onnx(model, tmp_path / "fused", with_past=False, accuracy_level=0)
+    plain = export_onnx(model, tmp_path / "plain", with_past=False, accuracy_level=0, fuse_layers=False)
+    assert (fused.fused_groups, plain.fused_groups) == (2 * blocks, 0)  # q/k/v and gate/up in every block
+    graphs = {name: onnx.load(str(r.model_file)).graph for name, r in (("fused", fused), ("plain", plain))}
+    n_quant = sum(isinstance(m, QuantLoRALinear) for m in model.modules())
+    counts = {name: sum(n.op_type == "MatMulNBits" for n in g.node) for name, g in graphs.items()}
+    assert counts == {"plain": n_quant, "fused": n_quant - 3 * blocks}
+    # every layer's tensors stay in the file under their own names (adapters swappable), nothing doubled
+    names = {name: {i.name for i in g.initializer if i.name.startswith("model.")} for name, g in graphs.items()}
+    assert names["fused"] == names["plain"]
+    assert abs(fused.file_bytes - plain.file_bytes) < 0.01 * plain.file_bytes
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    got, ref = _logits(fused.model_file, ids), _logits(plain.model_file, ids)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+    # swapping one fused member's adapter in the file acts as it does in the unfused file
+    member = next(f"model.{n}.lora_B_t" for n, m in model.named_modules()
+                  if isinstance(m, QuantLoRALinear) and m.rank and n.endswith(("k_proj", "v_proj")))
+    swapped = {name: _logits(_zeroed(r.model_file, tmp_path / f"{name}_swapped.onnx", member), ids)
+               for name, r in (("fused", fused), ("plain", plain))}
+    assert np.abs(swapped["fused"] - swapped["plain"]).max() / np.abs(ref).max() < 1e-5
+    assert np.abs(swapped["fused"] - got).max() / np.abs(ref).max() > 1e-4
 
 
 def test_fast_accuracy_level_within_its_tolerance(tmp_path) -> None:
@@ -390,7 +435,7 @@ def test_failed_export_closes_its_bar(tmp_path, monkeypatch) -> None:
     import autoqra.export.onnx_export as onnx_export
 
     monkeypatch.setattr(onnx_export, "tqdm", _RecordingBar)
-    monkeypatch.setattr(onnx_export, "_optimize", lambda program: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(onnx_export, "_optimize", lambda program, fuse: (_ for _ in ()).throw(RuntimeError("boom")))
     _RecordingBar.made.clear()
     with pytest.raises(ExportError, match="boom"):
         export_onnx(_compiled(tiny_llama()), tmp_path / "o", accuracy_level=0, verify_genai=False)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from autoqra.errors import ConfigError, ExportError, MissingDependencyError, require_module
 from autoqra.export import verify
 from autoqra.export.decoder import DecoderLogits, DecoderShape, DecoderWithPast, decoder_shape, probe_cache
+from autoqra.export.fuse import fuse_shared_inputs
 from autoqra.export.genai import write_genai_config
 from autoqra.export.layers import ACCURACY_LEVELS, ADAPTER_MODES, OnnxQuantLinear, container_bytes
 from autoqra.export.ops import onnx_translation_table
@@ -70,6 +71,7 @@ class OnnxExportResult:
     parity: verify.Parity | None
     seconds: float
     files: tuple[str, ...] = field(default=())
+    fused_groups: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,7 @@ class OnnxExportResult:
             "parity": None if self.parity is None else self.parity.as_dict(),
             "seconds": self.seconds,
             "files": list(self.files),
+            "fused_groups": self.fused_groups,
         }
 
     @classmethod
@@ -92,7 +95,7 @@ class OnnxExportResult:
             layers={str(k): int(v) for k, v in data["layers"].items()},
             container_extra_bytes=int(data["container_extra_bytes"]),
             parity=None if parity is None else verify.Parity(**parity), seconds=float(data["seconds"]),
-            files=tuple(data.get("files", ())),
+            files=tuple(data.get("files", ())), fused_groups=int(data.get("fused_groups", 0)),
         )
 
 
@@ -201,7 +204,7 @@ def _keep_format(node: Any) -> bool | None:
     return None
 
 
-def _optimize(program: Any) -> None:
+def _optimize(program: Any, fuse_layers: bool) -> int:
     """Constant folding (minus :func:`_keep_format`), dead code and initializer/common-subexpression
     clean-up, through onnxscript's and onnx_ir's public passes; then the per-node debugging metadata
     (source stack traces with local paths, FX node text) is dropped: it is most of a small model's graph
@@ -212,7 +215,10 @@ def _optimize(program: Any) -> None:
     it grows faster than the graph (10 s for 6 blocks). It removed 2.7% of the nodes (5,007 vs 5,142),
     left the file size unchanged (58 bytes) and did not change the decode latency in onnxruntime, whose
     own graph optimizer runs at load anyway (interleaved: 39.8 / 42.0 ms a token with it, 34.0 / 44.9
-    without; the VM's noise)."""
+    without; the VM's noise).
+
+    ``fuse_layers``: :func:`~autoqra.export.fuse.fuse_shared_inputs` (layers that read one input → one
+    ``MatMulNBits``), between the folding and the clean-up. Returns the number of groups it fused."""
     import onnx_ir
     import onnx_ir.passes.common as common
     import onnxscript.optimizer
@@ -221,6 +227,7 @@ def _optimize(program: Any) -> None:
     onnxscript.optimizer.inline(model)
     onnxscript.optimizer.fold_constants(model, should_fold=_keep_format)
     onnxscript.optimizer.remove_unused_nodes(model)
+    fused = fuse_shared_inputs(model) if fuse_layers else 0
     onnx_ir.passes.Sequential(
         common.RemoveUnusedFunctionsPass(),
         common.RemoveUnusedOpsetsPass(),
@@ -234,6 +241,7 @@ def _optimize(program: Any) -> None:
     )(model)
     for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph):
         node.metadata_props.clear()
+    return fused
 
 
 def _verification_ids(tokenizer: Any, vocab: int, seq: int) -> torch.Tensor:
@@ -304,6 +312,7 @@ def export_onnx(
     tokenizer: Any = None,
     verify_genai: bool | None = None,
     progress: bool | None = None,
+    fuse_layers: bool = True,
 ) -> OnnxExportResult:
     """Export ``model`` (a compiled Hugging Face causal LM, or a plain one) to the folder ``path``.
 
@@ -318,6 +327,9 @@ def export_onnx(
     ``verify_genai`` (default: when onnxruntime-genai is installed and ``with_past``) also decodes
     with ``onnxruntime_genai``. ``progress``: a bar over the stages (trace, clean-up, write, checks;
     ``False`` hides it, ``None`` leaves it to tqdm: hidden when not a terminal or with ``TQDM_DISABLE``).
+    ``fuse_layers`` (default True): the quantized layers that read one input (q/k/v, gate/up) run as one
+    ``MatMulNBits`` with one side path (:mod:`autoqra.export.fuse`; the file keeps each layer's
+    initializers under its name, so adapters stay swappable); False keeps one node per layer.
     Raises :class:`~autoqra.errors.ExportError` (unsupported input) or
     :class:`~autoqra.errors.ExportVerificationError` (the file disagrees); the model is unchanged.
     """
@@ -330,6 +342,8 @@ def export_onnx(
         raise ConfigError(f"rtol must be > 0, got {rtol!r}")
     if not isinstance(decode_steps, int) or decode_steps < 0:
         raise ConfigError(f"decode_steps must be an int >= 0, got {decode_steps!r}")
+    if not isinstance(fuse_layers, bool):
+        raise ConfigError(f"fuse_layers must be True or False, got {fuse_layers!r}")
     if verify_genai is None:
         verify_genai = verify_export and with_past and importlib.util.find_spec("onnxruntime_genai") is not None
     if verify_genai and not with_past:
@@ -345,7 +359,7 @@ def export_onnx(
         raise ConfigError(f"export path {directory} is a file; give a folder for the ONNX files")
     stages = _Stages(with_past, verify_export, decode_steps, verify_genai, progress)
     args = (directory, with_past, adapters, opset, accuracy_level, verify_export, tolerance, decode_steps, tokenizer,
-            verify_genai, shape, stages)
+            verify_genai, shape, stages, fuse_layers)
     try:
         if dtype != torch.bfloat16:
             result = _write(model, dtype, *args)
@@ -362,7 +376,7 @@ def export_onnx(
 
 def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: bool, adapters: str, opset: int | None,
            accuracy_level: int, verify_export: bool, tolerance: float, decode_steps: int, tokenizer: Any,
-           verify_genai: bool, shape: DecoderShape, stages: _Stages) -> OnnxExportResult:
+           verify_genai: bool, shape: DecoderShape, stages: _Stages, fuse_layers: bool) -> OnnxExportResult:
     """`export_onnx` after its checks: trace, write to a temporary folder, verify, move into place."""
     start = time.perf_counter()
     layers = [m for m in {id(m): m for m in model.modules() if isinstance(m, QuantLoRALinear)}.values()]
@@ -389,7 +403,7 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
                     opset_version=opset, optimize=False, verbose=False,
                 )
             stages.next("graph clean-up")
-            _optimize(program)
+            fused = _optimize(program, fuse_layers)
         except Exception as exc:  # the exporter's errors are long; keep the cause, name the fix
             raise ExportError(
                 f"torch's ONNX exporter failed on {type(model).__name__} ({type(exc).__name__}: "
@@ -430,6 +444,7 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
         parity=parity,
         seconds=time.perf_counter() - start,
         files=tuple(sorted(p.name for p in directory.iterdir())),
+        fused_groups=fused,
     )
     (directory / "export_report.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     logger.info("wrote %s (%.1f MB) in %.0f s", result.model_file, result.file_bytes / 1e6, result.seconds)
