@@ -12,7 +12,8 @@ Plans (data-free, ``objective="deploy"``, so the run needs no calibration):
   layers: their kernel is the slow one at decode).
 
 Each is exported with the KV cache at ``accuracy_level`` 4 (int8 activations: the fast CPU kernels)
-and 0 (exact fp32) and verified
+and 0 (exact fp32), with the layers that share an input fused (``export_onnx``'s default; ``--unfused`` adds
+each plan exported one ``MatMulNBits`` a layer), and verified
 (logits vs PyTorch, 16 greedy tokens through the cache graph and onnxruntime-genai). Measured, all
 in this process with the same thread count: the file's bytes against the plan's bytes plus the
 untouched parameters (3-bit container cost separately); prompt latency (128 tokens, empty cache)
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", choices=("smollm2-135m", "smollm2-360m-shape"),
                         help="the real SmolLM2-135M (default) or SmolLM2-360M's shape with random weights (speed and "
                              "size only: its perplexity means nothing)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also export every plan with fuse_layers=False (one MatMulNBits a layer) and time it")
     parser.add_argument("--skip-latency", action="store_true",
                         help="quality only: no latency figures (writes onnx_export_quality.json)")
     args = parser.parse_args()
@@ -175,14 +178,16 @@ def main() -> None:
                                  select=False, cache_dir=None, progress=False, patterns=spec.get("patterns"),
                                  include=spec.get("include", ()))
         t_prompt, t_decode = timed(torch_latency, model, shape.vocab, prompt_len, decode_steps, repeats)
-        for level in levels:
-            exported = export_onnx(model, out_root / f"{label.replace(' ', '_').replace('/', '')}_{level}",
-                                   tokenizer=tokenizer, accuracy_level=level)
+        variants = [(level, fuse) for level in levels for fuse in ((True, False) if args.unfused else (True,))]
+        for level, fuse in variants:
+            exported = export_onnx(model, out_root / f"{label.replace(' ', '_').replace('/', '')}_{level}_{int(fuse)}",
+                                   tokenizer=tokenizer, accuracy_level=level, fuse_layers=fuse)
             o_prompt, o_decode = timed(onnx_latency, exported.model_file, shape, prompt_len, decode_steps,
                                          args.threads, repeats)
             onnx_ppl, torch_ppl = quality(model, exported.model_file)
             rows.append(dict(
-                plan=label, accuracy_level=level, file_bytes=exported.file_bytes,
+                plan=label if fuse else f"{label} (unfused)", accuracy_level=level, fuse_layers=fuse,
+                fused_groups=exported.fused_groups, file_bytes=exported.file_bytes,
                 plan_bytes=int(result.plan.total_bytes), untouched_bytes=untouched_bytes(base, result.program.graph),
                 container_extra_bytes=exported.container_extra_bytes, onnx_prompt_s=o_prompt,
                 onnx_decode_s=o_decode, torch_prompt_s=t_prompt, torch_decode_s=t_decode,
