@@ -193,6 +193,8 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    help="MatMulNBits compute precision: 4 int8 activations (default, fast), 0 exact fp32")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-verify", action="store_true", help="skip running the file in onnxruntime")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="one MatMulNBits a layer (default: layers that read one input, q/k/v and gate/up, fused)")
 
 
 def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
@@ -202,8 +204,10 @@ def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> 
         raise ConfigError("--export-onnx needs a rewritten model; drop --plan-only")
     result = export_onnx(model, out, with_past=not args.no_past, adapters=args.adapters, opset=args.opset,
                          accuracy_level=args.accuracy_level, verify_export=not args.no_verify, tokenizer=tokenizer,
-                         progress=not args.quiet)
+                         progress=not args.quiet, fuse_layers=not args.no_fuse)
     print(table(["layers", "count"], [[k, v] for k, v in result.layers.items()]))
+    if result.fused_groups:
+        print(f"{result.fused_groups} groups of layers that read one input run as one MatMulNBits each")
     line = f"wrote {result.model_file} ({result.file_bytes / 1e6:.1f} MB) in {result.seconds:.0f} s"
     if result.parity is not None:
         p = result.parity

@@ -183,12 +183,15 @@ def test_compile_export_onnx_then_export_command(model_dir, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "MatMulNBits" in out and "greedy tokens equal 16/16" in out
+    assert "groups of layers that read one input run as one MatMulNBits each" in out
     assert {"model.onnx", "genai_config.json", "export_report.json", "tokenizer.json"} <= {
         p.name for p in (tmp_path / "onnx").iterdir()}
     code = main(["export", str(out_dir / "model"), "--base", str(model_dir), "--out", str(tmp_path / "plain"),
-                 "--no-past"])
+                 "--no-past", "--no-fuse"])
     assert code == 0
-    assert "max rel" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "max rel" in out and "read one input" not in out
+    assert json.loads((tmp_path / "plain" / "export_report.json").read_text())["fused_groups"] == 0
     assert not (tmp_path / "plain" / "genai_config.json").exists()
 
 
