@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from autoqra.errors import ConfigError, ExportError, MissingDependencyError, require_module
 from autoqra.export import verify
+from autoqra.export.attention import ATTENTION_MODES, grouped_attention
 from autoqra.export.decoder import DecoderLogits, DecoderShape, DecoderWithPast, decoder_shape, probe_cache
 from autoqra.export.fuse import fuse_shared_inputs
 from autoqra.export.genai import write_genai_config
@@ -72,6 +73,7 @@ class OnnxExportResult:
     seconds: float
     files: tuple[str, ...] = field(default=())
     fused_groups: int = 0
+    attention: str = "model"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +86,7 @@ class OnnxExportResult:
             "seconds": self.seconds,
             "files": list(self.files),
             "fused_groups": self.fused_groups,
+            "attention": self.attention,
         }
 
     @classmethod
@@ -96,6 +99,7 @@ class OnnxExportResult:
             container_extra_bytes=int(data["container_extra_bytes"]),
             parity=None if parity is None else verify.Parity(**parity), seconds=float(data["seconds"]),
             files=tuple(data.get("files", ())), fused_groups=int(data.get("fused_groups", 0)),
+            attention=str(data.get("attention", "model")),
         )
 
 
@@ -313,6 +317,7 @@ def export_onnx(
     verify_genai: bool | None = None,
     progress: bool | None = None,
     fuse_layers: bool = True,
+    attention: str = "grouped",
 ) -> OnnxExportResult:
     """Export ``model`` (a compiled Hugging Face causal LM, or a plain one) to the folder ``path``.
 
@@ -330,6 +335,9 @@ def export_onnx(
     ``fuse_layers`` (default True): the quantized layers that read one input (q/k/v, gate/up) run as one
     ``MatMulNBits`` with one side path (:mod:`autoqra.export.fuse`; the file keeps each layer's
     initializers under its name, so adapters stay swappable); False keeps one node per layer.
+    ``attention``: ``"grouped"`` (default) traces grouped-query attention without repeating the KV
+    cache (:mod:`autoqra.export.attention`; Hugging Face models on ``sdpa``/``eager``), ``"model"`` the
+    model's own attention implementation.
     Raises :class:`~autoqra.errors.ExportError` (unsupported input) or
     :class:`~autoqra.errors.ExportVerificationError` (the file disagrees); the model is unchanged.
     """
@@ -344,6 +352,8 @@ def export_onnx(
         raise ConfigError(f"decode_steps must be an int >= 0, got {decode_steps!r}")
     if not isinstance(fuse_layers, bool):
         raise ConfigError(f"fuse_layers must be True or False, got {fuse_layers!r}")
+    if attention not in ATTENTION_MODES:
+        raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     if verify_genai is None:
         verify_genai = verify_export and with_past and importlib.util.find_spec("onnxruntime_genai") is not None
     if verify_genai and not with_past:
@@ -359,7 +369,7 @@ def export_onnx(
         raise ConfigError(f"export path {directory} is a file; give a folder for the ONNX files")
     stages = _Stages(with_past, verify_export, decode_steps, verify_genai, progress)
     args = (directory, with_past, adapters, opset, accuracy_level, verify_export, tolerance, decode_steps, tokenizer,
-            verify_genai, shape, stages, fuse_layers)
+            verify_genai, shape, stages, fuse_layers, attention)
     try:
         if dtype != torch.bfloat16:
             result = _write(model, dtype, *args)
@@ -376,7 +386,8 @@ def export_onnx(
 
 def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: bool, adapters: str, opset: int | None,
            accuracy_level: int, verify_export: bool, tolerance: float, decode_steps: int, tokenizer: Any,
-           verify_genai: bool, shape: DecoderShape, stages: _Stages, fuse_layers: bool) -> OnnxExportResult:
+           verify_genai: bool, shape: DecoderShape, stages: _Stages, fuse_layers: bool,
+           attention: str) -> OnnxExportResult:
     """`export_onnx` after its checks: trace, write to a temporary folder, verify, move into place."""
     start = time.perf_counter()
     layers = [m for m in {id(m): m for m in model.modules() if isinstance(m, QuantLoRALinear)}.values()]
@@ -396,7 +407,7 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
         logger.info("exporting to ONNX (%d packed layers: %s)", len(layers), counts)
         stages.next("trace + translate (torch.onnx)")
         try:
-            with _quiet_exporter():
+            with _quiet_exporter(), grouped_attention(model, attention == "grouped") as grouped:
                 program = torch.onnx.export(
                     wrapper, args, dynamo=True, custom_translation_table=onnx_translation_table(),
                     input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
@@ -445,6 +456,7 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
         seconds=time.perf_counter() - start,
         files=tuple(sorted(p.name for p in directory.iterdir())),
         fused_groups=fused,
+        attention="grouped" if grouped else "model",
     )
     (directory / "export_report.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     logger.info("wrote %s (%.1f MB) in %.0f s", result.model_file, result.file_bytes / 1e6, result.seconds)

@@ -1,0 +1,104 @@
+"""Grouped-query attention for the ONNX export (autoqra/export/attention.py): same numbers as the model's
+own attention, fewer nodes, the model's implementation restored, the odd cases on the model's own path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnx  # noqa: E402
+from tiny_models import tiny_llama  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+
+from autoqra.errors import ConfigError  # noqa: E402
+from autoqra.export import export_onnx  # noqa: E402
+from autoqra.export.attention import GROUPED, grouped_attention, grouped_query_attention  # noqa: E402
+from autoqra.export.verify import _feeds, session  # noqa: E402
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def _causal_mask(s: int, t: int, batch: int) -> torch.Tensor:
+    allowed = torch.ones(s, t, dtype=torch.bool).tril(diagonal=t - s)
+    mask = torch.zeros(s, t).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return mask.expand(batch, 1, s, t).clone()
+
+
+@pytest.mark.parametrize("heads, kv, s, t", [(4, 4, 5, 5), (4, 2, 1, 9), (6, 2, 3, 7), (9, 3, 1, 1)])
+def test_grouped_query_attention_equals_sdpa(heads, kv, s, t) -> None:
+    gen = torch.Generator().manual_seed(heads * 100 + s)
+    q = torch.randn(2, heads, s, 8, generator=gen)
+    k, v = torch.randn(2, kv, t, 8, generator=gen), torch.randn(2, kv, t, 8, generator=gen)
+    mask = _causal_mask(s, t + 3, 2)  # masks may be longer than the keys (sliced as eager does)
+    module = _Module(heads // kv)
+    got, weights = grouped_query_attention(module, q, k, v, mask, scaling=0.3)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask[..., :t], scaling=0.3)
+    assert weights is None and got.shape == (2, s, heads, 8)
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{"softcap": 30.0}, {"position_bias": torch.zeros(1)}, {"dropout": 0.1}],
+                         ids=["softcap", "position bias", "dropout"])
+def test_calls_it_does_not_cover_run_the_models_own_attention(monkeypatch, kwargs) -> None:
+    import autoqra.export.attention as attention
+
+    seen = []
+    monkeypatch.setattr(attention, "_own_attention",
+                        lambda module: lambda *a, **kw: seen.append(kw) or (torch.zeros(1), None))
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 2, 2, 8)
+    grouped_query_attention(_Module(2), q, k, k, _causal_mask(2, 2, 1), **kwargs)
+    assert len(seen) == 1
+    grouped_query_attention(_Module(2), q, k, k, None)  # no mask: causality unknown here
+    assert len(seen) == 2
+
+
+def test_model_attention_is_switched_inside_the_block_and_restored(tmp_path) -> None:
+    model = tiny_llama()
+    original = model.config._attn_implementation
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with grouped_attention(model) as switched:
+            assert switched and model.config._attn_implementation == GROUPED
+            got = model(ids).logits
+    assert model.config._attn_implementation == original
+    assert torch.allclose(got, ref, atol=1e-5)
+    with pytest.raises(RuntimeError, match="boom"), grouped_attention(model):
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == original
+    assert not any(hasattr(m, "_autoqra_attention") for m in model.modules())
+    with grouped_attention(model, enabled=False) as switched:
+        assert not switched and model.config._attn_implementation == original
+    with grouped_attention(torch.nn.Linear(2, 2)) as switched:  # not a Hugging Face model
+        assert not switched
+
+
+def test_grouped_export_has_no_repeated_cache_and_the_same_logits(tmp_path) -> None:
+    model = tiny_llama()
+    grouped = export_onnx(model, tmp_path / "grouped", with_past=False, accuracy_level=0)
+    own = export_onnx(model, tmp_path / "own", with_past=False, accuracy_level=0, attention="model")
+    assert (grouped.attention, own.attention) == ("grouped", "model")
+    ops = {name: [n.op_type for n in onnx.load(str(r.model_file)).graph.node]
+           for name, r in (("grouped", grouped), ("own", own))}
+    layers = model.config.num_hidden_layers  # repeat_kv's two Expands a layer are gone (the mask keeps its own)
+    assert ops["grouped"].count("Expand") == ops["own"].count("Expand") - 2 * layers
+    assert "IsNaN" not in ops["grouped"]
+    assert len(ops["grouped"]) < len(ops["own"])
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    got, ref = (session(r.model_file).run(["logits"], _feeds(ids, None, np.dtype("float32")))[0]
+                for r in (grouped, own))
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_bad_attention_argument(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        export_onnx(tiny_llama(), tmp_path / "o", attention="flash")
