@@ -13,7 +13,8 @@ Plans (data-free, ``objective="deploy"``, so the run needs no calibration):
 
 Each is exported with the KV cache at ``accuracy_level`` 4 (int8 activations: the fast CPU kernels)
 and 0 (exact fp32), with the layers that share an input fused (``export_onnx``'s default; ``--unfused`` adds
-each plan exported one ``MatMulNBits`` a layer), and verified
+each plan exported one ``MatMulNBits`` a layer; ``--model-attention`` adds the fp32 base and each plan exported
+with the model's own attention instead of the grouped-query form), and verified
 (logits vs PyTorch, 16 greedy tokens through the cache graph and onnxruntime-genai). Measured, all
 in this process with the same thread count: the file's bytes against the plan's bytes plus the
 untouched parameters (3-bit container cost separately); prompt latency (128 tokens, empty cache)
@@ -95,6 +96,9 @@ def main() -> None:
                              "size only: its perplexity means nothing)")
     parser.add_argument("--unfused", action="store_true",
                         help="also export every plan with fuse_layers=False (one MatMulNBits a layer) and time it")
+    parser.add_argument("--model-attention", action="store_true",
+                        help="also export the fp32 base and every plan with attention='model' (the model's own "
+                             "attention, repeating the KV cache per head) and time them")
     parser.add_argument("--skip-latency", action="store_true",
                         help="quality only: no latency figures (writes onnx_export_quality.json)")
     args = parser.parse_args()
@@ -169,7 +173,16 @@ def main() -> None:
     rows.append(dict(plan="fp32 base", accuracy_level=None, file_bytes=fp32.file_bytes, plan_bytes=None, untouched_bytes=None,
                      container_extra_bytes=0, onnx_prompt_s=fp32_prompt, onnx_decode_s=fp32_decode,
                      parity=fp32.parity.as_dict(), export_s=fp32.seconds, layers={}, onnx_ppl=fp32_onnx_ppl,
-                     torch_ppl=fp32_torch_ppl))
+                     torch_ppl=fp32_torch_ppl, attention=fp32.attention))
+    if args.model_attention:
+        own = export_onnx(base, out_root / "fp32_model_attention", tokenizer=tokenizer, accuracy_level=0,
+                          attention="model")
+        own_prompt, own_decode = timed(onnx_latency, own.model_file, shape, prompt_len, decode_steps, args.threads,
+                                       repeats)
+        rows.append(dict(plan="fp32 base (model's attention)", accuracy_level=None, file_bytes=own.file_bytes,
+                         plan_bytes=None, untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=own_prompt,
+                         onnx_decode_s=own_decode, parity=own.parity.as_dict(), export_s=own.seconds, layers={},
+                         onnx_ppl=None, torch_ppl=None, attention=own.attention))
     write_json(name, payload)
 
     for label, spec in plans.items():
@@ -178,16 +191,18 @@ def main() -> None:
                                  select=False, cache_dir=None, progress=False, patterns=spec.get("patterns"),
                                  include=spec.get("include", ()))
         t_prompt, t_decode = timed(torch_latency, model, shape.vocab, prompt_len, decode_steps, repeats)
-        variants = [(level, fuse) for level in levels for fuse in ((True, False) if args.unfused else (True,))]
-        for level, fuse in variants:
-            exported = export_onnx(model, out_root / f"{label.replace(' ', '_').replace('/', '')}_{level}_{int(fuse)}",
-                                   tokenizer=tokenizer, accuracy_level=level, fuse_layers=fuse)
+        forms = [(True, "grouped")] + [(False, "grouped")] * args.unfused + [(True, "model")] * args.model_attention
+        variants = [(level, fuse, attention) for level in levels for fuse, attention in forms]
+        for level, fuse, attention in variants:
+            tag = f"{label.replace(' ', '_').replace('/', '')}_{level}_{int(fuse)}_{attention}"
+            exported = export_onnx(model, out_root / tag, tokenizer=tokenizer, accuracy_level=level, fuse_layers=fuse,
+                                   attention=attention)
             o_prompt, o_decode = timed(onnx_latency, exported.model_file, shape, prompt_len, decode_steps,
                                          args.threads, repeats)
             onnx_ppl, torch_ppl = quality(model, exported.model_file)
             rows.append(dict(
-                plan=label if fuse else f"{label} (unfused)", accuracy_level=level, fuse_layers=fuse,
-                fused_groups=exported.fused_groups, file_bytes=exported.file_bytes,
+                plan=label + ("" if fuse else " (unfused)") + ("" if attention == "grouped" else " (model's attention)"),
+                accuracy_level=level, fuse_layers=fuse, attention=exported.attention, fused_groups=exported.fused_groups, file_bytes=exported.file_bytes,
                 plan_bytes=int(result.plan.total_bytes), untouched_bytes=untouched_bytes(base, result.program.graph),
                 container_extra_bytes=exported.container_extra_bytes, onnx_prompt_s=o_prompt,
                 onnx_decode_s=o_decode, torch_prompt_s=t_prompt, torch_decode_s=t_decode,
