@@ -195,6 +195,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip running the file in onnxruntime")
     p.add_argument("--no-fuse", action="store_true",
                    help="one MatMulNBits a layer (default: layers that read one input, q/k/v and gate/up, fused)")
+    p.add_argument("--model-attention", action="store_true",
+                   help="trace the model's own attention (default: grouped-query attention that reads the KV cache "
+                        "once instead of repeating it per head)")
 
 
 def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
@@ -204,7 +207,8 @@ def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> 
         raise ConfigError("--export-onnx needs a rewritten model; drop --plan-only")
     result = export_onnx(model, out, with_past=not args.no_past, adapters=args.adapters, opset=args.opset,
                          accuracy_level=args.accuracy_level, verify_export=not args.no_verify, tokenizer=tokenizer,
-                         progress=not args.quiet, fuse_layers=not args.no_fuse)
+                         progress=not args.quiet, fuse_layers=not args.no_fuse,
+                         attention="model" if args.model_attention else "grouped")
     print(table(["layers", "count"], [[k, v] for k, v in result.layers.items()]))
     if result.fused_groups:
         print(f"{result.fused_groups} groups of layers that read one input run as one MatMulNBits each")

@@ -187,11 +187,12 @@ def test_compile_export_onnx_then_export_command(model_dir, tmp_path, capsys):
     assert {"model.onnx", "genai_config.json", "export_report.json", "tokenizer.json"} <= {
         p.name for p in (tmp_path / "onnx").iterdir()}
     code = main(["export", str(out_dir / "model"), "--base", str(model_dir), "--out", str(tmp_path / "plain"),
-                 "--no-past", "--no-fuse"])
+                 "--no-past", "--no-fuse", "--model-attention"])
     assert code == 0
     out = capsys.readouterr().out
     assert "max rel" in out and "read one input" not in out
-    assert json.loads((tmp_path / "plain" / "export_report.json").read_text())["fused_groups"] == 0
+    report = json.loads((tmp_path / "plain" / "export_report.json").read_text())
+    assert report["fused_groups"] == 0 and report["attention"] == "model"
     assert not (tmp_path / "plain" / "genai_config.json").exists()
 
 
