@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from torch import nn
 
 from autoqra.budget import Budget
 from autoqra.config import SearchSpace
+from autoqra.data import cache_root
 from autoqra.errors import ConfigError, require_module
 from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("AUTOQRA_CACHE", Path.home() / ".cache" / "autoqra"))
+    """``$AUTOQRA_CACHE`` (when set and not empty), else ``~/.cache/autoqra`` (`autoqra.data.cache_root`)."""
+    return cache_root()
 
 
 @dataclass

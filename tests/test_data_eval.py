@@ -120,6 +120,19 @@ def test_cache_root_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert data.cache_root() == Path.home() / ".cache" / "autoqra"
 
 
+@pytest.mark.parametrize("env", [None, ""], ids=["unset", "empty"])
+def test_compile_cache_folder_is_the_data_cache_folder(monkeypatch: pytest.MonkeyPatch, env: str | None) -> None:
+    """An empty ``AUTOQRA_CACHE`` means the default folder for the error tables too (it used to mean the
+    current directory there, scattering ``errors/`` and ``selection/`` into it)."""
+    import autoqra.api
+
+    if env is None:
+        monkeypatch.delenv(data.CACHE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(data.CACHE_ENV, env)
+    assert autoqra.api.default_cache_dir() == data.cache_root() == Path.home() / ".cache" / "autoqra"
+
+
 def fake_gensim_wheel(folder: Path, payload: bytes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     wheel = folder / "gensim-4.4.0-cp311-cp311-fake.whl"
