@@ -64,6 +64,17 @@ def test_background_export_writes_what_export_onnx_writes(tmp_path, compiled) ->
     assert job.wait() is child  # a second wait returns the same result
 
 
+def test_graph_options_reach_the_child(tmp_path, compiled) -> None:
+    model, tokenizer = compiled
+    with export_in_background(model, tmp_path / "plain", tokenizer=tokenizer, accuracy_level=0, fuse_layers=False,
+                              attention="model", verify_genai=False) as job:
+        child = job.wait()
+    assert (child.fused_groups, child.attention) == (0, "model")
+    default = export_onnx(model, tmp_path / "default", tokenizer=tokenizer, accuracy_level=0, progress=False,
+                          verify_genai=False)
+    assert default.fused_groups > 0 and default.attention == "grouped"
+
+
 def test_child_errors_are_raised_in_the_caller(tmp_path, compiled) -> None:
     model, tokenizer = compiled
     with export_in_background(model, tmp_path / "strict", tokenizer=tokenizer, rtol=1e-12,
