@@ -14,7 +14,6 @@ import onnx  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
-from autoqra.errors import ConfigError  # noqa: E402
 from autoqra.export import export_onnx  # noqa: E402
 from autoqra.export.attention import GROUPED, grouped_attention, grouped_query_attention  # noqa: E402
 from autoqra.export.verify import _feeds, session  # noqa: E402
@@ -98,7 +97,3 @@ def test_grouped_export_has_no_repeated_cache_and_the_same_logits(tmp_path) -> N
                 for r in (grouped, own))
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
 
-
-def test_bad_attention_argument(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="attention must be one of"):
-        export_onnx(tiny_llama(), tmp_path / "o", attention="flash")

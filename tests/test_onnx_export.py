@@ -292,6 +292,8 @@ def test_merged_adapters(tmp_path) -> None:
         (dict(rtol=0), ConfigError, "rtol must be > 0"),
         (dict(decode_steps=-1), ConfigError, "decode_steps"),
         (dict(with_past=False, verify_genai=True), ConfigError, "with_past=True"),
+        (dict(fuse_layers="yes"), ConfigError, "fuse_layers must be True or False"),
+        (dict(attention="flash"), ConfigError, "attention must be one of"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, error, words) -> None:

@@ -108,7 +108,7 @@ def grouped_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
     if config._attn_implementation != GROUPED:  # transformers declined (logged its own warning)
         yield False
         return
-    modules = [m for m in model.modules() if hasattr(m, "config") and isinstance(m, nn.Module)]
+    modules = [m for m in model.modules() if hasattr(m, "config")]  # attention modules carry the config
     for m in modules:
         m._autoqra_attention = original
     try:

@@ -43,7 +43,6 @@ class _Member:
     prefix: str  # the layer's initializer prefix (``<layer>.``)
     n: int
     output: Any  # the value the layer's consumers read before its bias
-    side: list[Any]  # the old side-path nodes (removed with the old product)
 
 
 def _attrs(node: Any) -> tuple[int, int, int, int]:
@@ -69,7 +68,7 @@ def _member(node: Any, initializers: dict[str, Any]) -> _Member | None:
     has_side = (prefix + "lora_A_t") in initializers or (prefix + "zero_fraction") in initializers
     y = node.outputs[0]
     if not has_side:
-        return _Member(node, prefix, node.attributes["N"].value, y, [])
+        return _Member(node, prefix, node.attributes["N"].value, y)
     uses = list(y.uses())
     if len(uses) != 1 or uses[0].node.op_type != "Add":
         return None
@@ -78,7 +77,7 @@ def _member(node: Any, initializers: dict[str, Any]) -> _Member | None:
     matmul = other.producer() if other is not None else None
     if matmul is None or matmul.op_type != "MatMul":
         return None
-    return _Member(node, prefix, node.attributes["N"].value, add.outputs[0], [add])
+    return _Member(node, prefix, node.attributes["N"].value, add.outputs[0])
 
 
 class _Builder:
