@@ -10,6 +10,10 @@ Plans (data-free, ``objective="deploy"``, so the run needs no calibration):
   most of a small model's bytes read per decoded token; the embedding stays float for its lookup).
 * ``uniform 4-bit r8 + 4-bit lm_head``: every layer and the ``lm_head`` at 4 bits, rank 8 (no 8-bit
   layers: their kernel is the slow one at decode).
+* ``uniform 4-bit, no adapters + 4-bit lm_head``: the same at rank 0: what the adapters cost at decode.
+
+``--genai-reference`` adds onnxruntime-genai's own model builder on the base model (its fp32 file and its
+int4 round-to-nearest file without adapters), timed in the same run: the export a user would otherwise make.
 
 Each is exported with the KV cache at ``accuracy_level`` 4 (int8 activations: the fast CPU kernels)
 and 0 (exact fp32), with the layers that share an input fused (``export_onnx``'s default; ``--unfused`` adds
@@ -21,7 +25,7 @@ untouched parameters (3-bit container cost separately); prompt latency (128 toke
 and per-token decode latency (32 steps after the prompt) under onnxruntime CPU, against the fp32
 ONNX export of the same base model and against PyTorch eager on the compiled model.
 
-    python benchmarks/onnx_export.py            # SmolLM2-135M, ~15 min on 2 cores
+    python benchmarks/onnx_export.py            # SmolLM2-135M, ~20 min on 2 cores
     python benchmarks/onnx_export.py --quick    # a tiny Llama (CI smoke)
     python benchmarks/onnx_export.py --model smollm2-360m-shape   # SmolLM2-360M's shape, random weights
 """
@@ -32,8 +36,10 @@ import argparse
 import copy
 import logging
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +58,57 @@ from benchmarks.common import smollm2_360m_shape, write_json  # noqa: E402
 logger = logging.getLogger("bench.onnx_export")
 
 
+class _OwnInputs:
+    """An onnxruntime session that drops the feeds its graph does not take (onnxruntime-genai's builder
+    computes the positions from ``attention_mask``: its files have no ``position_ids`` input)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self._session = session(path, threads)
+        self._inputs = {i.name for i in self._session.get_inputs()}
+
+    def get_outputs(self):  # type: ignore[no-untyped-def]
+        return self._session.get_outputs()
+
+    def run(self, names, feeds):  # type: ignore[no-untyped-def]
+        return self._session.run(names, {k: v for k, v in feeds.items() if k in self._inputs})
+
+
 def onnx_latency(path: Path, shape: DecoderShape, prompt_len: int, decode_steps: int, threads: int,
                  repeats: int) -> tuple[float, float]:
     """(prompt seconds, seconds per decoded token) of the KV-cache graph in onnxruntime."""
-    t = latency.onnx_latency(path, shape, prompt_len=prompt_len, decode_steps=decode_steps, repeats=repeats,
-                             threads=threads)
+    t = latency.onnx_latency(_OwnInputs(path, threads), shape, prompt_len=prompt_len, decode_steps=decode_steps,
+                             repeats=repeats)
     return t.prompt_s, t.decode_s
+
+
+def tiny_tokenizer(vocab: int):  # type: ignore[no-untyped-def]
+    """A word-level fast tokenizer of ``vocab`` tokens: onnxruntime-genai's builder saves one beside the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab)}
+    backend = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token="w1", bos_token="w1")
+
+
+def genai_builder(base: torch.nn.Module, tokenizer, root: Path, precision: str, level: int) -> Path:  # type: ignore[no-untyped-def]
+    """onnxruntime-genai's own model builder on the base model (saved as a Hugging Face folder): the reference
+    export a user would otherwise make. ``int4`` is its round-to-nearest quantization with the same group
+    (64) and the same activation accuracy level as autoqra's files, asymmetric like autoqra's format (but
+    integer zero points) and with no adapters. Returns the folder's ``model.onnx``."""
+    source, out = root / "hf", root / f"genai_{precision}"
+    if not source.is_dir():
+        base.save_pretrained(source)
+        tokenizer.save_pretrained(source)
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", "reference", "-i", str(source),
+               "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "genai_cache")]
+    if precision == "int4":
+        command += ["--extra_options", f"accuracy_level={level}", "block_size=64", "is_symmetric=0"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"onnxruntime-genai's builder failed ({precision}):\n{done.stderr[-3000:]}")
+    return out / "model.onnx"
 
 
 def torch_latency(model: torch.nn.Module, vocab: int, prompt_len: int, decode_steps: int,
@@ -69,7 +120,7 @@ def torch_latency(model: torch.nn.Module, vocab: int, prompt_len: int, decode_st
 
 def onnx_perplexity(path: Path, shape: DecoderShape, windows: torch.Tensor, threads: int) -> float:
     """Perplexity of the exported graph over ``windows [n, seq]`` (one window at a time, empty cache)."""
-    sess = session(path, threads)
+    sess = _OwnInputs(path, threads)
     nll, count = 0.0, 0
     for window in windows:
         logits = sess.run(["logits"], _feeds(window[None], shape, np.dtype("float32")))[0][0]
@@ -99,6 +150,10 @@ def main() -> None:
     parser.add_argument("--model-attention", action="store_true",
                         help="also export the fp32 base and every plan with attention='model' (the model's own "
                              "attention, repeating the KV cache per head) and time them")
+    parser.add_argument("--genai-reference", action="store_true",
+                        help="also build the base model with onnxruntime-genai's own model builder (fp32, and its "
+                             "int4 round-to-nearest: group 64, asymmetric, the first accuracy level, no adapters) and "
+                             "time both in this run: the reference a user would otherwise export")
     parser.add_argument("--skip-latency", action="store_true",
                         help="quality only: no latency figures (writes onnx_export_quality.json)")
     args = parser.parse_args()
@@ -129,7 +184,9 @@ def main() -> None:
                  "mixed 2/3/4/8": dict(bits=(2, 3, 4, 8), ranks=(0, 8), budget="5bits"),
                  "4-bit + 8-bit lm_head": dict(bits=(4, 8), ranks=(8,), budget="6.3bits", include=("lm_head",),
                                                 patterns={"lm_head": {"bits": 8}}),
-                 "uniform 4-bit r8 + 4-bit lm_head": dict(bits=(4,), ranks=(8,), budget="8bits", include=("lm_head",))}
+                 "uniform 4-bit r8 + 4-bit lm_head": dict(bits=(4,), ranks=(8,), budget="8bits", include=("lm_head",)),
+                 "uniform 4-bit, no adapters + 4-bit lm_head": dict(bits=(4,), ranks=(0,), budget="8bits",
+                                                                    include=("lm_head",))}
     if args.plans is not None:
         wanted = [p.strip() for p in args.plans.split(",") if p.strip()]
         unknown = [p for p in wanted if p not in plans]
@@ -183,7 +240,23 @@ def main() -> None:
                          plan_bytes=None, untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=own_prompt,
                          onnx_decode_s=own_decode, parity=own.parity.as_dict(), export_s=own.seconds, layers={},
                          onnx_ppl=None, torch_ppl=None, attention=own.attention))
-    write_json(name, payload)
+    if args.genai_reference:
+        reference_tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer(shape.vocab)
+        for precision, label in (("fp32", "onnxruntime-genai builder fp32"),
+                                 ("int4", "onnxruntime-genai builder int4 (RTN, no adapters)")):
+            logger.info("onnxruntime-genai's builder: %s", precision)
+            start = time.perf_counter()
+            path = genai_builder(base, reference_tokenizer, out_root, precision, levels[0])
+            built_s = time.perf_counter() - start
+            g_prompt, g_decode = timed(onnx_latency, path, shape, prompt_len, decode_steps, args.threads, repeats)
+            rows.append(dict(plan=label, accuracy_level=levels[0] if precision == "int4" else None,
+                             file_bytes=sum(f.stat().st_size for f in path.parent.glob("model.onnx*")),
+                             plan_bytes=None, untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=g_prompt,
+                             onnx_decode_s=g_decode, parity=None, export_s=built_s, layers={},
+                             onnx_ppl=None if windows is None else onnx_perplexity(path, shape, windows, args.threads),
+                             torch_ppl=None))
+            write_json(name, payload)
+            shutil.rmtree(path.parent, ignore_errors=True)
 
     for label, spec in plans.items():
         model = copy.deepcopy(base)
@@ -226,8 +299,8 @@ def main() -> None:
             f"{r['container_extra_bytes'] / 1e6:.2f}", f"{r['onnx_prompt_s'] * 1e3:.1f}",
             f"{r['onnx_decode_s'] * 1e3:.2f}", f"{r['onnx_decode_s'] / fp32_decode:.2f}",
             "—" if "torch_decode_s" not in r else f"{r['onnx_decode_s'] / r['torch_decode_s']:.2f}",
-            f"{r['parity']['max_rel']:.1e}",
-            f"{r['parity']['tokens_matched']}/{r['parity']['tokens_checked']}",
+            "—" if r["parity"] is None else f"{r['parity']['max_rel']:.1e}",
+            "—" if r["parity"] is None else f"{r['parity']['tokens_matched']}/{r['parity']['tokens_checked']}",
             "—" if r.get("onnx_ppl") is None else f"{r['onnx_ppl']:.2f}",
             "—" if r.get("torch_ppl") is None else f"{r['torch_ppl']:.2f}",
         ])

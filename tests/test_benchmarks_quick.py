@@ -20,10 +20,10 @@ def _results_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOQRA_BENCH_RESULTS", str(tmp_path))
 
 
-def run_quick(script: str, result: str, timeout: int = 120) -> dict:
+def run_quick(script: str, result: str, timeout: int = 120, extra: tuple[str, ...] = ()) -> dict:
     path = Path(os.environ["AUTOQRA_BENCH_RESULTS"]) / f"{result}.json"
     proc = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--quick"],
+        [sys.executable, f"benchmarks/{script}", "--quick", *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -132,9 +132,14 @@ def test_compile_memory_quick() -> None:
 def test_onnx_export_quick() -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    data = run_quick("onnx_export.py", "onnx_export_quick", timeout=600)
+    genai = __import__("importlib").util.find_spec("onnxruntime_genai") is not None
+    data = run_quick("onnx_export.py", "onnx_export_quick", timeout=600, extra=("--genai-reference",) * genai)
     rows = data["rows"]
-    assert [r["plan"] for r in rows] == ["fp32 base"] + ["mostly 4-bit"] * 2 + ["mixed 2/3/4/8"] * 2
+    reference = ["onnxruntime-genai builder fp32", "onnxruntime-genai builder int4 (RTN, no adapters)"] * genai
+    assert [r["plan"] for r in rows] == ["fp32 base", *reference] + ["mostly 4-bit"] * 2 + ["mixed 2/3/4/8"] * 2
+    for r in rows[1:1 + len(reference)]:  # the builder's files run through the same harness
+        assert r["onnx_decode_s"] > 0 and r["file_bytes"] > 0 and r["onnx_ppl"] > 1 and r["parity"] is None
+    rows = [rows[0], *rows[1 + len(reference):]]
     for r in rows:
         assert r["parity"]["tokens_checked"] == 16 and r["onnx_decode_s"] > 0 and r["file_bytes"] > 0
         assert r["onnx_ppl"] > 1 and abs(r["onnx_ppl"] / r["torch_ppl"] - 1) < 0.05
