@@ -95,8 +95,10 @@ def tiny_tokenizer(vocab: int):  # type: ignore[no-untyped-def]
 def genai_builder(base: torch.nn.Module, tokenizer, root: Path, precision: str, level: int) -> Path:  # type: ignore[no-untyped-def]
     """onnxruntime-genai's own model builder on the base model (saved as a Hugging Face folder): the reference
     export a user would otherwise make. ``int4`` is its round-to-nearest quantization with the same group
-    (64) and the same activation accuracy level as autoqra's files, asymmetric like autoqra's format (but
-    integer zero points) and with no adapters. Returns the folder's ``model.onnx``."""
+    (64) and the same activation accuracy level as autoqra's files, with no adapters; symmetric, the builder's
+    default (its asymmetric option, ``is_symmetric=0``, wrote a file onnxruntime 1.32 refused to load for
+    SmolLM2's tied embedding: a uint8 ``Reshape`` output where float was expected). Returns the folder's
+    ``model.onnx``."""
     source, out = root / "hf", root / f"genai_{precision}"
     if not source.is_dir():
         base.save_pretrained(source)
@@ -104,7 +106,7 @@ def genai_builder(base: torch.nn.Module, tokenizer, root: Path, precision: str, 
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", "reference", "-i", str(source),
                "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "genai_cache")]
     if precision == "int4":
-        command += ["--extra_options", f"accuracy_level={level}", "block_size=64", "is_symmetric=0"]
+        command += ["--extra_options", f"accuracy_level={level}", "block_size=64"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"onnxruntime-genai's builder failed ({precision}):\n{done.stderr[-3000:]}")
@@ -152,8 +154,11 @@ def main() -> None:
                              "attention, repeating the KV cache per head) and time them")
     parser.add_argument("--genai-reference", action="store_true",
                         help="also build the base model with onnxruntime-genai's own model builder (fp32, and its "
-                             "int4 round-to-nearest: group 64, asymmetric, the first accuracy level, no adapters) and "
+                             "int4 round-to-nearest: group 64, symmetric, the first accuracy level, no adapters) and "
                              "time both in this run: the reference a user would otherwise export")
+    parser.add_argument("--prompt-len", type=int, default=128,
+                        help="tokens in the prompt before the timed decode steps (default 128; the KV cache the "
+                             "decode reads grows with it)")
     parser.add_argument("--skip-latency", action="store_true",
                         help="quality only: no latency figures (writes onnx_export_quality.json)")
     args = parser.parse_args()
@@ -179,7 +184,7 @@ def main() -> None:
         if args.model == "smollm2-360m-shape":
             base = smollm2_360m_shape(base)
         windows = lee_windows(tokenizer, split="eval", seq_len=512, n=args.ppl_windows) if args.ppl_windows else None
-        prompt_len, decode_steps, repeats = 128, 32, 5
+        prompt_len, decode_steps, repeats = args.prompt_len, 32, 5
         plans = {"mostly 4-bit": dict(bits=(4, 8), ranks=(8,), budget="5.3bits"),
                  "mixed 2/3/4/8": dict(bits=(2, 3, 4, 8), ranks=(0, 8), budget="5bits"),
                  "4-bit + 8-bit lm_head": dict(bits=(4, 8), ranks=(8,), budget="6.3bits", include=("lm_head",),
