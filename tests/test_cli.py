@@ -179,13 +179,15 @@ def test_compile_export_onnx_then_export_command(model_dir, tmp_path, capsys):
     pytest.importorskip("onnxscript")
     out_dir = tmp_path / "out"
     code = main(["compile", str(model_dir), "--budget", "5bits", "--calib", "none", "--out", str(out_dir),
-                 "--export-onnx", str(tmp_path / "onnx"), "--accuracy-level", "0"])
+                 "--export-onnx", str(tmp_path / "onnx"), "--accuracy-level", "0", "--genai-threads", "2"])
     assert code == 0
     out = capsys.readouterr().out
     assert "MatMulNBits" in out and "greedy tokens equal 16/16" in out
     assert "groups of layers that read one input run as one MatMulNBits each" in out
     assert {"model.onnx", "genai_config.json", "export_report.json", "tokenizer.json"} <= {
         p.name for p in (tmp_path / "onnx").iterdir()}
+    genai = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 2  # and genai decoded with it
     code = main(["export", str(out_dir / "model"), "--base", str(model_dir), "--out", str(tmp_path / "plain"),
                  "--no-past", "--no-fuse", "--model-attention"])
     assert code == 0

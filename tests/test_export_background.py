@@ -4,6 +4,7 @@ and given back, the child's errors raised here, a running child stopped by ``clo
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -67,12 +68,16 @@ def test_background_export_writes_what_export_onnx_writes(tmp_path, compiled) ->
 def test_graph_options_reach_the_child(tmp_path, compiled) -> None:
     model, tokenizer = compiled
     with export_in_background(model, tmp_path / "plain", tokenizer=tokenizer, accuracy_level=0, fuse_layers=False,
-                              attention="model", verify_genai=False) as job:
+                              attention="model", verify_genai=False, genai_threads=3) as job:
         child = job.wait()
     assert (child.fused_groups, child.attention) == (0, "model")
+    options = json.loads((tmp_path / "plain" / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert options["intra_op_num_threads"] == 3
     default = export_onnx(model, tmp_path / "default", tokenizer=tokenizer, accuracy_level=0, progress=False,
                           verify_genai=False)
     assert default.fused_groups > 0 and default.attention == "grouped"
+    options = json.loads((tmp_path / "default" / "genai_config.json").read_text())["model"]["decoder"]
+    assert "intra_op_num_threads" not in options["session_options"]  # onnxruntime's own choice
 
 
 def test_child_errors_are_raised_in_the_caller(tmp_path, compiled) -> None:

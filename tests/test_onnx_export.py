@@ -294,6 +294,10 @@ def test_merged_adapters(tmp_path) -> None:
         (dict(with_past=False, verify_genai=True), ConfigError, "with_past=True"),
         (dict(fuse_layers="yes"), ConfigError, "fuse_layers must be True or False"),
         (dict(attention="flash"), ConfigError, "attention must be one of"),
+        (dict(genai_threads=0), ConfigError, "genai_threads must be None or an int >= 1"),
+        (dict(genai_threads=True), ConfigError, "genai_threads must be None or an int >= 1"),
+        (dict(genai_threads=2.0), ConfigError, "genai_threads must be None or an int >= 1"),
+        (dict(genai_threads=2, with_past=False), ConfigError, "genai_threads needs with_past=True"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, error, words) -> None:

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 #: the `export_onnx` arguments the child accepts (JSON values); ``tokenizer`` travels as files, and
 #: the child shows no progress bar
 _ARGUMENTS = frozenset({"with_past", "adapters", "opset", "accuracy_level", "verify_export", "rtol", "decode_steps",
-                        "verify_genai", "fuse_layers", "attention"})
+                        "verify_genai", "fuse_layers", "attention", "genai_threads"})
 _LOG_TAIL = 4000
 
 

@@ -90,7 +90,8 @@ def genai_config(model: nn.Module, shape: DecoderShape, filename: str, *, thread
     }
 
 
-def write_genai_config(directory: Path, model: nn.Module, shape: DecoderShape, filename: str) -> Path:
+def write_genai_config(directory: Path, model: nn.Module, shape: DecoderShape, filename: str, *,
+                       threads: int | None = None) -> Path:
     path = directory / "genai_config.json"
-    path.write_text(json.dumps(genai_config(model, shape, filename), indent=2) + "\n")
+    path.write_text(json.dumps(genai_config(model, shape, filename, threads=threads), indent=2) + "\n")
     return path
