@@ -10,10 +10,11 @@ Plans (data-free, ``objective="deploy"``, so the run needs no calibration):
   most of a small model's bytes read per decoded token; the embedding stays float for its lookup).
 * ``uniform 4-bit r8 + 4-bit lm_head``: every layer and the ``lm_head`` at 4 bits, rank 8 (no 8-bit
   layers: their kernel is the slow one at decode).
-* ``uniform 4-bit, no adapters + 4-bit lm_head``: the same at rank 0: what the adapters cost at decode.
+* ``uniform 4-bit r0 + 4-bit lm_head``: the same without adapters (rank 0): what the adapters cost at decode.
 
 ``--genai-reference`` adds onnxruntime-genai's own model builder on the base model (its fp32 file and its
 int4 round-to-nearest file without adapters), timed in the same run: the export a user would otherwise make.
+``--genai-runtime`` also times every folder under onnxruntime-genai's own runtime (``og.Generator``).
 
 Each is exported with the KV cache at ``accuracy_level`` 4 (int8 activations: the fast CPU kernels)
 and 0 (exact fp32), with the layers that share an input fused (``export_onnx``'s default; ``--unfused`` adds
@@ -156,6 +157,9 @@ def main() -> None:
                         help="also build the base model with onnxruntime-genai's own model builder (fp32, and its "
                              "int4 round-to-nearest: group 64, symmetric, the first accuracy level, no adapters) and "
                              "time both in this run: the reference a user would otherwise export")
+    parser.add_argument("--genai-runtime", action="store_true",
+                        help="also time every KV-cache folder under onnxruntime-genai's own runtime (og.Generator, "
+                             "--threads intra-op threads): what the exported folder does where it is meant to run")
     parser.add_argument("--prompt-len", type=int, default=128,
                         help="tokens in the prompt before the timed decode steps (default 128; the KV cache the "
                              "decode reads grows with it)")
@@ -190,7 +194,7 @@ def main() -> None:
                  "4-bit + 8-bit lm_head": dict(bits=(4, 8), ranks=(8,), budget="6.3bits", include=("lm_head",),
                                                 patterns={"lm_head": {"bits": 8}}),
                  "uniform 4-bit r8 + 4-bit lm_head": dict(bits=(4,), ranks=(8,), budget="8bits", include=("lm_head",)),
-                 "uniform 4-bit, no adapters + 4-bit lm_head": dict(bits=(4,), ranks=(0,), budget="8bits",
+                 "uniform 4-bit r0 + 4-bit lm_head": dict(bits=(4,), ranks=(0,), budget="8bits",
                                                                     include=("lm_head",))}
     if args.plans is not None:
         wanted = [p.strip() for p in args.plans.split(",") if p.strip()]
@@ -220,6 +224,14 @@ def main() -> None:
     def timed(fn, *a):  # type: ignore[no-untyped-def]
         return (float("nan"), float("nan")) if args.skip_latency else fn(*a)
 
+    def runtime(folder: Path) -> dict:
+        """onnxruntime-genai's figures for one folder (None without --genai-runtime)."""
+        if not args.genai_runtime or args.skip_latency:
+            return dict(genai_prompt_s=None, genai_decode_s=None)
+        t = latency.genai_latency(folder, prompt_len=prompt_len, decode_steps=decode_steps, repeats=repeats,
+                                  threads=args.threads)
+        return dict(genai_prompt_s=t.prompt_s, genai_decode_s=t.decode_s)
+
     def quality(model, path):  # type: ignore[no-untyped-def]
         if windows is None:
             return None, None
@@ -235,7 +247,7 @@ def main() -> None:
     rows.append(dict(plan="fp32 base", accuracy_level=None, file_bytes=fp32.file_bytes, plan_bytes=None, untouched_bytes=None,
                      container_extra_bytes=0, onnx_prompt_s=fp32_prompt, onnx_decode_s=fp32_decode,
                      parity=fp32.parity.as_dict(), export_s=fp32.seconds, layers={}, onnx_ppl=fp32_onnx_ppl,
-                     torch_ppl=fp32_torch_ppl, attention=fp32.attention))
+                     torch_ppl=fp32_torch_ppl, attention=fp32.attention, **runtime(fp32.directory)))
     if args.model_attention:
         own = export_onnx(base, out_root / "fp32_model_attention", tokenizer=tokenizer, accuracy_level=0,
                           attention="model")
@@ -244,7 +256,7 @@ def main() -> None:
         rows.append(dict(plan="fp32 base (model's attention)", accuracy_level=None, file_bytes=own.file_bytes,
                          plan_bytes=None, untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=own_prompt,
                          onnx_decode_s=own_decode, parity=own.parity.as_dict(), export_s=own.seconds, layers={},
-                         onnx_ppl=None, torch_ppl=None, attention=own.attention))
+                         onnx_ppl=None, torch_ppl=None, attention=own.attention, **runtime(own.directory)))
     if args.genai_reference:
         reference_tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer(shape.vocab)
         for precision, label in (("fp32", "onnxruntime-genai builder fp32"),
@@ -259,7 +271,7 @@ def main() -> None:
                              plan_bytes=None, untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=g_prompt,
                              onnx_decode_s=g_decode, parity=None, export_s=built_s, layers={},
                              onnx_ppl=None if windows is None else onnx_perplexity(path, shape, windows, args.threads),
-                             torch_ppl=None))
+                             torch_ppl=None, **runtime(path.parent)))
             write_json(name, payload)
             shutil.rmtree(path.parent, ignore_errors=True)
 
@@ -285,16 +297,17 @@ def main() -> None:
                 container_extra_bytes=exported.container_extra_bytes, onnx_prompt_s=o_prompt,
                 onnx_decode_s=o_decode, torch_prompt_s=t_prompt, torch_decode_s=t_decode,
                 parity=exported.parity.as_dict(), export_s=exported.seconds, layers=exported.layers,
-                onnx_ppl=onnx_ppl, torch_ppl=torch_ppl,
+                onnx_ppl=onnx_ppl, torch_ppl=torch_ppl, **runtime(exported.directory),
             ))
             write_json(name, payload)
             shutil.rmtree(exported.directory, ignore_errors=True)
         write_json(name, payload)
         del model
 
+    genai_columns = args.genai_runtime and not args.skip_latency
     header = ["plan", "level", "file MB", "plan + untouched MB", "file / expected", "3-bit container MB",
               "prompt ms", "decode ms/token", "decode vs fp32 ONNX", "decode vs torch", "logits max rel",
-              "tokens equal", "ppl ONNX", "ppl torch"]
+              "tokens equal", "ppl ONNX", "ppl torch"] + ["genai decode ms", "genai vs fp32"] * genai_columns
     body = []
     for r in rows:
         expected = None if r["plan_bytes"] is None else r["plan_bytes"] + r["untouched_bytes"]
@@ -308,7 +321,8 @@ def main() -> None:
             "—" if r["parity"] is None else f"{r['parity']['tokens_matched']}/{r['parity']['tokens_checked']}",
             "—" if r.get("onnx_ppl") is None else f"{r['onnx_ppl']:.2f}",
             "—" if r.get("torch_ppl") is None else f"{r['torch_ppl']:.2f}",
-        ])
+        ] + ([] if not genai_columns else [
+            f"{r['genai_decode_s'] * 1e3:.2f}", f"{r['genai_decode_s'] / rows[0]['genai_decode_s']:.2f}"]))
     print(table(header, body))
 
 

@@ -133,12 +133,14 @@ def test_onnx_export_quick() -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     genai = __import__("importlib").util.find_spec("onnxruntime_genai") is not None
-    data = run_quick("onnx_export.py", "onnx_export_quick", timeout=600, extra=("--genai-reference",) * genai)
+    data = run_quick("onnx_export.py", "onnx_export_quick", timeout=600,
+                     extra=("--genai-reference", "--genai-runtime") * genai)
     rows = data["rows"]
     reference = ["onnxruntime-genai builder fp32", "onnxruntime-genai builder int4 (RTN, no adapters)"] * genai
     assert [r["plan"] for r in rows] == ["fp32 base", *reference] + ["mostly 4-bit"] * 2 + ["mixed 2/3/4/8"] * 2
     for r in rows[1:1 + len(reference)]:  # the builder's files run through the same harness
         assert r["onnx_decode_s"] > 0 and r["file_bytes"] > 0 and r["onnx_ppl"] > 1 and r["parity"] is None
+    assert all((r["genai_decode_s"] > 0) if genai else r["genai_decode_s"] is None for r in rows)
     rows = [rows[0], *rows[1 + len(reference):]]
     for r in rows:
         assert r["parity"]["tokens_checked"] == 16 and r["onnx_decode_s"] > 0 and r["file_bytes"] > 0

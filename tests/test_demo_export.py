@@ -20,7 +20,7 @@ from autoqra.analysis import untouched_bytes  # noqa: E402
 from autoqra.demo_export import export_demo  # noqa: E402
 from autoqra.errors import ConfigError  # noqa: E402
 from autoqra.export.decoder import decoder_shape  # noqa: E402
-from autoqra.export.latency import onnx_latency, torch_latency  # noqa: E402
+from autoqra.export.latency import genai_latency, onnx_latency, torch_latency  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,6 +57,11 @@ def test_export_demo_measures_the_exported_file(tmp_path) -> None:
                                 prompt=False),
                    torch_latency(model, shape.vocab, prompt_len=4, decode_steps=2, repeats=1, prompt=False)):
         assert timing.prompt_s is None and timing.decode_s > 0  # decode only (what the demo shows)
+    if __import__("importlib").util.find_spec("onnxruntime_genai") is not None:  # the runtime the folder targets
+        for threads, prompt in ((None, True), (1, False)):
+            timing = genai_latency(tmp_path / "onnx", prompt_len=4, decode_steps=3, repeats=1, threads=threads,
+                                   prompt=prompt)
+            assert (timing.prompt_s is None) != prompt and timing.decode_s > 0
 
 
 def test_latency_helpers_check_their_arguments() -> None:
@@ -65,3 +70,5 @@ def test_latency_helpers_check_their_arguments() -> None:
         torch_latency(model, decoder_shape(model).vocab, decode_steps=0)
     with pytest.raises(ConfigError, match="repeats must be an int >= 1"):
         onnx_latency("missing.onnx", decoder_shape(model), repeats=True)
+    with pytest.raises(ConfigError, match="threads must be None or an int >= 1"):
+        genai_latency("missing", threads=0)

@@ -4,10 +4,15 @@ tokens, then ``decode_steps`` greedy tokens one at a time; medians over ``repeat
 warm-up. ``prompt=False`` skips timing the prompt on its own (``prompt_s`` is then None; the demo shows
 decode only). Used by ``autoqra demo`` and ``benchmarks/onnx_export.py``. Absolute times depend on the
 machine and its load: compare figures measured in one run.
+
+:func:`genai_latency` measures the same two figures under onnxruntime-genai's own runtime (``og.Generator``,
+greedy search), the runtime the exported folder targets: the prompt is the time of ``append_tokens``, the decode
+the time per ``generate_next_token``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +27,7 @@ from autoqra.errors import ConfigError
 from autoqra.export.decoder import DecoderShape, _cache_argument
 from autoqra.export.verify import _feeds, session
 
-__all__ = ["Latency", "onnx_latency", "torch_latency"]
+__all__ = ["Latency", "genai_latency", "onnx_latency", "torch_latency"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +106,40 @@ def torch_latency(model: nn.Module, vocab: int, *, prompt_len: int = 128, decode
         return (time.perf_counter() - start) / decode_steps
 
     return Latency(prompt_s, _median_of(decode, max(1, repeats // 2)))
+
+
+def genai_latency(directory: str | Path, *, prompt_len: int = 128, decode_steps: int = 32, repeats: int = 5,
+                  threads: int | None = None, prompt: bool = True) -> Latency:
+    """Latency of an exported folder (``genai_config.json`` + ``model.onnx``) under onnxruntime-genai:
+    ``threads`` overrides the config's intra-op threads for this measurement only (None: the folder's
+    setting, or onnxruntime's default). Tokens are drawn as in :func:`onnx_latency`; generation cannot stop
+    early (``min_length`` = the whole length)."""
+    _check(prompt_len, decode_steps, repeats)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"latency: threads must be None or an int >= 1, got {threads!r}")
+    import onnxruntime_genai as og
+
+    folder = Path(directory)
+    vocab = int(json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"])
+    config = og.Config(str(folder))
+    if threads is not None:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    ids = _prompt(vocab, prompt_len)[0].numpy().astype(np.int32)
+    length = prompt_len + decode_steps
+
+    def run() -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(ids)
+        appended = time.perf_counter()
+        for _ in range(decode_steps):
+            generator.generate_next_token()
+        return appended - start, (time.perf_counter() - appended) / decode_steps
+
+    run()  # warm-up
+    timings = [run() for _ in range(repeats)]
+    return Latency(float(np.median([t[0] for t in timings])) if prompt else None,
+                   float(np.median([t[1] for t in timings])))
