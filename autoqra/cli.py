@@ -198,9 +198,18 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-attention", action="store_true",
                    help="trace the model's own attention (default: grouped-query attention that reads the KV cache "
                         "once instead of repeating it per head)")
+    p.add_argument("--ort-attention", action="store_true",
+                   help="onnxruntime's GroupQueryAttention, one op a layer, with a shared KV buffer in "
+                        "onnxruntime-genai (faster there; slower at long contexts in plain onnxruntime)")
     p.add_argument("--genai-threads", type=int, default=None, metavar="N",
                    help="onnxruntime-genai's intra-op threads in genai_config.json (default: onnxruntime's own "
                         "choice, half the hardware threads); the deployment machine's cores decode faster")
+
+
+def _attention(args: argparse.Namespace) -> str:
+    if args.model_attention and args.ort_attention:
+        raise ConfigError("--model-attention and --ort-attention exclude each other: pick one attention form")
+    return "model" if args.model_attention else "onnxruntime" if args.ort_attention else "grouped"
 
 
 def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
@@ -211,7 +220,7 @@ def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> 
     result = export_onnx(model, out, with_past=not args.no_past, adapters=args.adapters, opset=args.opset,
                          accuracy_level=args.accuracy_level, verify_export=not args.no_verify, tokenizer=tokenizer,
                          progress=not args.quiet, fuse_layers=not args.no_fuse,
-                         attention="model" if args.model_attention else "grouped", genai_threads=args.genai_threads)
+                         attention=_attention(args), genai_threads=args.genai_threads)
     print(table(["layers", "count"], [[k, v] for k, v in result.layers.items()]))
     if result.fused_groups:
         print(f"{result.fused_groups} groups of layers that read one input run as one MatMulNBits each")

@@ -14,7 +14,8 @@ Plans (data-free, ``objective="deploy"``, so the run needs no calibration):
 
 ``--genai-reference`` adds onnxruntime-genai's own model builder on the base model (its fp32 file and its
 int4 round-to-nearest file without adapters), timed in the same run: the export a user would otherwise make.
-``--genai-runtime`` also times every folder under onnxruntime-genai's own runtime (``og.Generator``).
+``--genai-runtime`` also times every folder under onnxruntime-genai's own runtime (``og.Generator``);
+``--ort-attention`` adds the fp32 base and each plan exported with ``attention="onnxruntime"``.
 
 Each is exported with the KV cache at ``accuracy_level`` 4 (int8 activations: the fast CPU kernels)
 and 0 (exact fp32), with the layers that share an input fused (``export_onnx``'s default; ``--unfused`` adds
@@ -157,6 +158,9 @@ def main() -> None:
                         help="also build the base model with onnxruntime-genai's own model builder (fp32, and its "
                              "int4 round-to-nearest: group 64, symmetric, the first accuracy level, no adapters) and "
                              "time both in this run: the reference a user would otherwise export")
+    parser.add_argument("--ort-attention", action="store_true",
+                        help="also export the fp32 base and every plan with attention='onnxruntime' (onnxruntime's "
+                             "GroupQueryAttention, a shared KV buffer in onnxruntime-genai) and time them")
     parser.add_argument("--genai-runtime", action="store_true",
                         help="also time every KV-cache folder under onnxruntime-genai's own runtime (og.Generator, "
                              "--threads intra-op threads): what the exported folder does where it is meant to run")
@@ -257,6 +261,15 @@ def main() -> None:
                          plan_bytes=None, untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=own_prompt,
                          onnx_decode_s=own_decode, parity=own.parity.as_dict(), export_s=own.seconds, layers={},
                          onnx_ppl=None, torch_ppl=None, attention=own.attention, **runtime(own.directory)))
+    if args.ort_attention:
+        ort = export_onnx(base, out_root / "fp32_ort_attention", tokenizer=tokenizer, accuracy_level=0,
+                          attention="onnxruntime")
+        ort_prompt, ort_decode = timed(onnx_latency, ort.model_file, shape, prompt_len, decode_steps, args.threads,
+                                       repeats)
+        rows.append(dict(plan="fp32 base (GroupQueryAttention)", accuracy_level=None, file_bytes=ort.file_bytes,
+                         plan_bytes=None, untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=ort_prompt,
+                         onnx_decode_s=ort_decode, parity=ort.parity.as_dict(), export_s=ort.seconds, layers={},
+                         onnx_ppl=None, torch_ppl=None, attention=ort.attention, **runtime(ort.directory)))
     if args.genai_reference:
         reference_tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer(shape.vocab)
         for precision, label in (("fp32", "onnxruntime-genai builder fp32"),
@@ -281,7 +294,8 @@ def main() -> None:
                                  select=False, cache_dir=None, progress=False, patterns=spec.get("patterns"),
                                  include=spec.get("include", ()))
         t_prompt, t_decode = timed(torch_latency, model, shape.vocab, prompt_len, decode_steps, repeats)
-        forms = [(True, "grouped")] + [(False, "grouped")] * args.unfused + [(True, "model")] * args.model_attention
+        forms = ([(True, "grouped")] + [(False, "grouped")] * args.unfused + [(True, "model")] * args.model_attention
+                 + [(True, "onnxruntime")] * args.ort_attention)
         variants = [(level, fuse, attention) for level in levels for fuse, attention in forms]
         for level, fuse, attention in variants:
             tag = f"{label.replace(' ', '_').replace('/', '')}_{level}_{int(fuse)}_{attention}"
@@ -291,7 +305,8 @@ def main() -> None:
                                          args.threads, repeats)
             onnx_ppl, torch_ppl = quality(model, exported.model_file)
             rows.append(dict(
-                plan=label + ("" if fuse else " (unfused)") + ("" if attention == "grouped" else " (model's attention)"),
+                plan=label + ("" if fuse else " (unfused)") + {"grouped": "", "model": " (model's attention)",
+                                                               "onnxruntime": " (GroupQueryAttention)"}[attention],
                 accuracy_level=level, fuse_layers=fuse, attention=exported.attention, fused_groups=exported.fused_groups, file_bytes=exported.file_bytes,
                 plan_bytes=int(result.plan.total_bytes), untouched_bytes=untouched_bytes(base, result.program.graph),
                 container_extra_bytes=exported.container_extra_bytes, onnx_prompt_s=o_prompt,

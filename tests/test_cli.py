@@ -8,6 +8,7 @@ import pytest
 from tiny_hf_dir import save_tiny_hf_model, write_text
 
 from autoqra.cli import build_parser, main
+from autoqra.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,8 @@ def test_compile_export_onnx_then_export_command(model_dir, tmp_path, capsys):
     pytest.importorskip("onnxscript")
     out_dir = tmp_path / "out"
     code = main(["compile", str(model_dir), "--budget", "5bits", "--calib", "none", "--out", str(out_dir),
-                 "--export-onnx", str(tmp_path / "onnx"), "--accuracy-level", "0", "--genai-threads", "2"])
+                 "--export-onnx", str(tmp_path / "onnx"), "--accuracy-level", "0", "--genai-threads", "2",
+                 "--ort-attention"])
     assert code == 0
     out = capsys.readouterr().out
     assert "MatMulNBits" in out and "greedy tokens equal 16/16" in out
@@ -188,6 +190,8 @@ def test_compile_export_onnx_then_export_command(model_dir, tmp_path, capsys):
         p.name for p in (tmp_path / "onnx").iterdir()}
     genai = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 2  # and genai decoded with it
+    assert genai["search"]["past_present_share_buffer"] is True  # every layer one GroupQueryAttention
+    assert json.loads((tmp_path / "onnx" / "export_report.json").read_text())["attention"] == "onnxruntime"
     code = main(["export", str(out_dir / "model"), "--base", str(model_dir), "--out", str(tmp_path / "plain"),
                  "--no-past", "--no-fuse", "--model-attention"])
     assert code == 0
@@ -212,6 +216,21 @@ def test_finetune_checks_its_inputs_before_loading_the_base(tmp_path, capsys, ex
     code = main(["finetune", str(folder), "--base", "/does/not/exist", "--out", str(tmp_path / "o"), *extra])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "attention"), [
+    ([], "grouped"), (["--model-attention"], "model"), (["--ort-attention"], "onnxruntime"),
+    (["--model-attention", "--ort-attention"], None),
+])
+def test_export_attention_flags(flags, attention):
+    from autoqra.cli import _attention
+
+    args = build_parser().parse_args(["export", "folder", "--out", "o", *flags])
+    if attention is None:
+        with pytest.raises(ConfigError, match="exclude each other"):
+            _attention(args)
+    else:
+        assert _attention(args) == attention
 
 
 def test_export_checks_the_folder_before_loading_the_base(tmp_path, capsys):

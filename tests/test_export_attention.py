@@ -1,5 +1,6 @@
 """Grouped-query attention for the ONNX export (autoqra/export/attention.py): same numbers as the model's
-own attention, fewer nodes, the model's implementation restored, the odd cases on the model's own path."""
+own attention, fewer nodes, the model's implementation restored, the odd cases on the model's own path; and
+onnxruntime's GroupQueryAttention (autoqra/export/gqa.py): the op's reference, one node a layer, the shared buffer."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 
 from autoqra.export import export_onnx  # noqa: E402
 from autoqra.export.attention import GROUPED, grouped_attention, grouped_query_attention  # noqa: E402
+from autoqra.export.decoder import decoder_shape  # noqa: E402
 from autoqra.export.verify import _feeds, session  # noqa: E402
 
 
@@ -97,3 +99,54 @@ def test_grouped_export_has_no_repeated_cache_and_the_same_logits(tmp_path) -> N
                 for r in (grouped, own))
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
 
+
+
+@pytest.mark.parametrize("b, s, p", [(1, 4, 0), (2, 3, 0), (1, 3, 5), (2, 1, 6)])
+def test_group_query_attention_op_equals_the_reference(b, s, p) -> None:
+    from autoqra.export.gqa import group_query_attention, reference_attention
+
+    heads, kv, d = 6, 2, 8
+    gen = torch.Generator().manual_seed(10 * b + s + p)
+    q, k, v = (torch.randn(b, s, n * d, generator=gen) for n in (heads, kv, kv))
+    past_k, past_v = torch.randn(b, kv, p, d, generator=gen), torch.randn(b, kv, p, d, generator=gen)
+    bias = _causal_mask(s, p + s, b)
+    if b > 1:
+        bias[1, ..., :1] = torch.finfo(torch.float32).min  # the second row left-padded
+    out, present_k, present_v = group_query_attention(q, k, v, past_k, past_v, bias, heads, kv, 0.25)
+    assert torch.equal(present_k, torch.cat([past_k, k.view(b, s, kv, d).transpose(1, 2)], 2))
+    assert torch.equal(present_v, torch.cat([past_v, v.view(b, s, kv, d).transpose(1, 2)], 2))
+    ref = reference_attention(q.view(b, s, heads, d).transpose(1, 2), present_k, present_v, bias, 0.25)
+    assert torch.allclose(out, ref.transpose(1, 2).reshape(b, s, heads * d), atol=1e-6)
+
+
+def test_onnxruntime_attention_outside_a_split_cache_takes_the_grouped_form() -> None:
+    from autoqra.export.gqa import onnxruntime_attention
+
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 2, 2, 8)
+    mask = _causal_mask(2, 2, 1)
+    got, _ = onnxruntime_attention(_Module(2), q, k, k, mask, scaling=0.3)
+    ref, _ = grouped_query_attention(_Module(2), q, k, k, mask, scaling=0.3)
+    assert torch.equal(got, ref)
+
+
+def test_onnxruntime_attention_export_is_one_op_a_layer_and_shares_the_cache_buffer(tmp_path) -> None:
+    import json
+
+    model = tiny_llama()
+    fused = export_onnx(model, tmp_path / "ort", accuracy_level=0, attention="onnxruntime")
+    plain = export_onnx(model, tmp_path / "grouped", accuracy_level=0, verify_genai=False)
+    assert (fused.attention, plain.attention) == ("onnxruntime", "grouped")
+    ops = [n.op_type for n in onnx.load(str(fused.model_file)).graph.node]
+    assert ops.count("GroupQueryAttention") == model.config.num_hidden_layers
+    assert fused.parity.max_rel < 1e-5 and fused.parity.tokens_matched == 16
+    if fused.parity.genai_tokens_match is not None:  # onnxruntime-genai decoded through the shared buffer
+        assert fused.parity.genai_tokens_match
+    shared = {r: json.loads((tmp_path / r / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+              for r in ("ort", "grouped")}
+    assert shared == {"ort": True, "grouped": False}
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    got, ref = (session(r.model_file).run(["logits"], _feeds(ids, decoder_shape(model), np.dtype("float32")))[0]
+                for r in (fused, plain))
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+    logits = export_onnx(model, tmp_path / "no_past", with_past=False, accuracy_level=0, attention="onnxruntime")
+    assert logits.attention == "grouped"  # no cache to split: the grouped form

@@ -16,9 +16,9 @@ within 2.3e-6 relative). A layer whose call this form does not cover (a logit so
 sinks, a position bias, dropout, a per-head mask, no mask at all) runs the model's own attention
 function with the same mask.
 
-Used by :func:`autoqra.export.export_onnx` (``attention="grouped"``, default) for models whose
-attention implementation is ``sdpa`` or ``eager`` and that can switch it; the model's own
-implementation is restored afterwards.
+Used by :func:`autoqra.export.export_onnx` (``attention="grouped"``, and as the fallback of
+``attention="onnxruntime"``, :mod:`autoqra.export.gqa`) for models whose attention implementation is
+``sdpa`` or ``eager`` and that can switch it; the model's own implementation is restored afterwards.
 """
 
 from __future__ import annotations
@@ -32,14 +32,18 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ATTENTION_MODES", "GROUPED", "grouped_attention", "grouped_query_attention"]
+__all__ = ["ATTENTION_MODES", "GROUPED", "ONNXRUNTIME", "grouped_attention", "grouped_query_attention",
+           "switched_attention"]
 
 logger = logging.getLogger(__name__)
 
 #: the name registered with transformers' attention and mask interfaces
 GROUPED = "autoqra_grouped"
-#: ``export_onnx(attention=...)``: the grouped form, or the model's own implementation
-ATTENTION_MODES = ("grouped", "model")
+#: the name of :func:`autoqra.export.gqa.onnxruntime_attention` in the same interfaces
+ONNXRUNTIME = "autoqra_onnxruntime"
+#: ``export_onnx(attention=...)``: onnxruntime's fused op, the grouped form, or the model's own implementation
+ATTENTION_MODES = ("onnxruntime", "grouped", "model")
+_REGISTERED = {"grouped": GROUPED, "onnxruntime": ONNXRUNTIME}
 _SWITCHABLE = ("sdpa", "eager")
 _UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
 
@@ -84,35 +88,49 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+    from autoqra.export.gqa import onnxruntime_attention
+
     AttentionInterface.register(GROUPED, grouped_query_attention)
     AttentionMaskInterface.register(GROUPED, eager_mask)
+    AttentionInterface.register(ONNXRUNTIME, onnxruntime_attention)
+    AttentionMaskInterface.register(ONNXRUNTIME, eager_mask)
 
 
 @contextlib.contextmanager
 def grouped_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
-    """Switch a Hugging Face model to :func:`grouped_query_attention` inside the block (yields whether
-    it did); its own implementation is restored on exit, also on error. A model that is not an HF
-    model, uses another implementation (flash, flex) or cannot switch is left as it is."""
+    """:func:`switched_attention` to ``"grouped"`` (yields whether the model switched)."""
+    with switched_attention(model, "grouped" if enabled else "model") as mode:
+        yield mode == "grouped"
+
+
+@contextlib.contextmanager
+def switched_attention(model: nn.Module, mode: str) -> Iterator[str]:
+    """Switch a Hugging Face model to the attention function of ``mode`` (``"grouped"``: this module's
+    :func:`grouped_query_attention`; ``"onnxruntime"``: :func:`autoqra.export.gqa.onnxruntime_attention`)
+    inside the block; yields the mode taken (``"model"`` when it did not switch). Its own implementation
+    is restored on exit, also on error. A model that is not an HF model, uses another implementation
+    (flash, flex) or cannot switch is left as it is."""
     config = getattr(model, "config", None)
     original = getattr(config, "_attn_implementation", None)
-    if not enabled or original not in _SWITCHABLE or not hasattr(model, "set_attn_implementation"):
-        yield False
+    name = _REGISTERED.get(mode)
+    if name is None or original not in _SWITCHABLE or not hasattr(model, "set_attn_implementation"):
+        yield "model"
         return
     _register()
     try:
-        model.set_attn_implementation(GROUPED)
+        model.set_attn_implementation(name)
     except Exception as exc:  # transformers refuses for models without the attention interface
         logger.debug("attention stays %s: %s", original, exc)
-        yield False
+        yield "model"
         return
-    if config._attn_implementation != GROUPED:  # transformers declined (logged its own warning)
-        yield False
+    if config._attn_implementation != name:  # transformers declined (logged its own warning)
+        yield "model"
         return
     modules = [m for m in model.modules() if hasattr(m, "config")]  # attention modules carry the config
     for m in modules:
         m._autoqra_attention = original
     try:
-        yield True
+        yield mode
     finally:
         for m in modules:
             with contextlib.suppress(AttributeError):

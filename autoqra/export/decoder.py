@@ -111,13 +111,18 @@ class DecoderLogits(nn.Module):
 class DecoderWithPast(nn.Module):
     """``(input_ids, attention_mask, position_ids, past...) -> (logits, present...)``."""
 
-    def __init__(self, model: nn.Module, shape: DecoderShape | None = None) -> None:
+    def __init__(self, model: nn.Module, shape: DecoderShape | None = None, split_cache: bool = False) -> None:
+        """``split_cache``: trace with :class:`autoqra.export.gqa.SplitCache` and hand it to the attention
+        layers (``attention="onnxruntime"``)."""
         super().__init__()
         from transformers.cache_utils import DynamicCache
 
+        from autoqra.export.gqa import SplitCache
+
         self.model = model
         self.shape = shape if shape is not None else decoder_shape(model)
-        self._cache_cls = DynamicCache
+        self._cache_cls = SplitCache if split_cache else DynamicCache
+        self._split = split_cache
         self._cache_arg = _cache_argument(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -127,8 +132,17 @@ class DecoderWithPast(nn.Module):
         # the graph, while the graph's contract is present = past + new; the model's own masks still
         # apply each block's window (the same logits)
         cache = self._cache_cls(ddp_cache_data=pairs)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self._cache_arg: cache})
+        if self._split:  # lengths from attention_mask: onnxruntime-genai may pass a shared, maximum-length buffer
+            cache.autoqra_past_length = attention_mask.shape[1] - input_ids.shape[1]
+        layers = [m for m in self.model.modules() if isinstance(getattr(m, "layer_idx", None), int)] * self._split
+        for m in layers:
+            m._autoqra_cache = cache
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, **{self._cache_arg: cache})
+        finally:
+            for m in layers:
+                del m._autoqra_cache
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         present: list[torch.Tensor] = []
         for layer in new_cache.layers:

@@ -33,8 +33,10 @@ def _token_id(cfg: Any, name: str, default: int) -> int | list[int]:
     return default if value is None else value
 
 
-def genai_config(model: nn.Module, shape: DecoderShape, filename: str, *, threads: int | None = None) -> dict:
-    """The config as a dict (see the module docstring)."""
+def genai_config(model: nn.Module, shape: DecoderShape, filename: str, *, threads: int | None = None,
+                 share_buffer: bool = False) -> dict:
+    """The config as a dict (see the module docstring). ``share_buffer``: the graph's attention is onnxruntime's
+    ``GroupQueryAttention`` everywhere, so genai may pass one maximum-length past/present buffer."""
     cfg = model.config
     eos = _token_id(cfg, "eos_token_id", 0)
     model_type = str(getattr(cfg, "model_type", "llama"))
@@ -81,7 +83,7 @@ def genai_config(model: nn.Module, shape: DecoderShape, filename: str, *, thread
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -91,7 +93,8 @@ def genai_config(model: nn.Module, shape: DecoderShape, filename: str, *, thread
 
 
 def write_genai_config(directory: Path, model: nn.Module, shape: DecoderShape, filename: str, *,
-                       threads: int | None = None) -> Path:
+                       threads: int | None = None, share_buffer: bool = False) -> Path:
     path = directory / "genai_config.json"
-    path.write_text(json.dumps(genai_config(model, shape, filename, threads=threads), indent=2) + "\n")
+    config = genai_config(model, shape, filename, threads=threads, share_buffer=share_buffer)
+    path.write_text(json.dumps(config, indent=2) + "\n")
     return path

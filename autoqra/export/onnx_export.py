@@ -35,8 +35,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autoqra.errors import ConfigError, ExportError, MissingDependencyError, require_module
-from autoqra.export import verify
-from autoqra.export.attention import ATTENTION_MODES, grouped_attention
+from autoqra.export import gqa, verify
+from autoqra.export.attention import ATTENTION_MODES, switched_attention
 from autoqra.export.decoder import DecoderLogits, DecoderShape, DecoderWithPast, decoder_shape, probe_cache
 from autoqra.export.fuse import fuse_shared_inputs
 from autoqra.export.genai import write_genai_config
@@ -248,6 +248,19 @@ def _optimize(program: Any, fuse_layers: bool) -> int:
     return fused
 
 
+def _attention_taken(switched: str, fused: int, layers: int) -> str:
+    """What the trace ran: ``"onnxruntime"`` when any layer became a ``GroupQueryAttention`` node (the others,
+    logged, took the grouped form), ``"grouped"`` when none did but the model switched, else ``"model"``."""
+    if switched != "onnxruntime":
+        return switched
+    if fused == 0:
+        logger.info("no attention layer took onnxruntime's GroupQueryAttention: the grouped form instead")
+        return "grouped"
+    if fused < layers:
+        logger.info("%d of %d attention layers as GroupQueryAttention, the others in the grouped form", fused, layers)
+    return "onnxruntime"
+
+
 def _verification_ids(tokenizer: Any, vocab: int, seq: int) -> torch.Tensor:
     if tokenizer is not None:
         text = ("The quick brown fox jumps over the lazy dog. Edge runtimes read quantized weights "
@@ -337,8 +350,11 @@ def export_onnx(
     ``MatMulNBits`` with one side path (:mod:`autoqra.export.fuse`; the file keeps each layer's
     initializers under its name, so adapters stay swappable); False keeps one node per layer.
     ``attention``: ``"grouped"`` (default) traces grouped-query attention without repeating the KV
-    cache (:mod:`autoqra.export.attention`; Hugging Face models on ``sdpa``/``eager``), ``"model"`` the
-    model's own attention implementation.
+    cache (:mod:`autoqra.export.attention`; Hugging Face models on ``sdpa``/``eager``); ``"onnxruntime"``
+    one ``com.microsoft::GroupQueryAttention`` node a layer (:mod:`autoqra.export.gqa`; with every layer
+    covered, ``genai_config.json`` lets onnxruntime-genai share one past/present buffer: faster there, but
+    slower at long contexts in plain onnxruntime, and a batch above 1 cannot add several tokens to a past);
+    ``"model"`` the model's own attention implementation.
     ``genai_threads``: onnxruntime-genai's intra-op threads, written into ``genai_config.json``
     (``session_options.intra_op_num_threads``); default None leaves onnxruntime's own choice, half the
     hardware threads — set it to the deployment machine's cores for faster decoding and prompts.
@@ -411,20 +427,24 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
     try:
         counts = _swap_for_export(model, adapters, accuracy_level, dtype, swapped)
         model.eval()
-        wrapper = (DecoderWithPast(model, shape) if with_past else DecoderLogits(model)).eval()  # no training-mode warning
+        wrapper = (DecoderWithPast(model, shape, split_cache=attention == "onnxruntime") if with_past
+                   else DecoderLogits(model)).eval()  # no training-mode warning
         args, dynamic, input_names, output_names = _trace_inputs(wrapper, shape if with_past else None,
                                                                  shape.vocab, dtype)
         logger.info("exporting to ONNX (%d packed layers: %s)", len(layers), counts)
         stages.next("trace + translate (torch.onnx)")
         try:
-            with _quiet_exporter(), grouped_attention(model, attention == "grouped") as grouped:
+            with _quiet_exporter(), switched_attention(model, attention) as taken:
                 program = torch.onnx.export(
-                    wrapper, args, dynamo=True, custom_translation_table=onnx_translation_table(),
+                    wrapper, args, dynamo=True,
+                    custom_translation_table={**onnx_translation_table(), **gqa.onnx_translation_table()},
                     input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
                     opset_version=opset, optimize=False, verbose=False,
                 )
             stages.next("graph clean-up")
             fused = _optimize(program, fuse_layers)
+            fused_attention = sum(n.op_type == "GroupQueryAttention" for n in program.model.graph)
+            taken = _attention_taken(taken, fused_attention, shape.layers)
         except Exception as exc:  # the exporter's errors are long; keep the cause, name the fix
             raise ExportError(
                 f"torch's ONNX exporter failed on {type(model).__name__} ({type(exc).__name__}: "
@@ -441,7 +461,8 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
 
     try:
         if with_past:
-            write_genai_config(tmp, model, shape, MODEL_FILE, threads=genai_threads)
+            write_genai_config(tmp, model, shape, MODEL_FILE, threads=genai_threads,
+                               share_buffer=taken == "onnxruntime" and fused_attention == shape.layers)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
         parity = None
@@ -466,7 +487,7 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
         seconds=time.perf_counter() - start,
         files=tuple(sorted(p.name for p in directory.iterdir())),
         fused_groups=fused,
-        attention="grouped" if grouped else "model",
+        attention=taken,
     )
     (directory / "export_report.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     logger.info("wrote %s (%.1f MB) in %.0f s", result.model_file, result.file_bytes / 1e6, result.seconds)
