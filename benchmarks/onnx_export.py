@@ -252,24 +252,17 @@ def main() -> None:
                      container_extra_bytes=0, onnx_prompt_s=fp32_prompt, onnx_decode_s=fp32_decode,
                      parity=fp32.parity.as_dict(), export_s=fp32.seconds, layers={}, onnx_ppl=fp32_onnx_ppl,
                      torch_ppl=fp32_torch_ppl, attention=fp32.attention, **runtime(fp32.directory)))
-    if args.model_attention:
-        own = export_onnx(base, out_root / "fp32_model_attention", tokenizer=tokenizer, accuracy_level=0,
-                          attention="model")
-        own_prompt, own_decode = timed(onnx_latency, own.model_file, shape, prompt_len, decode_steps, args.threads,
-                                       repeats)
-        rows.append(dict(plan="fp32 base (model's attention)", accuracy_level=None, file_bytes=own.file_bytes,
-                         plan_bytes=None, untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=own_prompt,
-                         onnx_decode_s=own_decode, parity=own.parity.as_dict(), export_s=own.seconds, layers={},
-                         onnx_ppl=None, torch_ppl=None, attention=own.attention, **runtime(own.directory)))
-    if args.ort_attention:
-        ort = export_onnx(base, out_root / "fp32_ort_attention", tokenizer=tokenizer, accuracy_level=0,
-                          attention="onnxruntime")
-        ort_prompt, ort_decode = timed(onnx_latency, ort.model_file, shape, prompt_len, decode_steps, args.threads,
-                                       repeats)
-        rows.append(dict(plan="fp32 base (GroupQueryAttention)", accuracy_level=None, file_bytes=ort.file_bytes,
-                         plan_bytes=None, untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=ort_prompt,
-                         onnx_decode_s=ort_decode, parity=ort.parity.as_dict(), export_s=ort.seconds, layers={},
-                         onnx_ppl=None, torch_ppl=None, attention=ort.attention, **runtime(ort.directory)))
+    other_forms = [("model", "fp32 base (model's attention)")] * args.model_attention + [
+        ("onnxruntime", "fp32 base (GroupQueryAttention)")] * args.ort_attention
+    for attention, label in other_forms:  # the fp32 base in each extra attention form, for same-form ratios
+        other = export_onnx(base, out_root / f"fp32_{attention}_attention", tokenizer=tokenizer, accuracy_level=0,
+                            attention=attention)
+        o_prompt, o_decode = timed(onnx_latency, other.model_file, shape, prompt_len, decode_steps, args.threads,
+                                   repeats)
+        rows.append(dict(plan=label, accuracy_level=None, file_bytes=other.file_bytes, plan_bytes=None,
+                         untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=o_prompt, onnx_decode_s=o_decode,
+                         parity=other.parity.as_dict(), export_s=other.seconds, layers={}, onnx_ppl=None,
+                         torch_ppl=None, attention=other.attention, **runtime(other.directory)))
     if args.genai_reference:
         reference_tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer(shape.vocab)
         for precision, label in (("fp32", "onnxruntime-genai builder fp32"),
