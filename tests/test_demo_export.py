@@ -72,3 +72,5 @@ def test_latency_helpers_check_their_arguments() -> None:
         onnx_latency("missing.onnx", decoder_shape(model), repeats=True)
     with pytest.raises(ConfigError, match="threads must be None or an int >= 1"):
         genai_latency("missing", threads=0)
+    with pytest.raises(ConfigError, match="has no genai_config.json"):
+        genai_latency("missing")

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ATTENTION_MODES", "GROUPED", "ONNXRUNTIME", "grouped_attention", "grouped_query_attention",
-           "switched_attention"]
+__all__ = ["ATTENTION_MODES", "GROUPED", "ONNXRUNTIME", "covered", "grouped_attention", "grouped_product",
+           "grouped_query_attention", "switched_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,28 +60,42 @@ def _own_attention(module: nn.Module) -> Any:
     return sdpa_attention_forward
 
 
+def covered(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+            dropout: float, kwargs: dict[str, Any]) -> bool:
+    """Whether the grouped form reproduces this call: no dropout, soft-cap, sinks or position bias; whole
+    groups of query heads; an additive float mask shared by all heads; equal key and value widths."""
+    h, d, kv = query.shape[1], query.shape[3], key.shape[1]
+    return (
+        dropout == 0.0 and all(kwargs.get(k) is None for k in _UNSUPPORTED) and h % kv == 0
+        and attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+        and attention_mask.dtype.is_floating_point and value.shape[-1] == d
+    )
+
+
+def grouped_product(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + mask) v`` with the query heads of a group stacked along the sequence axis:
+    ``query [b, h, s, d]``, ``key``/``value`` ``[b, kv, t, d]``, ``mask [b, 1, s, ≥t]`` → ``[b, h, s, d]``."""
+    b, h, s, d = query.shape
+    kv = key.shape[1]
+    g = h // kv
+    scores = torch.matmul(query.reshape(b, kv, g * s, d), key.transpose(-1, -2)) * scale  # [b, kv, g·s, t]
+    t = scores.shape[-1]
+    scores = (scores.view(b, kv, g, s, t) + mask[:, :, None, :, :t]).view(b, kv, g * s, t)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).view(b, h, s, d)
+
+
 def grouped_query_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                             **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: ``query [b, h, s, d]``, ``key``/``value`` ``[b, kv, t, d]``,
     an additive float mask ``[b, 1, s, ≥t]``; returns ``([b, s, h, d], None)``. See the module docstring."""
-    b, h, s, d = query.shape
-    kv = key.shape[1]
-    plain = (
-        dropout == 0.0 and all(kwargs.get(k) is None for k in _UNSUPPORTED) and h % kv == 0
-        and attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
-        and attention_mask.dtype.is_floating_point and value.shape[-1] == d
-    )
-    if not plain:
+    if not covered(query, key, value, attention_mask, dropout, kwargs):
         return _own_attention(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    g = h // kv
-    scale = d**-0.5 if scaling is None else scaling
-    scores = torch.matmul(query.reshape(b, kv, g * s, d), key.transpose(-1, -2)) * scale  # [b, kv, g·s, t]
-    t = scores.shape[-1]
-    scores = (scores.view(b, kv, g, s, t) + attention_mask[:, :, None, :, :t]).view(b, kv, g * s, t)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).view(b, h, s, d).transpose(1, 2).contiguous(), None
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return grouped_product(query, key, value, attention_mask, scale).transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:

@@ -134,7 +134,7 @@ class DecoderWithPast(nn.Module):
         cache = self._cache_cls(ddp_cache_data=pairs)
         if self._split:  # lengths from attention_mask: onnxruntime-genai may pass a shared, maximum-length buffer
             cache.autoqra_past_length = attention_mask.shape[1] - input_ids.shape[1]
-        layers = [m for m in self.model.modules() if isinstance(getattr(m, "layer_idx", None), int)] * self._split
+        layers = [m for m in self.model.modules() if isinstance(getattr(m, "layer_idx", None), int)] if self._split else []
         for m in layers:
             m._autoqra_cache = cache
         try:

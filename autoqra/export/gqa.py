@@ -13,7 +13,7 @@ cache is a :class:`SplitCache`, which records for every layer what it held befor
 the update appended; the attention function (``autoqra_onnxruntime``, registered with transformers'
 ``AttentionInterface``) looks the layer up, calls the op and puts the op's ``present`` into the cache
 (the concatenation the update made is then unused and dropped from the graph). A call the op does not
-cover (see :func:`covered`) runs the grouped form of :mod:`autoqra.export.attention` on the
+cover (see :func:`autoqra.export.attention.covered`; and bf16, which onnxruntime's CPU kernel lacks) runs the grouped form of :mod:`autoqra.export.attention` on the
 concatenation instead — the same result, the decomposed nodes.
 
 Semantics kept exactly: the model's own additive mask (``eager_mask``: causal, padding, sliding windows)
@@ -34,23 +34,18 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SplitCache", "covered", "group_query_attention", "onnx_translation_table", "reference_attention"]
+from autoqra.export.attention import covered, grouped_product, grouped_query_attention
+
+__all__ = ["SplitCache", "group_query_attention", "onnx_translation_table", "reference_attention"]
 
 MS_DOMAIN = "com.microsoft"
-_UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
+#: the dtypes onnxruntime's CPU kernel takes
+_KERNEL_DTYPES = (torch.float32, torch.float16)
 
 
-def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """``softmax(q kᵀ · scale + bias) v`` with the query heads grouped over the key/value heads:
-    ``query [b, h, s, d]``, ``key``/``value`` ``[b, kv, t, d]``, ``bias [b, 1, s, t]`` → ``[b, h, s, d]``."""
-    b, h, s, d = query.shape
-    kv, t = key.shape[1], key.shape[2]
-    g = h // kv
-    scores = torch.matmul(query.reshape(b, kv, g * s, d), key.transpose(-1, -2)) * scale
-    scores = (scores.view(b, kv, g, s, t) + bias[:, :, None]).view(b, kv, g * s, t)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).view(b, h, s, d)
+#: the op's PyTorch reference: the grouped form's arithmetic (``query [b, h, s, d]``, ``key``/``value``
+#: ``[b, kv, t, d]``, ``bias [b, 1, s, t]`` → ``[b, h, s, d]``)
+reference_attention = grouped_product
 
 
 @torch.library.custom_op("autoqra::group_query_attention", mutates_args=())
@@ -139,33 +134,16 @@ def SplitCache(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factor
     return _SPLIT_CACHE(*args, **kwargs)
 
 
-def covered(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-            dropout: float, kwargs: dict[str, Any]) -> bool:
-    """Whether the op reproduces this call exactly: no dropout, soft-cap, sinks or position bias; whole
-    groups of query heads; an additive float mask shared by all heads; equal key and value widths;
-    float32 or float16 (the dtypes onnxruntime's CPU kernel takes)."""
-    b, h, s, d = query.shape
-    kv = key.shape[1]
-    return (
-        dropout == 0.0 and all(kwargs.get(k) is None for k in _UNSUPPORTED) and h % kv == 0
-        and attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
-        and attention_mask.dtype == query.dtype and value.shape[-1] == d
-        and query.dtype in (torch.float32, torch.float16)
-    )
-
-
 def onnxruntime_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract (as :func:`autoqra.export.attention.grouped_query_attention`),
     traced as one :func:`group_query_attention` op where the layer's cache update was recorded."""
-    from autoqra.export.attention import grouped_query_attention
-
     cache = getattr(module, "_autoqra_cache", None)
     index = getattr(module, "layer_idx", None)
     update = None if cache is None or index is None else cache.autoqra_updates.get(index)
-    if update is None or update.full_key is not key or not covered(query, key, value, attention_mask, dropout,
-                                                                    kwargs):
+    if (update is None or update.full_key is not key or query.dtype not in _KERNEL_DTYPES
+            or not covered(query, key, value, attention_mask, dropout, kwargs) or attention_mask.dtype != query.dtype):
         return grouped_query_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                        **kwargs)
     b, h, s, d = query.shape

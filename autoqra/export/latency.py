@@ -117,9 +117,14 @@ def genai_latency(directory: str | Path, *, prompt_len: int = 128, decode_steps:
     _check(prompt_len, decode_steps, repeats)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"latency: threads must be None or an int >= 1, got {threads!r}")
-    import onnxruntime_genai as og
-
     folder = Path(directory)
+    if not (folder / "genai_config.json").is_file():
+        raise ConfigError(f"latency: {folder} has no genai_config.json; give the folder export_onnx wrote with "
+                          "with_past=True")
+    try:
+        import onnxruntime_genai as og
+    except ImportError as exc:
+        raise ConfigError("genai_latency needs onnxruntime-genai: pip install onnxruntime-genai") from exc
     vocab = int(json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"])
     config = og.Config(str(folder))
     if threads is not None:
