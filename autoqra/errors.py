@@ -110,7 +110,15 @@ class ExportError(AutoQRAError, RuntimeError):
 
 class ExportVerificationError(ExportError):
     """The exported file runs but disagrees with the PyTorch model beyond the tolerance; the
-    message gives the measured error and the tolerance."""
+    message gives the measured error and the tolerance. ``measured``: the numbers (e.g. ``max_rel``,
+    ``mean_rel``, ``tolerance``) where the check measured them; ``directory``: where ``export_onnx``
+    kept the failed files for inspection (``<path>.failed``, with ``EXPORT_FAILED.json``), else None."""
+
+    def __init__(self, message: str, *, measured: dict[str, float] | None = None,
+                 directory: object | None = None) -> None:
+        super().__init__(message)
+        self.measured = dict(measured or {})
+        self.directory = directory
 
 
 def require_module(value: object, function: str, argument: str = "model", hint: str = "") -> None:

@@ -149,6 +149,18 @@ def test_onnx_export_quick() -> None:
     assert {"2-bit (MatMulNBits)", "8-bit (MatMulNBits)"} <= set(mixed[0]["layers"])
 
 
+def test_onnx_export_quick_times_a_plan_that_fails_verification() -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    data = run_quick("onnx_export.py", "onnx_export_quick_failed", timeout=600,
+                     extra=("--plans", "mostly 4-bit", "--accuracy-levels", "4", "--rtol", "1e-12",
+                            "--out", "onnx_export_quick_failed"))
+    base, plan = data["rows"]
+    assert base["parity"]["tokens_checked"] == 16  # the fp32 base keeps export_onnx's tolerance
+    assert "above the tolerance" in plan["parity"]["failed"] and plan["parity"]["max_rel"] > 1e-12
+    assert plan["onnx_decode_s"] > 0 and plan["file_bytes"] > 0 and plan["layers"] and plan["export_s"] is None
+
+
 def test_qlora_parity_quick() -> None:
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("peft")

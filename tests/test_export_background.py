@@ -83,8 +83,11 @@ def test_graph_options_reach_the_child(tmp_path, compiled) -> None:
 def test_child_errors_are_raised_in_the_caller(tmp_path, compiled) -> None:
     model, tokenizer = compiled
     with export_in_background(model, tmp_path / "strict", tokenizer=tokenizer, rtol=1e-12,
-                              verify_genai=False) as job, pytest.raises(ExportVerificationError, match="tolerance"):
+                              verify_genai=False) as job, pytest.raises(ExportVerificationError, match="tolerance") as info:
         job.wait()
+    # where the child kept the failed files, and what it measured, come back with the error
+    assert info.value.directory == tmp_path / "strict.failed" and (info.value.directory / "EXPORT_FAILED.json").is_file()
+    assert info.value.measured["max_rel"] > info.value.measured["tolerance"]
 
 
 @pytest.mark.parametrize(

@@ -341,12 +341,27 @@ def test_code_book_layers_are_refused(tmp_path) -> None:
         export_onnx(model, tmp_path / "nf4")
 
 
-def test_verification_failure_writes_nothing(tmp_path) -> None:
+def test_verification_failure_keeps_the_files_marked_as_failed(tmp_path) -> None:
     model = _compiled(tiny_llama())
-    with pytest.raises(ExportVerificationError, match="accuracy_level=0"):
+    with pytest.raises(ExportVerificationError, match="accuracy_level=0") as info:
         export_onnx(model, tmp_path / "strict", accuracy_level=4, rtol=1e-9)
-    assert not (tmp_path / "strict").exists()
-    assert not list(tmp_path.glob(".strict*"))
+    kept = tmp_path / "strict.failed"
+    assert not (tmp_path / "strict").exists() and not list(tmp_path.glob(".strict*"))  # the target is untouched
+    assert info.value.directory == kept and str(kept) in str(info.value)
+    assert info.value.measured["max_rel"] > info.value.measured["tolerance"] == 1e-9
+    marker = json.loads((kept / "EXPORT_FAILED.json").read_text())
+    assert marker["measured"] == info.value.measured and marker["intended_directory"] == str(tmp_path / "strict")
+    session(kept / "model.onnx")  # the kept file loads: it can be inspected and run
+    # a second failure replaces the earlier failed folder; a user's folder without the marker is never touched
+    with pytest.raises(ExportVerificationError):
+        export_onnx(model, tmp_path / "strict", accuracy_level=4, rtol=1e-9, decode_steps=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["strict.failed"]
+    (tmp_path / "other.failed").mkdir()
+    (tmp_path / "other.failed" / "mine.txt").write_text("keep")
+    with pytest.raises(ExportVerificationError) as info:
+        export_onnx(model, tmp_path / "other", accuracy_level=4, rtol=1e-9, decode_steps=0)
+    assert info.value.directory == tmp_path / "other.failed-2"
+    assert (tmp_path / "other.failed" / "mine.txt").read_text() == "keep"
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,9 @@ class BackgroundExport:
             if isinstance(cls, type) and issubclass(cls, errors.AutoQRAError):
                 try:
                     error = cls(data["message"])
+                    if isinstance(error, errors.ExportVerificationError):  # where the failed files were kept
+                        error.measured = dict(data.get("measured") or {})
+                        error.directory = None if data.get("directory") is None else Path(data["directory"])
                 except TypeError:  # an error class with required keyword arguments
                     error = None
             if error is not None:
@@ -217,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         _child(job)
     except Exception as exc:  # handed to the caller, which raises it
         logger.exception("background export failed")
-        (job / "result.json").write_text(json.dumps({"error": type(exc).__name__, "message": str(exc)}) + "\n")
+        failure = {"error": type(exc).__name__, "message": str(exc), "measured": getattr(exc, "measured", None),
+                   "directory": None if getattr(exc, "directory", None) is None else str(exc.directory)}
+        (job / "result.json").write_text(json.dumps(failure) + "\n")
         return 1
     return 0
 

@@ -359,7 +359,9 @@ def export_onnx(
     (``session_options.intra_op_num_threads``); default None leaves onnxruntime's own choice, half the
     hardware threads — set it to the deployment machine's cores for faster decoding and prompts.
     Raises :class:`~autoqra.errors.ExportError` (unsupported input) or
-    :class:`~autoqra.errors.ExportVerificationError` (the file disagrees); the model is unchanged.
+    :class:`~autoqra.errors.ExportVerificationError` (the file disagrees: ``path`` is not written, the files
+    are kept for inspection in ``<path>.failed`` with ``EXPORT_FAILED.json``, the error's ``directory``;
+    its ``measured`` holds the logit error); the model is unchanged.
     """
     require_module(model, "export_onnx", hint="pass the compiled model (CompileResult.model or autoqra.load's)")
     if adapters not in ADAPTER_MODES:
@@ -467,8 +469,16 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
                 tokenizer.save_pretrained(str(tmp))
         parity = None
         if verify_export:
-            parity = _verify(tmp, model, shape if with_past else None, tolerance, decode_steps, tokenizer,
-                             verify_genai, dtype, stages)
+            try:
+                parity = _verify(tmp, model, shape if with_past else None, tolerance, decode_steps, tokenizer,
+                                 verify_genai, dtype, stages)
+            except verify.ExportVerificationError as exc:
+                kept = _keep_failed(tmp, directory, exc, {
+                    "accuracy_level": accuracy_level, "attention": taken, "fused_groups": fused,
+                    "layers": counts, "container_extra_bytes": extra})
+                raise verify.ExportVerificationError(
+                    f"{exc}. The files are kept for inspection in {kept} (EXPORT_FAILED.json says why); "
+                    f"{directory} was not written", measured=exc.measured, directory=kept) from exc
         directory.mkdir(parents=True, exist_ok=True)
         for item in sorted(tmp.iterdir()):
             target = directory / item.name
@@ -492,6 +502,31 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
     (directory / "export_report.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     logger.info("wrote %s (%.1f MB) in %.0f s", result.model_file, result.file_bytes / 1e6, result.seconds)
     return result
+
+
+#: the marker a failed export's kept folder holds (what failed, the measured error)
+FAILED_MARKER = "EXPORT_FAILED.json"
+
+
+def _keep_failed(tmp: Path, directory: Path, exc: Exception, details: dict[str, Any]) -> Path:
+    """Move a failed export's files from ``tmp`` to ``<directory>.failed`` (replacing an earlier failed
+    export there, never a folder without the marker: then ``.failed-2``, …) with :data:`FAILED_MARKER`
+    (the error, what it measured, ``details``: the export's settings and counts)."""
+    for n in range(1, 100):
+        kept = directory.with_name(directory.name + (".failed" if n == 1 else f".failed-{n}"))
+        if not kept.exists():
+            break
+        if (kept / FAILED_MARKER).is_file():
+            shutil.rmtree(kept)
+            break
+    else:
+        raise ExportError(f"too many failed exports beside {directory}: remove the {directory.name}.failed* folders")
+    tmp.replace(kept)
+    marker = {"error": type(exc).__name__, "message": str(exc), "measured": getattr(exc, "measured", {}),
+              "intended_directory": str(directory), "file_bytes": _file_bytes(kept), **details}
+    (kept / FAILED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    logger.warning("the export failed verification; its files are kept in %s", kept)
+    return kept
 
 
 def _verify(directory: Path, model: nn.Module, shape: DecoderShape | None, tolerance: float, steps: int,
