@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,16 +353,25 @@ def test_verification_failure_keeps_the_files_marked_as_failed(tmp_path) -> None
     marker = json.loads((kept / "EXPORT_FAILED.json").read_text())
     assert marker["measured"] == info.value.measured and marker["intended_directory"] == str(tmp_path / "strict")
     session(kept / "model.onnx")  # the kept file loads: it can be inspected and run
-    # a second failure replaces the earlier failed folder; a user's folder without the marker is never touched
-    with pytest.raises(ExportVerificationError):
-        export_onnx(model, tmp_path / "strict", accuracy_level=4, rtol=1e-9, decode_steps=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["strict.failed"]
+
+
+def test_a_later_failure_replaces_the_failed_folder_but_never_a_users(tmp_path) -> None:
+    from autoqra.export.onnx_export import _keep_failed
+
+    def failed_export(name: str) -> Path:
+        tmp = tmp_path / f".{name}.tmp"
+        tmp.mkdir()
+        (tmp / "model.onnx").write_bytes(b"x")
+        return _keep_failed(tmp, tmp_path / name, ExportVerificationError("off", measured={"max_rel": 1.0}), {})
+
+    assert failed_export("out") == tmp_path / "out.failed"
+    assert failed_export("out") == tmp_path / "out.failed"  # an earlier failed export (it has the marker) goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.failed"]
     (tmp_path / "other.failed").mkdir()
     (tmp_path / "other.failed" / "mine.txt").write_text("keep")
-    with pytest.raises(ExportVerificationError) as info:
-        export_onnx(model, tmp_path / "other", accuracy_level=4, rtol=1e-9, decode_steps=0)
-    assert info.value.directory == tmp_path / "other.failed-2"
+    assert failed_export("other") == tmp_path / "other.failed-2"
     assert (tmp_path / "other.failed" / "mine.txt").read_text() == "keep"
+    assert json.loads((tmp_path / "other.failed-2" / "EXPORT_FAILED.json").read_text())["measured"] == {"max_rel": 1.0}
 
 
 @pytest.mark.parametrize(
