@@ -193,6 +193,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    help="MatMulNBits compute precision: 4 int8 activations (default, fast), 0 exact fp32")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-verify", action="store_true", help="skip running the file in onnxruntime")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="the logits' max relative error verification accepts (default 1e-3 at accuracy levels "
+                        "0-3, 0.2 at 4); a failed export is kept in OUT.failed for inspection")
     p.add_argument("--no-fuse", action="store_true",
                    help="one MatMulNBits a layer (default: layers that read one input, q/k/v and gate/up, fused)")
     p.add_argument("--model-attention", action="store_true",
@@ -218,7 +221,8 @@ def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> 
     if args.plan_only:
         raise ConfigError("--export-onnx needs a rewritten model; drop --plan-only")
     result = export_onnx(model, out, with_past=not args.no_past, adapters=args.adapters, opset=args.opset,
-                         accuracy_level=args.accuracy_level, verify_export=not args.no_verify, tokenizer=tokenizer,
+                         accuracy_level=args.accuracy_level, verify_export=not args.no_verify, rtol=args.rtol,
+                         tokenizer=tokenizer,
                          progress=not args.quiet, fuse_layers=not args.no_fuse,
                          attention=_attention(args), genai_threads=args.genai_threads)
     print(table(["layers", "count"], [[k, v] for k, v in result.layers.items()]))

@@ -200,6 +200,12 @@ def test_compile_export_onnx_then_export_command(model_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "plain" / "export_report.json").read_text())
     assert report["fused_groups"] == 0 and report["attention"] == "model"
     assert not (tmp_path / "plain" / "genai_config.json").exists()
+    # --rtol reaches the verification; a failed export is kept beside OUT and the error says where
+    code = main(["export", str(out_dir / "model"), "--base", str(model_dir), "--out", str(tmp_path / "strict"),
+                 "--no-past", "--rtol", "1e-12"])
+    err = capsys.readouterr().err
+    assert code != 0 and "above the tolerance 1e-12" in err and str(tmp_path / "strict.failed") in err
+    assert (tmp_path / "strict.failed" / "EXPORT_FAILED.json").is_file() and not (tmp_path / "strict").exists()
 
 
 @pytest.mark.parametrize(("extra", "message"), [
