@@ -69,6 +69,7 @@ def test_family_exports_to_onnx_with_the_cache(tmp_path, family) -> None:
     pytest.importorskip("onnxscript")
     result = autoqra.export_onnx(_compiled(family), tmp_path / "onnx", accuracy_level=0)
     assert result.parity.max_rel < 1e-4 and result.parity.tokens_matched == 16
+    assert result.attention == "grouped"  # every family takes the grouped form (Gemma 2's soft-cap included)
 
 
 def test_the_cache_geometry_comes_from_the_model_not_the_config() -> None:

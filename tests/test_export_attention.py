@@ -47,8 +47,22 @@ def test_grouped_query_attention_equals_sdpa(heads, kv, s, t) -> None:
     assert torch.allclose(got, ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [{"softcap": 30.0}, {"position_bias": torch.zeros(1)}, {"dropout": 0.1}],
-                         ids=["softcap", "position bias", "dropout"])
+@pytest.mark.parametrize("heads, kv, s, t", [(4, 2, 3, 7), (4, 4, 1, 5)])
+def test_grouped_query_attention_applies_a_soft_cap_as_gemma2s_eager(heads, kv, s, t) -> None:
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    gen = torch.Generator().manual_seed(heads + s)
+    q = torch.randn(2, heads, s, 8, generator=gen) * 4  # large logits: the cap matters
+    k, v = torch.randn(2, kv, t, 8, generator=gen) * 4, torch.randn(2, kv, t, 8, generator=gen)
+    mask, module = _causal_mask(s, t, 2), _Module(heads // kv)
+    got, _ = grouped_query_attention(module, q, k, v, mask, scaling=0.3, softcap=5.0)
+    ref, _ = eager_attention_forward(module, q, k, v, mask, scaling=0.3, softcap=5.0)
+    uncapped, _ = grouped_query_attention(module, q, k, v, mask, scaling=0.3)
+    assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(got, uncapped, atol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs", [{"sinks": torch.zeros(4)}, {"position_bias": torch.zeros(1)}, {"dropout": 0.1}],
+                         ids=["sinks", "position bias", "dropout"])
 def test_calls_it_does_not_cover_run_the_models_own_attention(monkeypatch, kwargs) -> None:
     import autoqra.export.attention as attention
 
@@ -150,3 +164,35 @@ def test_onnxruntime_attention_export_is_one_op_a_layer_and_shares_the_cache_buf
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
     logits = export_onnx(model, tmp_path / "no_past", with_past=False, accuracy_level=0, attention="onnxruntime")
     assert logits.attention == "grouped"  # no cache to split: the grouped form
+
+
+@pytest.mark.parametrize("attention", ["grouped", "onnxruntime"])
+def test_gemma2_soft_cap_exports_in_both_forms(tmp_path, attention) -> None:
+    """Gemma 2's logit soft-cap: the grouped form applies it, GroupQueryAttention takes it as its ``softcap``
+    attribute (onnxruntime caps before adding the bias, as the model does); a small cap and large logits so
+    that a missing or misplaced cap would move the logits far beyond the tolerance."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                            max_position_embeddings=128, attn_logit_softcapping=1.0)
+    model = T.Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    result = export_onnx(model, tmp_path / "onnx", accuracy_level=0, attention=attention)
+    assert result.attention == attention
+    assert result.parity.max_rel < 1e-5 and result.parity.tokens_matched == 16
+    nodes = onnx.load(str(result.model_file)).graph.node
+    caps = [a.f for n in nodes if n.op_type == "GroupQueryAttention" for a in n.attribute if a.name == "softcap"]
+    assert caps == ([1.0, 1.0] if attention == "onnxruntime" else [])
+    final = 1 if config.final_logit_softcapping else 0  # Gemma 2 also caps its output logits
+    assert sum(n.op_type == "Tanh" for n in nodes) == final + (2 if attention == "grouped" else 0)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the cap matters here: without it the logits move by far more than the tolerance
+        capped = model(ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        assert (capped - model(ids).logits).abs().max() / capped.abs().max() > 0.1

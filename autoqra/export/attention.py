@@ -12,9 +12,9 @@ each cached key and value once:
 It is the same arithmetic as ``eager`` (additive float mask from transformers' ``eager_mask``,
 softmax in fp32). On SmolLM2's fp32 export the graph onnxruntime runs has 1,719 nodes instead of
 2,101 and decodes in 22.7 instead of 26.0 ms a token (2-core Intel VM, 2026-12-05, 8 interleaved rounds; logits
-within 2.3e-6 relative). A layer whose call this form does not cover (a logit soft-cap, attention
-sinks, a position bias, dropout, a per-head mask, no mask at all) runs the model's own attention
-function with the same mask.
+within 2.3e-6 relative). A logit soft-cap (Gemma 2) is applied as its ``eager`` does, before the mask. A
+layer whose call this form does not cover (attention sinks, a position bias, dropout, a per-head mask, no
+mask at all) runs the model's own attention function with the same mask.
 
 Used by :func:`autoqra.export.export_onnx` (``attention="grouped"``, and as the fallback of
 ``attention="onnxruntime"``, :mod:`autoqra.export.gqa`) for models whose attention implementation is
@@ -45,7 +45,7 @@ ONNXRUNTIME = "autoqra_onnxruntime"
 ATTENTION_MODES = ("onnxruntime", "grouped", "model")
 _REGISTERED = {"grouped": GROUPED, "onnxruntime": ONNXRUNTIME}
 _SWITCHABLE = ("sdpa", "eager")
-_UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
+_UNSUPPORTED = ("s_aux", "sinks", "position_bias")
 
 
 def _own_attention(module: nn.Module) -> Any:
@@ -62,8 +62,9 @@ def _own_attention(module: nn.Module) -> Any:
 
 def covered(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
             dropout: float, kwargs: dict[str, Any]) -> bool:
-    """Whether the grouped form reproduces this call: no dropout, soft-cap, sinks or position bias; whole
-    groups of query heads; an additive float mask shared by all heads; equal key and value widths."""
+    """Whether the grouped form reproduces this call: no dropout, sinks or position bias (a logit soft-cap is
+    covered); whole groups of query heads; an additive float mask shared by all heads; equal key and value
+    widths."""
     h, d, kv = query.shape[1], query.shape[3], key.shape[1]
     return (
         dropout == 0.0 and all(kwargs.get(k) is None for k in _UNSUPPORTED) and h % kv == 0
@@ -73,13 +74,17 @@ def covered(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
 
 
 def grouped_product(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                    scale: float) -> torch.Tensor:
-    """``softmax(q kᵀ · scale + mask) v`` with the query heads of a group stacked along the sequence axis:
-    ``query [b, h, s, d]``, ``key``/``value`` ``[b, kv, t, d]``, ``mask [b, 1, s, ≥t]`` → ``[b, h, s, d]``."""
+                    scale: float, softcap: float | None = None) -> torch.Tensor:
+    """``softmax(cap(q kᵀ · scale) + mask) v`` with the query heads of a group stacked along the sequence axis:
+    ``query [b, h, s, d]``, ``key``/``value`` ``[b, kv, t, d]``, ``mask [b, 1, s, ≥t]`` → ``[b, h, s, d]``;
+    ``cap(x) = softcap · tanh(x / softcap)`` (Gemma 2's logit soft-cap, before the mask as in its ``eager``),
+    none when ``softcap`` is None or 0."""
     b, h, s, d = query.shape
     kv = key.shape[1]
     g = h // kv
     scores = torch.matmul(query.reshape(b, kv, g * s, d), key.transpose(-1, -2)) * scale  # [b, kv, g·s, t]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     t = scores.shape[-1]
     scores = (scores.view(b, kv, g, s, t) + mask[:, :, None, :, :t]).view(b, kv, g * s, t)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -95,7 +100,8 @@ def grouped_query_attention(module: nn.Module, query: torch.Tensor, key: torch.T
         return _own_attention(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return grouped_product(query, key, value, attention_mask, scale).transpose(1, 2).contiguous(), None
+    out = grouped_product(query, key, value, attention_mask, scale, kwargs.get("softcap"))
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:

@@ -51,22 +51,23 @@ reference_attention = grouped_product
 @torch.library.custom_op("autoqra::group_query_attention", mutates_args=())
 def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
                           past_value: torch.Tensor, bias: torch.Tensor, num_heads: int, kv_heads: int,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          scale: float, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``GroupQueryAttention``'s contract: ``query [b, s, h·d]``, ``key``/``value`` ``[b, s, kv·d]`` (new
-    tokens), ``past_key``/``past_value`` ``[b, kv, p, d]``, ``bias [b, 1, s, p + s]`` (additive) →
-    ``(out [b, s, h·d], present_key, present_value [b, kv, p + s, d])``."""
+    tokens), ``past_key``/``past_value`` ``[b, kv, p, d]``, ``bias [b, 1, s, p + s]`` (additive), ``softcap``
+    (0: none) → ``(out [b, s, h·d], present_key, present_value [b, kv, p + s, d])``."""
     b, s, _ = query.shape
     d = query.shape[-1] // num_heads
     new_key = key.view(b, s, kv_heads, d).transpose(1, 2)
     new_value = value.view(b, s, kv_heads, d).transpose(1, 2)
     present_key = torch.cat([past_key, new_key], dim=2)
     present_value = torch.cat([past_value, new_value], dim=2)
-    out = reference_attention(query.view(b, s, num_heads, d).transpose(1, 2), present_key, present_value, bias, scale)
+    out = reference_attention(query.view(b, s, num_heads, d).transpose(1, 2), present_key, present_value, bias, scale,
+                              softcap)
     return out.transpose(1, 2).reshape(b, s, num_heads * d), present_key, present_value
 
 
 @group_query_attention.register_fake
-def _(query, key, value, past_key, past_value, bias, num_heads, kv_heads, scale):  # type: ignore[no-untyped-def]
+def _(query, key, value, past_key, past_value, bias, num_heads, kv_heads, scale, softcap=0.0):  # type: ignore[no-untyped-def]
     b, s, _ = query.shape
     total = past_key.shape[2] + s
     shape = (b, kv_heads, total, past_key.shape[3])
@@ -152,7 +153,7 @@ def onnxruntime_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     out, present_key, present_value = group_query_attention(
         query.transpose(1, 2).reshape(b, s, h * d), update.key.transpose(1, 2).reshape(b, s, kv * d),
         update.value.transpose(1, 2).reshape(b, s, kv * d), update.past_key, update.past_value,
-        attention_mask, h, kv, float(scale))
+        attention_mask, h, kv, float(scale), float(kwargs.get("softcap") or 0.0))
     cache.autoqra_present(index, present_key, present_value)
     return out.view(b, s, h, d), None
 
@@ -184,6 +185,7 @@ def _schema() -> Any:
             OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
             OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
             OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""),
+            OpSchema.Attribute("softcap", OpSchema.AttrType.FLOAT, ""),
         ],
     )
 
@@ -197,13 +199,13 @@ def onnx_translation_table() -> dict[Any, Any]:
     gqa_op = onnxscript.values.Op(onnxscript.values.Opset(MS_DOMAIN, 1), "GroupQueryAttention", _schema())
 
     def group_query_attention_onnx(query, key, value, past_key, past_value, bias,  # type: ignore[no-untyped-def]
-                                   num_heads: int, kv_heads: int, scale: float):
+                                   num_heads: int, kv_heads: int, scale: float, softcap: float = 0.0):
         from onnxscript.onnx_opset import opset18 as op
 
         total = op.Shape(bias, start=3, end=4)  # int64 [1]
         seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), op.Shape(bias, start=0, end=1)), to=6)
         total = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=6)  # int32 scalar
         return gqa_op(query, key, value, past_key, past_value, seqlens, total, None, None, None, bias,
-                      num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
+                      num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, softcap=softcap)
 
     return {torch.ops.autoqra.group_query_attention.default: group_query_attention_onnx}
