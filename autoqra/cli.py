@@ -142,6 +142,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     if args.jemalloc:
         _reexec_with_jemalloc(args.argv)
+    if args.export_onnx:
+        _check_export_target(args.export_onnx, args)  # before hours of compiling
     model, tokenizer = load_model(args.model)
     calib = _calib_windows(args, tokenizer)
     select: object = None
@@ -193,6 +195,8 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    help="MatMulNBits compute precision: 4 int8 activations (default, fast), 0 exact fp32")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-verify", action="store_true", help="skip running the file in onnxruntime")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the contents of an existing, non-empty export folder (default: refused)")
     p.add_argument("--rtol", type=float, default=None,
                    help="the logits' max relative error verification accepts (default 1e-3 at accuracy levels "
                         "0-3, 0.2 at 4); a failed export is kept in OUT.failed for inspection")
@@ -215,6 +219,12 @@ def _attention(args: argparse.Namespace) -> str:
     return "model" if args.model_attention else "onnxruntime" if args.ort_attention else "grouped"
 
 
+def _check_export_target(out: str, args: argparse.Namespace) -> None:
+    from autoqra.export.onnx_export import check_export_target
+
+    check_export_target(out, args.overwrite)
+
+
 def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
     from autoqra.export import export_onnx
 
@@ -222,7 +232,7 @@ def _export_and_report(model, out: str, tokenizer, args: argparse.Namespace) -> 
         raise ConfigError("--export-onnx needs a rewritten model; drop --plan-only")
     result = export_onnx(model, out, with_past=not args.no_past, adapters=args.adapters, opset=args.opset,
                          accuracy_level=args.accuracy_level, verify_export=not args.no_verify, rtol=args.rtol,
-                         tokenizer=tokenizer,
+                         tokenizer=tokenizer, overwrite=args.overwrite,
                          progress=not args.quiet, fuse_layers=not args.no_fuse,
                          attention=_attention(args), genai_threads=args.genai_threads)
     print(table(["layers", "count"], [[k, v] for k, v in result.layers.items()]))
@@ -256,6 +266,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autoqra.zoo import load_model
 
     _check_compiled_dir(args.compiled_dir)  # before the base model is loaded
+    _check_export_target(args.out, args)
     base, tokenizer = load_model(args.base)
     model = load(args.compiled_dir, base)
     args.plan_only = False
@@ -270,6 +281,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from autoqra.zoo import load_model
 
     plan = autoqra.Plan.read(args.plan)  # checked before the model is loaded
+    if args.export_onnx:
+        _check_export_target(args.export_onnx, args)
     model, tokenizer = load_model(args.model)
     calib = _calib_windows(args, tokenizer)
     result = autoqra.apply_plan(model, plan, calib=calib)

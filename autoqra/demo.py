@@ -185,7 +185,8 @@ def _run_demo(
         if do_export and job is None:
             from autoqra.export.background import export_in_background
 
-            job = stack.enter_context(export_in_background(compiled, Path(out_dir) / "onnx", tokenizer=tokenizer))
+            job = stack.enter_context(export_in_background(compiled, Path(out_dir) / "onnx", tokenizer=tokenizer,
+                                                                overwrite=True))
             emit("ONNX export of the fine-tuned default started in a background process")
 
     # one memo for every compile: the uniform compiles reuse the default compile's roundings, and the

@@ -100,7 +100,8 @@ def export_demo(model: nn.Module, fp32_model: nn.Module, tokenizer: Any, prompt_
     if exported is not None:
         result = exported.wait()  # verified in the child: raises its error if the file disagrees
     else:
-        result = export_onnx(model, out_dir, tokenizer=tokenizer, progress=progress)  # verified: raises if it disagrees
+        result = export_onnx(model, out_dir, tokenizer=tokenizer, progress=progress,  # verified: raises if it
+                             overwrite=True)  # disagrees; the demo's own folder, replaced every run
     shape = probe_cache(model, decoder_shape(model))
     parity = result.parity
     if parity is None:  # verify_export=True always measures it
@@ -113,7 +114,8 @@ def export_demo(model: nn.Module, fp32_model: nn.Module, tokenizer: Any, prompt_
     fp32_onnx_ms = None
     if fp32_onnx:
         fp32_dir = out_dir.parent / (out_dir.name + "_fp32")
-        fp32 = export_onnx(fp32_model, fp32_dir, accuracy_level=0, verify_export=False, progress=progress)
+        fp32 = export_onnx(fp32_model, fp32_dir, accuracy_level=0, verify_export=False, progress=progress,
+                           overwrite=True)
         fp32_onnx_ms = onnx_latency(fp32.model_file, shape, **timing).decode_s * 1e3
         shutil.rmtree(fp32_dir, ignore_errors=True)  # 0.5 GB that only served the timing
     tokens = greedy_onnx(sess, prompt_ids, shape, new_tokens, np.dtype("float32"))

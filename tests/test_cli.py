@@ -243,6 +243,21 @@ def test_export_checks_the_folder_before_loading_the_base(tmp_path, capsys):
     code = main(["export", str(tmp_path), "--base", "/does/not/exist", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "no manifest.json" in capsys.readouterr().err
+    # a non-empty export folder is refused before the base is loaded (the base path does not exist) …
+    compiled = tmp_path / "compiled"
+    compiled.mkdir()
+    (compiled / "manifest.json").write_text("{}")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    code = main(["export", str(compiled), "--base", "/does/not/exist", "--out", str(tmp_path / "o")])
+    assert code == 2 and "exists and is not empty; pass overwrite=True (CLI: --overwrite)" in capsys.readouterr().err
+    # … and before compile starts; --overwrite lets it through to the next step (here: the missing model)
+    code = main(["compile", "/does/not/exist", "--budget", "4bits", "--out", str(tmp_path / "c"),
+                 "--export-onnx", str(tmp_path / "o")])
+    assert code == 2 and "exists and is not empty" in capsys.readouterr().err
+    code = main(["export", str(compiled), "--base", "/does/not/exist", "--out", str(tmp_path / "o"), "--overwrite"])
+    assert code != 0 and "exists and is not empty" not in capsys.readouterr().err
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
 
 
 def test_demo_lines_are_flushed_as_they_come(monkeypatch):  # noqa: ANN001

@@ -105,12 +105,20 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path, compiled, mo
     assert torch.get_num_threads() == threads and not (tmp_path / "x").exists()
 
 
-def test_a_file_where_the_folder_goes_is_refused_before_the_model_is_saved(tmp_path, compiled) -> None:
+@pytest.mark.parametrize(("target", "words"), [
+    ("file", "is a file; give a folder"),
+    ("full", "exists and is not empty; pass overwrite=True"),
+    ("file/onnx", "cannot be written"),
+])
+def test_a_bad_target_is_refused_before_the_model_is_saved(tmp_path, compiled, target, words) -> None:
     (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
     jobs = set(Path(tempfile.gettempdir()).glob("autoqra-export-*"))
-    with pytest.raises(ConfigError, match="is a file; give a folder"):
-        export_in_background(compiled[0], tmp_path / "file")
+    with pytest.raises(ConfigError, match=words):
+        export_in_background(compiled[0], tmp_path / target)
     assert set(Path(tempfile.gettempdir()).glob("autoqra-export-*")) == jobs  # nothing saved
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
 def test_close_stops_a_running_child(tmp_path, compiled) -> None:

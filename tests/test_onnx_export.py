@@ -473,3 +473,28 @@ def test_failed_export_closes_its_bar(tmp_path, monkeypatch) -> None:
     (bar,) = _RecordingBar.made
     assert bar.stages == ["trace + translate (torch.onnx)", "graph clean-up"] and bar.closed
     assert bar.n < bar.total  # not shown as done
+
+
+def test_an_existing_folder_is_refused_unless_overwrite_which_replaces_it(tmp_path) -> None:
+    model = tiny_llama()
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "model.onnx.data").write_bytes(b"stale")  # e.g. an earlier export's external data
+    with pytest.raises(ConfigError, match="exists and is not empty; pass overwrite=True"):
+        export_onnx(model, out, with_past=False, accuracy_level=0)
+    assert (out / "model.onnx.data").read_bytes() == b"stale"  # refused before any work: untouched
+    result = export_onnx(model, out, with_past=False, accuracy_level=0, overwrite=True)
+    assert not (out / "model.onnx.data").exists() and result.model_file.is_file()  # replaced, nothing stale left
+    (tmp_path / "empty").mkdir()
+    export_onnx(model, tmp_path / "empty", with_past=False, verify_export=False)  # an empty folder is fine
+
+
+@pytest.mark.parametrize(("where", "overwrite", "words"), [
+    ("file/onnx", False, "cannot be written"),  # below a regular file
+    ("file", False, "is a file"),
+    ("new", "yes", "overwrite must be True or False"),
+])
+def test_export_targets_that_cannot_work_are_refused_first(tmp_path, where, overwrite, words) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=words):
+        export_onnx(nn.Linear(2, 2), tmp_path / where, overwrite=overwrite)

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 #: the `export_onnx` arguments the child accepts (JSON values); ``tokenizer`` travels as files, and
 #: the child shows no progress bar
 _ARGUMENTS = frozenset({"with_past", "adapters", "opset", "accuracy_level", "verify_export", "rtol", "decode_steps",
-                        "verify_genai", "fuse_layers", "attention", "genai_threads"})
+                        "verify_genai", "fuse_layers", "attention", "genai_threads", "overwrite"})
 _LOG_TAIL = 4000
 
 
@@ -141,7 +141,7 @@ def export_in_background(model: nn.Module, path: str | Path, *, tokenizer: Any =
     return at once (after saving the model for it: ~1 s for SmolLM2-135M). The model must not be
     needed unchanged by the export afterwards: the child works on the saved copy. ``share_cores``:
     lower the caller's torch threads while the child runs (see the module docstring)."""
-    from autoqra.export.onnx_export import _check_dependencies, _model_dtype
+    from autoqra.export.onnx_export import _check_dependencies, _model_dtype, check_export_target
     from autoqra.io import save
 
     require_module(model, "export_in_background", hint="pass the compiled model")
@@ -149,9 +149,7 @@ def export_in_background(model: nn.Module, path: str | Path, *, tokenizer: Any =
     if unknown:
         raise ConfigError(f"export_in_background cannot pass {unknown} to the child; it takes "
                           f"{sorted(_ARGUMENTS)} (and tokenizer=)")
-    target = Path(path)
-    if target.exists() and not target.is_dir():  # the cheap checks before the model is saved
-        raise ConfigError(f"export path {target} is a file; give a folder for the ONNX files")
+    target = check_export_target(path, export_args.get("overwrite", False))  # the cheap checks before the save
     dtype = _model_dtype(model)  # a model mixing float dtypes is refused here, not in the child
     _check_dependencies(export_args.get("verify_genai") is True)
     config = getattr(model, "config", None)

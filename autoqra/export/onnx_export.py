@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -47,7 +48,7 @@ from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.passes.materialize import restore
 from autoqra.progress import tqdm_disable
 
-__all__ = ["DEFAULT_RTOL", "OnnxExportResult", "export_onnx"]
+__all__ = ["DEFAULT_RTOL", "OnnxExportResult", "check_export_target", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +316,27 @@ def _file_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith(MODEL_FILE))
 
 
+def check_export_target(path: str | Path, overwrite: bool) -> Path:
+    """The export folder, checked before any work: not a file; empty or new unless ``overwrite``; in a place
+    that can be written (its nearest existing parent is a writable folder). Raises :class:`ConfigError`
+    naming the fix."""
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite must be True or False, got {overwrite!r}")
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"export path {directory} is a file; give a folder for the ONNX files")
+    if directory.is_dir() and not overwrite and any(directory.iterdir()):
+        raise ConfigError(f"export folder {directory} exists and is not empty; pass overwrite=True (CLI: --overwrite) "
+                          "to replace its contents, or give a new folder")
+    parent = directory.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"export folder {directory} cannot be written ({parent} is not a writable folder); give "
+                          "a folder in a writable place")
+    return directory
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -332,6 +354,7 @@ def export_onnx(
     fuse_layers: bool = True,
     attention: str = "grouped",
     genai_threads: int | None = None,
+    overwrite: bool = False,
 ) -> OnnxExportResult:
     """Export ``model`` (a compiled Hugging Face causal LM, or a plain one) to the folder ``path``.
 
@@ -386,18 +409,16 @@ def export_onnx(
         verify_genai = verify_export and with_past and importlib.util.find_spec("onnxruntime_genai") is not None
     if verify_genai and not with_past:
         raise ConfigError("verify_genai=True needs with_past=True (onnxruntime-genai decodes with the KV cache)")
+    directory = check_export_target(path, overwrite)
     _check_dependencies(verify_genai)
     dtype = _model_dtype(model)
     shape = decoder_shape(model)
     if with_past:
         shape = probe_cache(model, shape)  # the geometry the model produces, whatever its config says
     tolerance = rtol if rtol is not None else DEFAULT_RTOL[accuracy_level]
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise ConfigError(f"export path {directory} is a file; give a folder for the ONNX files")
     stages = _Stages(with_past, verify_export, decode_steps, verify_genai, progress)
     args = (directory, with_past, adapters, opset, accuracy_level, verify_export, tolerance, decode_steps, tokenizer,
-            verify_genai, shape, stages, fuse_layers, attention, genai_threads)
+            verify_genai, shape, stages, fuse_layers, attention, genai_threads, overwrite)
     try:
         if dtype != torch.bfloat16:
             result = _write(model, dtype, *args)
@@ -415,7 +436,7 @@ def export_onnx(
 def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: bool, adapters: str, opset: int | None,
            accuracy_level: int, verify_export: bool, tolerance: float, decode_steps: int, tokenizer: Any,
            verify_genai: bool, shape: DecoderShape, stages: _Stages, fuse_layers: bool,
-           attention: str, genai_threads: int | None) -> OnnxExportResult:
+           attention: str, genai_threads: int | None, overwrite: bool) -> OnnxExportResult:
     """`export_onnx` after its checks: trace, write to a temporary folder, verify, move into place."""
     start = time.perf_counter()
     layers = [m for m in {id(m): m for m in model.modules() if isinstance(m, QuantLoRALinear)}.values()]
@@ -424,8 +445,12 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
         t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}.values())
     was_training = model.training
     swapped: list[tuple[str, nn.Module]] = []
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    except OSError as exc:
+        raise ConfigError(f"export folder {directory} cannot be written ({exc.strerror or exc}); give a folder in a "
+                          "writable place") from exc
     try:
         counts = _swap_for_export(model, adapters, accuracy_level, dtype, swapped)
         model.eval()
@@ -480,11 +505,10 @@ def _write(model: nn.Module, dtype: torch.dtype, directory: Path, with_past: boo
                     f"{exc}. The files are kept for inspection in {kept} (EXPORT_FAILED.json says why); "
                     f"{directory} was not written", measured=exc.measured, directory=kept) from exc
         directory.mkdir(parents=True, exist_ok=True)
+        for old in sorted(directory.iterdir()) if overwrite else ():  # verified: the old contents go (no stale data)
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         for item in sorted(tmp.iterdir()):
-            target = directory / item.name
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            item.replace(target)
+            item.replace(directory / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = OnnxExportResult(
