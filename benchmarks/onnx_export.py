@@ -315,7 +315,7 @@ def main() -> None:
             except ExportVerificationError as exc:  # the kept files are timed all the same; the row says it failed
                 folder, export_s = exc.directory, None
                 marker = json.loads((folder / "EXPORT_FAILED.json").read_text())
-                parity = {"failed": marker["message"].split(". The files are kept")[0], **marker["measured"]}
+                parity = {"failed": marker["message"], **marker["measured"]}  # the check's own message
                 done = {k: marker[k] for k in ("attention", "fused_groups", "file_bytes", "container_extra_bytes",
                                                "layers")}
                 logging.warning("%s at level %d failed verification (%s); timed all the same", label, level,

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from autoqra.export.attention import covered, grouped_product, grouped_query_attention
+from autoqra.export.ops import contrib_op
 
 __all__ = ["SplitCache", "group_query_attention", "onnx_translation_table", "reference_attention"]
 
-MS_DOMAIN = "com.microsoft"
 #: the dtypes onnxruntime's CPU kernel takes
 _KERNEL_DTYPES = (torch.float32, torch.float16)
 
@@ -158,35 +158,17 @@ def onnxruntime_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return out.view(b, s, h, d), None
 
 
-def _schema() -> Any:
-    from onnx.defs import OpSchema
-
-    param = OpSchema.FormalParameter
-    optional = OpSchema.FormalParameterOption.Optional
-    return OpSchema(
-        "GroupQueryAttention",
-        MS_DOMAIN,
-        1,
-        doc="onnxruntime contrib op: grouped-query attention with a key/value cache",
-        inputs=[
-            param("query", "T"), param("key", "T", param_option=optional), param("value", "T", param_option=optional),
-            param("past_key", "T", param_option=optional), param("past_value", "T", param_option=optional),
-            param("seqlens_k", "M"), param("total_sequence_length", "M"),
-            param("cos_cache", "T", param_option=optional), param("sin_cache", "T", param_option=optional),
-            param("position_ids", "P", param_option=optional), param("attention_bias", "T", param_option=optional),
-        ],
-        outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
-        type_constraints=[
-            ("T", ["tensor(float)", "tensor(float16)"], "activations"),
-            ("M", ["tensor(int32)"], "lengths"),
-            ("P", ["tensor(int64)"], "positions"),
-        ],
-        attributes=[
-            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
-            OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
-            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""),
-            OpSchema.Attribute("softcap", OpSchema.AttrType.FLOAT, ""),
-        ],
+def _gqa_op() -> Any:
+    """``GroupQueryAttention`` as onnxruntime documents it (its inputs; the attributes used here)."""
+    return contrib_op(
+        "GroupQueryAttention", "onnxruntime contrib op: grouped-query attention with a key/value cache",
+        inputs=[("query", "T"), ("key?", "T"), ("value?", "T"), ("past_key?", "T"), ("past_value?", "T"),
+                ("seqlens_k", "M"), ("total_sequence_length", "M"), ("cos_cache?", "T"), ("sin_cache?", "T"),
+                ("position_ids?", "P"), ("attention_bias?", "T")],
+        outputs=[("output", "T"), ("present_key", "T"), ("present_value", "T")],
+        types=[("T", ["tensor(float)", "tensor(float16)"], "activations"), ("M", ["tensor(int32)"], "lengths"),
+               ("P", ["tensor(int64)"], "positions")],
+        attributes={"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT", "softcap": "FLOAT"},
     )
 
 
@@ -194,9 +176,7 @@ def onnx_translation_table() -> dict[Any, Any]:
     """``{torch op: onnxscript function}`` for the exporter: :func:`group_query_attention` → one
     ``GroupQueryAttention`` node (``seqlens_k`` = every row's full length − 1 and ``total_sequence_length``
     from the bias's last axis, so the op's own causal rule is the bias's)."""
-    import onnxscript
-
-    gqa_op = onnxscript.values.Op(onnxscript.values.Opset(MS_DOMAIN, 1), "GroupQueryAttention", _schema())
+    gqa_op = _gqa_op()
 
     def group_query_attention_onnx(query, key, value, past_key, past_value, bias,  # type: ignore[no-untyped-def]
                                    num_heads: int, kv_heads: int, scale: float, softcap: float = 0.0):

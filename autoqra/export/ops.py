@@ -30,7 +30,7 @@ import torch
 
 from autoqra.quant.pack import unpack
 
-__all__ = ["matmul_nbits", "onnx_translation_table", "quant_linear"]
+__all__ = ["contrib_op", "matmul_nbits", "onnx_translation_table", "quant_linear"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -107,40 +107,43 @@ def _(x, qweight, scales, zero_points, zero_fraction, lora_a_t, lora_b_t, bias, 
     return x.new_empty(*x.shape[:-1], n)
 
 
-def _schema() -> Any:
+def contrib_op(name: str, doc: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
+               types: list[tuple[str, list[str], str]], attributes: dict[str, str]) -> Any:
+    """An onnxscript ``Op`` for an onnxruntime contrib op (``com.microsoft``, version 1): ONNX has no schema
+    for them, and onnxscript needs one to emit a node. ``inputs``/``outputs``: ``(name, type variable)``, a
+    name ending in ``?`` is optional; ``attributes``: ``{name: "INT" | "FLOAT"}``."""
+    import onnxscript
     from onnx.defs import OpSchema
 
-    param = OpSchema.FormalParameter
-    optional = OpSchema.FormalParameterOption.Optional
-    return OpSchema(
-        "MatMulNBits",
-        MS_DOMAIN,
-        1,
-        doc="onnxruntime contrib op: A @ dequantize(B)^T with blockwise n-bit weights",
-        inputs=[
-            param("A", "T1"),
-            param("B", "T2"),
-            param("scales", "T1"),
-            param("zero_points", "T3", param_option=optional),
-        ],
-        outputs=[param("Y", "T1")],
-        type_constraints=[
-            ("T1", ["tensor(float)", "tensor(float16)"], "activations and scales"),
-            ("T2", ["tensor(uint8)"], "packed codes"),
-            ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "zero points"),
-        ],
-        attributes=[
-            OpSchema.Attribute(name, OpSchema.AttrType.INT, "")
-            for name in ("K", "N", "bits", "block_size", "accuracy_level")
-        ],
+    def param(name: str, type_var: str) -> Any:
+        if name.endswith("?"):
+            return OpSchema.FormalParameter(name[:-1], type_var, param_option=OpSchema.FormalParameterOption.Optional)
+        return OpSchema.FormalParameter(name, type_var)
+
+    schema = OpSchema(
+        name, MS_DOMAIN, 1, doc=doc,
+        inputs=[param(*i) for i in inputs], outputs=[param(*o) for o in outputs], type_constraints=types,
+        attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, kind), "") for a, kind in attributes.items()],
+    )
+    return onnxscript.values.Op(onnxscript.values.Opset(MS_DOMAIN, 1), name, schema)
+
+
+def _matmul_nbits_op() -> Any:
+    """``MatMulNBits`` as onnxruntime documents it (the inputs and attributes used here)."""
+    return contrib_op(
+        "MatMulNBits", "onnxruntime contrib op: A @ dequantize(B)^T with blockwise n-bit weights",
+        inputs=[("A", "T1"), ("B", "T2"), ("scales", "T1"), ("zero_points?", "T3")],
+        outputs=[("Y", "T1")],
+        types=[("T1", ["tensor(float)", "tensor(float16)"], "activations and scales"),
+               ("T2", ["tensor(uint8)"], "packed codes"),
+               ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "zero points")],
+        attributes=dict.fromkeys(("K", "N", "bits", "block_size", "accuracy_level"), "INT"),
     )
 
 
 def onnx_translation_table() -> dict[Any, Any]:
     """``{torch op: onnxscript function}`` for ``torch.onnx.export(custom_translation_table=...)``."""
-    import onnxscript
-
-    matmul_nbits_op = onnxscript.values.Op(onnxscript.values.Opset(MS_DOMAIN, 1), "MatMulNBits", _schema())
+    matmul_nbits_op = _matmul_nbits_op()
 
     def quant_linear_onnx(x, qweight, scales, zero_points, zero_fraction, lora_a_t, lora_b_t, bias,  # type: ignore[no-untyped-def]
                           k: int, n: int, bits: int, block_size: int, accuracy_level: int):
