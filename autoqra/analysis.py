@@ -15,6 +15,7 @@ from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.discover import layer_kind
 from autoqra.ir.graph import LayerGraph
+from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
 from autoqra.passes import AnnotateCostPass, AssignGroupsPass, BuildLayerGraphPass, PassManager
 
@@ -63,16 +64,24 @@ def min_feasible_bytes(graph: LayerGraph) -> int:
     return sum(min(graph.annotation(n).cost.values()) for n in graph.order())
 
 
-def untouched_bytes(model: nn.Module, graph: LayerGraph) -> int:
+def untouched_bytes(model: nn.Module, graph: LayerGraph, tied_embedding: str = "share") -> int:
     """Bytes of the parameters and buffers the rewrite leaves as they are (biases included). A weight
-    tied to a module of another kind (the embedding of a tied ``lm_head``) stays: that module keeps
-    its float weight for the lookup, so it counts here (once) although its alias is quantized."""
+    tied to a module of another kind (the embedding of a tied ``lm_head``) stays with
+    ``tied_embedding="keep"`` (that module keeps its float weight for the lookup, so it counts here, once,
+    although its alias is quantized); with ``"share"`` (the default) the embedding reads the compiled
+    layer's rows and holds nothing of its own. Call it on the model before the rewrite."""
+    from autoqra.modules.tied_embedding import shareable
+
     modules = dict(model.named_modules(remove_duplicate=False))
     touched = set()
     for layer in graph.layers():
         touched.add(f"{layer.name}.weight")
         for alias in layer.tied:
-            if alias in modules and layer_kind(modules[alias]) is layer.kind:
+            module = modules.get(alias)
+            if module is None:
+                continue
+            if layer_kind(module) is layer.kind or (
+                    tied_embedding == "share" and layer.kind is not LayerKind.EMBEDDING and shareable(module) is None):
                 touched.add(f"{alias}.weight")
     names: dict[int, tuple[object, list[str]]] = {}
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):

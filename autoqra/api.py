@@ -236,6 +236,7 @@ def compile(  # noqa: A001  (the product's verb)
     lambda_: float | None = None,
     select: SelectConfig | bool | None = None,
     adapter_dtype: torch.dtype = torch.float32,
+    tied_embedding: str = "share",
 ) -> CompileResult:
     """Choose bits and LoRA rank for every layer under ``budget`` and rewrite ``model`` in place.
 
@@ -269,6 +270,10 @@ def compile(  # noqa: A001  (the product's verb)
             held-back quarter of the calibration batches, and the best is returned: the plan is
             never worse there than the best uniform plan (no regret).
         adapter_dtype: the dtype adapters are held (and trained, and counted) in.
+        tied_embedding: an input embedding tied to a compiled layer (a tied ``lm_head`` selected with
+            ``include=("lm_head",)``): ``share`` (default) reads its rows from that layer's codes, so the
+            tied matrix is held once, in the plan's format (`autoqra.modules.tied_embedding`); ``keep``
+            leaves its float matrix beside the codes (held outside the budget).
     """
     from autoqra.passes.materialize import MaterializePass
 
@@ -298,7 +303,8 @@ def compile(  # noqa: A001  (the product's verb)
                           "collect it with autoqra.calibrate(model, calib, holdout=0.25) or pass select=False")
     stats_calib = reuse if reuse is not None else (train or None)
     materializer = MaterializePass(backend=backend, group_size=group_size, alpha=alpha, loftq_iters=loftq_iters,
-                                   progress=progress, rounding=rounding, adapter_dtype=adapter_dtype)
+                                   progress=progress, rounding=rounding, adapter_dtype=adapter_dtype,
+                                   tied_embedding=tied_embedding)
     search = SearchPass(budget, solver=solver, seed=seed, patterns=patterns)
     back: list = []
     if select_config is not None:
@@ -338,6 +344,7 @@ def compile(  # noqa: A001  (the product's verb)
             "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
             "select": None if select_config is None else select_config.to_dict(),
             "include": list(include), "exclude": list(exclude), "loftq_iters": loftq_iters,
+            "tied_embedding": tied_embedding,
         },
     )
     report = {
@@ -365,9 +372,11 @@ def compile(  # noqa: A001  (the product's verb)
     }
     if materialize:
         from autoqra.footprint import layers_held_bytes
+        from autoqra.passes.materialize import shared_embeddings
 
         # measured through the tensor storages the compiled layers hold, not through the cost model
         report["held_bytes"] = layers_held_bytes(model)
+        report["shared_embeddings"] = shared_embeddings(model)
         if report["held_bytes"] != plan.total_bytes:
             logger.warning("the compiled layers hold %d bytes, the plan counted %d", report["held_bytes"],
                            plan.total_bytes)
@@ -464,17 +473,21 @@ def apply_plan(
                                    covariance_max_dim=2048 if rounding == "gptq" else 0))
     materializer = MaterializePass(backend=backend, group_size=group_size, alpha=settings.get("alpha"),
                                    loftq_iters=int(settings.get("loftq_iters", 2)), progress=progress,
-                                   rounding=rounding, adapter_dtype=adapter_dtype)
+                                   rounding=rounding, adapter_dtype=adapter_dtype,
+                                   # plans saved before the setting existed were materialized with "keep"
+                                   tied_embedding=str(settings.get("tied_embedding", "keep")))
     program = capture(model, example_inputs, config=CaptureConfig(include=tuple(settings.get("include", ())),
                                                                    exclude=tuple(settings.get("exclude", ()))))
     PassManager([*front, ApplyPlanPass(plan), ValidatePlanPass(backend=backend, group_size=group_size,
                                                                budget_bytes=plan.budget_bytes), materializer]
                 ).run(program)
     from autoqra.footprint import layers_held_bytes
+    from autoqra.passes.materialize import shared_embeddings
 
     report = {"applied": True, "capture_route": program.route, "layers": len(plan.layers),
               "timings": program.state.get("timings", []), "seconds": round(time.perf_counter() - start, 3),
               "total_bytes": plan.total_bytes, "budget_bytes": plan.budget_bytes,
-              "held_bytes": layers_held_bytes(model), "weighted_init": calib is not None}
+              "held_bytes": layers_held_bytes(model), "weighted_init": calib is not None,
+              "shared_embeddings": shared_embeddings(model)}
     model.autoqra_plan = plan
     return CompileResult(model=model, plan=plan, report=report, program=program)

@@ -32,7 +32,8 @@ from torch import nn
 from autoqra.data import sha256_file
 from autoqra.errors import AutoQRAError, require_module
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
-from autoqra.passes.materialize import INIT_ATTR
+from autoqra.modules.tied_embedding import TiedQuantEmbedding
+from autoqra.passes.materialize import INIT_ATTR, shared_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         "model_class": type(model).__name__,
         "layers": layers,
         "aliases": aliases,
+        "shared_embeddings": shared_embeddings(model),
         "plan": None if plan is None else plan.to_dict(),
     }
     # written to a temporary sibling folder with a manifest (sizes + sha256), then moved in file by
@@ -193,12 +195,17 @@ def load(directory: str | Path, base: nn.Module | Any) -> nn.Module:
         )
         layer.merged = bool(cfg.get("merged", False))
         new_modules[name] = layer
+    shared = meta.get("shared_embeddings", {})  # embedding -> the compiled layer whose rows it reads
+    for embedding, source in shared.items():
+        if embedding not in modules or source not in new_modules:
+            raise SaveFormatError(f"the saved embedding {embedding!r} reads {source!r}, which "
+                                  f"{type(base).__name__} or the saved layers lack; load onto the same architecture")
     # expected state dict = base's, with the replaced layers' entries swapped for the new ones
     expected: dict[str, tuple[int, ...]] = {}
     formats: dict[str, torch.dtype] = {}  # the compiled layers' tensors must come back in their own dtype
     for key, tensor in base.state_dict().items():
         owner = key.rsplit(".", 1)[0]
-        if owner not in new_modules:
+        if owner not in new_modules and owner not in shared:
             expected[key] = tuple(tensor.shape)
     for name, layer in new_modules.items():
         for key, tensor in layer.state_dict().items():
@@ -232,6 +239,8 @@ def load(directory: str | Path, base: nn.Module | Any) -> nn.Module:
         if layer.bias is not None and saved_bias is not None and saved_bias.dtype != layer.bias.dtype:
             layer.bias = nn.Parameter(torch.empty_like(saved_bias), requires_grad=False)  # the model's dtype
         base.set_submodule(name, layer)
+    for embedding, source in shared.items():
+        base.set_submodule(embedding, TiedQuantEmbedding(new_modules[source], modules[embedding], source_name=source))
     base.load_state_dict(state, strict=False, assign=False)
     for p in base.parameters():
         p.requires_grad_(False)

@@ -51,6 +51,7 @@ from autoqra.errors import (
     require_module,
 )
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.modules.tied_embedding import TiedQuantEmbedding
 
 __all__ = [
     "LayerAdapter",
@@ -424,6 +425,9 @@ def merge_to_dense(peft_model: Any, adapter_names: list[str] | None = None) -> n
         if layer.rank:
             raise PeftExportError(f"layer {name!r} still has an autoqra adapter; convert with to_peft_model first")
         model.set_submodule(name, _dense_of(layer))
+    shared = [n for n, m in model.named_modules() if isinstance(m, TiedQuantEmbedding)]
+    for name in shared:  # an embedding that read a packed layer's rows gets its own (untied) float matrix
+        model.set_submodule(name, model.get_submodule(name).to_embedding())
     logger.info("merge_to_dense: %d packed layers without adapter dequantized as well", len(rest))
     return model
 

@@ -182,13 +182,14 @@ def test_pass_manager_enforces_declared_state(bad, words):
         PassManager([BuildLayerGraphPass(), bad()]).run(capture(tiny_llama()))
 
 
-@pytest.mark.parametrize("tie, include", [
-    (False, ()),            # lm_head not selected: embedding and lm_head both untouched
-    (True, ()),             # tied, not selected: the shared weight counts once
-    (True, ("lm_head",)),   # tied lm_head quantized: the embedding keeps the float weight for its lookup
-    (False, ("lm_head",)),  # untied lm_head quantized: its own weight is touched
+@pytest.mark.parametrize("tie, include, mode", [
+    (False, (), "share"),            # lm_head not selected: embedding and lm_head both untouched
+    (True, (), "share"),             # tied, not selected: the shared weight counts once
+    (True, ("lm_head",), "keep"),    # tied lm_head quantized, kept: the embedding keeps the float weight
+    (True, ("lm_head",), "share"),   # tied lm_head quantized, shared: the embedding reads its codes
+    (False, ("lm_head",), "share"),  # untied lm_head quantized: its own weight is touched
 ])
-def test_untouched_bytes_counts_each_kept_storage_once(tie, include):
+def test_untouched_bytes_counts_each_kept_storage_once(tie, include, mode):
     from autoqra.analysis import untouched_bytes
     from autoqra.ir.capture import CaptureConfig
 
@@ -199,11 +200,12 @@ def test_untouched_bytes_counts_each_kept_storage_once(tie, include):
     total = sum(t.numel() * t.element_size() for t in unique.values())
     emb = model.model.embed_tokens.weight
     replaced = {id(modules[n].weight): modules[n].weight for n in graph.order()
-                if modules[n].weight is not emb}  # a weight shared with the embedding stays
+                if modules[n].weight is not emb or mode == "share"}  # a weight kept for the embedding stays
     expected = total - sum(t.numel() * t.element_size() for t in replaced.values())
     assert ("lm_head" in graph.order()) is bool(include)
-    assert untouched_bytes(model, graph) == expected
-    assert expected >= emb.numel() * emb.element_size()
+    assert untouched_bytes(model, graph, mode) == expected
+    shared = tie and include and mode == "share"
+    assert (expected >= emb.numel() * emb.element_size()) is not shared
 
 
 class _NarrowGate(torch.nn.Module):

@@ -498,3 +498,41 @@ def test_export_targets_that_cannot_work_are_refused_first(tmp_path, where, over
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=words):
         export_onnx(nn.Linear(2, 2), tmp_path / where, overwrite=overwrite)
+
+
+@pytest.mark.parametrize("bits, with_past", [(2, True), (3, False), (4, True), (8, False), (16, True)])
+def test_shared_tied_embedding_reads_the_lm_heads_tensors_once(tmp_path, bits, with_past) -> None:
+    """A tied embedding that reads the compiled lm_head (TiedQuantEmbedding) is exported as a Gather of the
+    lm_head's own codes / scales / zero points: exact, and the file holds no float vocabulary matrix."""
+    import autoqra
+    from autoqra.modules.tied_embedding import TiedQuantEmbedding
+
+    def build(mode: str) -> nn.Module:
+        model = tiny_llama(tie=True)
+        autoqra.compile(model, "40bits", include=("lm_head",), bits=(bits,), ranks=(4,), tied_embedding=mode,
+                        cache_dir=None, progress=False)
+        with torch.no_grad():
+            model.lm_head.lora_B.add_(0.05)  # as after fine-tuning: the embedding must not see the adapter
+        return model
+
+    shared, kept = build("share"), build("keep")
+    assert isinstance(shared.model.embed_tokens, TiedQuantEmbedding)
+    result = export_onnx(shared, tmp_path / "shared", with_past=with_past, accuracy_level=0)
+    assert result.parity.max_rel < 1e-4
+    if with_past:
+        assert result.parity.tokens_matched == result.parity.tokens_checked == 16
+    kept_result = export_onnx(kept, tmp_path / "kept", with_past=with_past, accuracy_level=0)
+    vocab_matrix = 128 * 64 * 4  # the fp32 embedding the kept file holds beside the lm_head
+
+    def weights(folder: str) -> int:
+        graph = onnx.load(str(tmp_path / folder / "model.onnx")).graph
+        return sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer)
+
+    assert vocab_matrix * 0.99 < weights("kept") - weights("shared") <= vocab_matrix
+    assert result.file_bytes < kept_result.file_bytes  # the gather's few nodes cost far less than the matrix
+    graph = onnx.load(str(tmp_path / "shared" / "model.onnx")).graph
+    assert not [i.name for i in graph.initializer if "embed_tokens" in i.name]
+    assert isinstance(shared.model.embed_tokens, TiedQuantEmbedding)  # swapped back after the export
+    if bits == 16:  # merging would fold the adapter into the one weight the embedding reads
+        with pytest.raises(ExportError, match="adapters='separate'"):
+            export_onnx(shared, tmp_path / "merged", with_past=False, adapters="merged", verify_export=False)

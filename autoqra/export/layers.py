@@ -36,9 +36,10 @@ from autoqra.errors import ExportError
 from autoqra.export.ops import side_path  # also registers torch.ops.autoqra.quant_linear
 from autoqra.ir.cost import DENSE_BITS
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.modules.tied_embedding import TiedQuantEmbedding
 from autoqra.quant.pack import pack, unpack
 
-__all__ = ["ADAPTER_MODES", "ACCURACY_LEVELS", "OnnxQuantLinear", "container_bytes"]
+__all__ = ["ADAPTER_MODES", "ACCURACY_LEVELS", "OnnxQuantLinear", "OnnxTiedEmbedding", "container_bytes"]
 
 ADAPTER_MODES = ("separate", "merged")
 #: MatMulNBits ``accuracy_level``: 0/1 fp32 compute (exact), 2 fp16, 3 bf16, 4 int8 activations (fastest on CPU)
@@ -126,3 +127,52 @@ class OnnxQuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+class OnnxTiedEmbedding(nn.Module):
+    """The export-time stand-in for a :class:`~autoqra.modules.tied_embedding.TiedQuantEmbedding`: it gathers the
+    requested rows of its output layer's exported tensors — the codes, scales and zero points the
+    ``MatMulNBits`` reads (or the 16-bit ``weight_t``) — and dequantizes them with plain ONNX operators
+    (``Gather``, bit shifts, ``Sub``, ``Mul``): the file holds the tied matrix once. ``source`` is referenced,
+    not registered, so its tensors keep the output layer's names."""
+
+    def __init__(self, source: OnnxQuantLinear, embedding: TiedQuantEmbedding, *, name: str, dtype: torch.dtype,
+                 merged_rank: bool) -> None:
+        super().__init__()
+        if source.bits == DENSE_BITS and merged_rank:
+            raise ExportError(
+                f"{name!r} reads its rows from {embedding.source_name!r}, whose adapter adapters='merged' would fold "
+                "into the shared 16-bit weight (the embedding would change); export with adapters='separate'")
+        self.__dict__["source"] = source
+        self.embedding_dim = embedding.embedding_dim
+        self.dtype = dtype
+        self.embed_scale = None if embedding.embed_scale is None else float(embedding.embed_scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        s = self.source
+        flat = input_ids.reshape(-1)
+        if s.bits == DENSE_BITS:
+            rows = s.weight_t.index_select(1, flat).T  # weight_t is [in, out]: a vocabulary row is a column
+        else:
+            n_blocks, block = s.qweight.shape[1], s.block_size
+            codes = _unpacked(s.qweight.index_select(0, flat), s.kernel_bits)  # [n, n_blocks, block]
+            picked = (flat.unsqueeze(1) * n_blocks + torch.arange(n_blocks, device=flat.device)).reshape(-1)
+            scale = s.scales.index_select(0, picked).reshape(-1, n_blocks).float()  # the flat fp16 scales
+            zero = _unpacked(s.zero_points.index_select(0, flat), s.kernel_bits).reshape(flat.shape[0], -1)
+            zero = zero[:, :n_blocks].float()
+            if s.zero_fraction is not None:
+                zero = zero + s.zero_fraction.index_select(0, flat).float()
+            rows = ((codes.float() - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(flat.shape[0], n_blocks * block)
+            rows = rows[:, : s.in_features]
+        out = rows.to(self.dtype).reshape(*input_ids.shape, self.embedding_dim)
+        return out * self.embed_scale if self.embed_scale is not None else out
+
+
+def _unpacked(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The ``bits``-bit values of uint8 bytes (little-endian in each byte), as int32 ``[..., bytes · 8 / bits]``."""
+    if bits == 8:
+        return packed.to(torch.int32)
+    wide = packed.to(torch.int32)
+    mask = (1 << bits) - 1
+    parts = [(wide >> shift) & mask if shift else wide & mask for shift in range(0, 8, bits)]
+    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))

@@ -41,10 +41,17 @@ from autoqra.export.attention import ATTENTION_MODES, switched_attention
 from autoqra.export.decoder import DecoderLogits, DecoderShape, DecoderWithPast, decoder_shape, probe_cache
 from autoqra.export.fuse import fuse_shared_inputs
 from autoqra.export.genai import write_genai_config
-from autoqra.export.layers import ACCURACY_LEVELS, ADAPTER_MODES, OnnxQuantLinear, container_bytes
+from autoqra.export.layers import (
+    ACCURACY_LEVELS,
+    ADAPTER_MODES,
+    OnnxQuantLinear,
+    OnnxTiedEmbedding,
+    container_bytes,
+)
 from autoqra.export.ops import onnx_translation_table
 from autoqra.ir.cost import DENSE_BITS
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.modules.tied_embedding import TiedQuantEmbedding
 from autoqra.passes.materialize import restore
 from autoqra.progress import tqdm_disable
 
@@ -168,9 +175,18 @@ def _swap_for_export(model: nn.Module, adapters: str, accuracy_level: int, dtype
                 kind = _layer_kind(module)
                 counts[kind] = counts.get(kind, 0) + 1
             places.append((name, module))
-    for name, module in places:
+    tied = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
+            if isinstance(module, TiedQuantEmbedding)]
+    embeddings: dict[str, OnnxTiedEmbedding] = {}
+    for name, module in tied:
+        if id(module.source) not in built:
+            raise ExportError(f"{name!r} reads its rows from {module.source_name!r}, which is not in this model; "
+                              "export the whole compiled model")
+        embeddings[name] = OnnxTiedEmbedding(built[id(module.source)], module, name=name, dtype=dtype,
+                                             merged_rank=bool(module.source.rank) and (adapters == "merged" or module.source.merged))
+    for name, module in places + tied:
         swapped.append((name, module))
-        model.set_submodule(name, built[id(module)])
+        model.set_submodule(name, embeddings[name] if name in embeddings else built[id(module)])
     return counts
 
 

@@ -494,6 +494,41 @@ class QuantLoRALinear(nn.Module):
             dtype,
         )
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``ids`` (any integer shape, flattened) of the base weight, ``[n, in]``, read from the codes
+        in whichever layout holds them — the lookup of a tied input embedding that shares this layer's
+        weight (`autoqra.modules.tied_embedding`). A merged 16-bit layer gives its base rows (the
+        adapter's delta taken out again)."""
+        ids = ids.reshape(-1).to(device=self._device(), dtype=torch.long)
+        if self.bits == DENSE_BITS:
+            w = self.weight[ids].to(dtype)
+            if self.merged and self.rank:
+                w = w - (self.scaling * self.lora_B[ids].float() @ self.lora_A.float()).to(dtype)
+            return w
+        k = self.scale.shape[1] * self.group_size
+        if self.layout == "int4_cpu":
+            block = int4_layout.block_n()
+            half = block // 2
+            # a block of `block` rows is [K, block/2] bytes: row j's codes in the low nibbles of column j,
+            # row j + block/2's in the high nibbles
+            view = self.qweight.view(self.out_features // block, k, half)
+            j = ids % block
+            byte = view[ids // block, :, j % half]  # [n, K]
+            codes = (byte >> (4 * (j >= half).to(torch.uint8)).unsqueeze(1)) & 15
+        elif self.layout == "int4_cuda":
+            tile = int4_cuda.TILE_N  # decode each tile the ids touch once, then pick the rows
+            tiles = torch.unique(ids // tile)
+            decoded = torch.zeros(self.out_features // tile, tile, k, dtype=torch.uint8, device=ids.device)
+            for t in tiles.tolist():
+                decoded[t] = self._codes(t * tile, (t + 1) * tile)
+            codes = decoded.view(self.out_features, k)[ids]
+        else:
+            row_bytes = self.qweight.numel() // self.out_features
+            picked = self.qweight.view(self.out_features, row_bytes)[ids]
+            codes = unpack(picked.reshape(-1), self.bits, len(ids) * k).view(len(ids), k)
+        return dequantize_codes(codes, self.scale[ids], self.zero[ids], (len(ids), self.in_features),
+                                self.group_size, self.codebook, dtype)
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters: ``[lora_A, lora_B]`` (empty at rank 0)."""
         return [self.lora_A, self.lora_B] if self.rank else []

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from autoqra.distributed import all_reduce_int, all_reduce_sum, is_distributed, shard
 from autoqra.errors import DataError
+from autoqra.ir.discover import layer_kind
 from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
 from autoqra.memory import trim_heap
@@ -278,7 +279,8 @@ class CalibratePass(PassBase):
             shared[id(arg)] = (weakref.ref(arg), value)
             return value
 
-        aliases = [modules[a] for n in graph.order() for a in (n, *graph.layer(n).tied)]
+        aliases = [modules[a] for n in graph.order() for a in (n, *graph.layer(n).tied)
+                   if a == n or layer_kind(modules[a]) is graph.layer(n).kind]
         # the weight-gradient sums are allocated before the first batch, once: long-lived blocks allocated
         # among a backward's transient ones would fragment glibc's heap
         grad_sums = {n: ScaledHalf((graph.layer(n).out_features, graph.layer(n).in_features), device=device)
@@ -341,7 +343,8 @@ class CalibratePass(PassBase):
         for name in graph.order():
             layer = graph.layer(name)
             pre, fwd = make_hooks(name, layer.kind)
-            for alias in (name, *layer.tied):
+            # a tied alias of another kind (the embedding of a tied lm_head) reads token ids, not the layer's input
+            for alias in (name, *(a for a in layer.tied if layer_kind(modules[a]) is layer.kind)):
                 handles.append(modules[alias].register_forward_pre_hook(pre))
                 handles.append(modules[alias].register_forward_hook(fwd))
         was_training = model.training

@@ -12,10 +12,12 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from autoqra.errors import ConfigError
 from autoqra.ir.discover import layer_kind
 from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
+from autoqra.modules.tied_embedding import TIED_EMBEDDING_MODES, TiedQuantEmbedding, shareable
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.progress import tqdm_disable
 from autoqra.search.estimators import clamp_weights
@@ -27,10 +29,13 @@ INIT_ATTR = "autoqra_init_adapters"
 
 
 def swap_in(model: torch.nn.Module, graph, new_modules: dict[str, torch.nn.Module],
-            swapped: list[tuple[str, torch.nn.Module]]) -> None:
-    """Put each new module at its layer and its tied aliases of the same kind (a tied sharer of another
-    kind, an unselected embedding, keeps its own module); every swap is appended to ``swapped`` as it
-    happens, so `restore` can undo a partial swap."""
+            swapped: list[tuple[str, torch.nn.Module]], *, tied_embedding: str = "share") -> None:
+    """Put each new module at its layer and its tied aliases of the same kind; a tied embedding (an
+    alias of another kind) reads its rows from the new module (`TiedQuantEmbedding`) with
+    ``tied_embedding="share"``, or keeps its float matrix with ``"keep"``. Every swap is appended to
+    ``swapped`` as it happens, so `restore` can undo a partial swap."""
+    if tied_embedding not in TIED_EMBEDDING_MODES:
+        raise ConfigError(f"tied_embedding must be one of {TIED_EMBEDDING_MODES}, got {tied_embedding!r}")
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, new in new_modules.items():
         layer = graph.layer(name)
@@ -38,6 +43,20 @@ def swap_in(model: torch.nn.Module, graph, new_modules: dict[str, torch.nn.Modul
             if alias == name or layer_kind(modules[alias]) is layer.kind:
                 swapped.append((alias, modules[alias]))
                 model.set_submodule(alias, new)
+            elif tied_embedding == "share" and isinstance(new, QuantLoRALinear):
+                reason = shareable(modules[alias])
+                if reason is not None:
+                    logger.warning("%s keeps its float weight beside %s's codes: %s", alias, name, reason)
+                    continue
+                swapped.append((alias, modules[alias]))
+                model.set_submodule(alias, TiedQuantEmbedding(new, modules[alias], source_name=name))
+
+
+def shared_embeddings(model: torch.nn.Module) -> dict[str, str]:
+    """``{embedding: output layer}`` for every embedding that reads a compiled layer's rows."""
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    return {n: names[id(m.source)] for n, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, TiedQuantEmbedding) and id(m.source) in names}
 
 
 def restore(model: torch.nn.Module, swapped: list[tuple[str, torch.nn.Module]]) -> None:
@@ -54,7 +73,10 @@ class MaterializePass(PassBase):
     def __init__(self, *, backend: str = "packed", group_size: int = 64, alpha: float | None = None,
                  loftq_iters: int = 2, weighted_init: bool = True, progress: bool = True,
                  rounding: str = "rtn", adapter_dtype: torch.dtype = torch.float32,
-                 keep_init_adapters: bool = True) -> None:
+                 keep_init_adapters: bool = True, tied_embedding: str = "share") -> None:
+        if tied_embedding not in TIED_EMBEDDING_MODES:
+            raise ConfigError(f"tied_embedding must be one of {TIED_EMBEDDING_MODES}, got {tied_embedding!r}")
+        self.tied_embedding = tied_embedding
         self.keep_init_adapters = keep_init_adapters
         self.rounding = rounding
         self.adapter_dtype = adapter_dtype
@@ -96,7 +118,7 @@ class MaterializePass(PassBase):
         flags = {p: p.requires_grad for p in model.parameters()}
         swapped: list[tuple[str, torch.nn.Module]] = []
         try:
-            swap_in(model, graph, new_modules, swapped)
+            swap_in(model, graph, new_modules, swapped, tied_embedding=self.tied_embedding)
             for p in model.parameters():
                 p.requires_grad_(False)
             for m in model.modules():
@@ -115,4 +137,4 @@ class MaterializePass(PassBase):
             for p, flag in flags.items():
                 p.requires_grad_(flag)
             raise
-        return PassResult(info={"layers": len(new_modules)})
+        return PassResult(info={"layers": len(new_modules), "shared_embeddings": shared_embeddings(model)})

@@ -268,7 +268,10 @@ class SelectPlanPass(PassBase):
             "lambda_unit": repr(unit),
             "build": {"backend": m.backend, "group_size": m.group_size, "alpha": m.alpha,
                       "loftq_iters": m.loftq_iters, "weighted_init": m.weighted_init, "rounding": m.rounding,
-                      "adapter_dtype": str(m.adapter_dtype)},
+                      "adapter_dtype": str(m.adapter_dtype),
+                      # only where a layer has tied aliases (older cache entries stay valid elsewhere)
+                      **({"tied_embedding": m.tied_embedding} if any(
+                          program.require_graph().layer(n).tied for n in program.require_graph().order()) else {})},
             "names": list(state),
         }
         return self._cache.key(parts, [*state.values(), *self.train, None, *self.holdout])
@@ -367,7 +370,8 @@ class SelectPlanPass(PassBase):
     def _swap(self, program: Program, new: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
         swapped: list[tuple[str, nn.Module]] = []
         try:
-            swap_in(program.model, program.require_graph(), new, swapped)
+            swap_in(program.model, program.require_graph(), new, swapped,
+                    tied_embedding=self.materialize.tied_embedding)
         except BaseException:
             restore(program.model, swapped)
             raise
