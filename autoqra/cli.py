@@ -160,7 +160,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         model, args.budget, calib=calib, bits=_ints(args.bits), ranks=_ints(args.ranks), group_size=args.group_size,
         estimator=args.estimator, solver=args.solver, seed=args.seed, include=tuple(args.include),
         exclude=tuple(args.exclude), materialize=not args.plan_only, objective=args.objective,
-        lambda_=args.lambda_, select=select,
+        lambda_=args.lambda_, select=select, tied_embedding=args.tied_embedding,
     )
     print(plan_table(result.plan))
     selection = result.report.get("selection")
@@ -474,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "continue (default 4; 0: every candidate runs all --score-steps)")
     p.add_argument("--no-select", action="store_true",
                    help="trust the proxy: no candidate plan is measured (uniform plans are not compared)")
+    p.add_argument("--tied-embedding", choices=("share", "keep"), default="share",
+                   help="an embedding tied to a compiled layer (--include lm_head on a tied model): share (default: "
+                        "it reads the layer's codes, the matrix is held once) or keep its float matrix")
     p.add_argument("--export-onnx", metavar="DIR", default=None,
                    help="also export the compiled model to ONNX in DIR (see `autoqra export`)")
     p.add_argument("--jemalloc", action="store_true",

@@ -4,7 +4,8 @@
 * ``model.safetensors``: the whole state dict (packed codes, scales, zeros, adapters, and the
   untouched parameters), each shared tensor once;
 * ``autoqra_plan.json``: format version, autoqra/torch versions, every ``QuantLoRALinear``'s
-  constructor arguments, tied-parameter aliases, and the `Plan` when the model carries one.
+  constructor arguments, tied-parameter aliases, the embeddings that read a compiled layer's rows
+  (``shared_embeddings``: `autoqra.modules.tied_embedding`), and the `Plan` when the model carries one.
 
 ``load(dir, base)`` rebuilds the layers on ``base`` (an ``nn.Module`` of the same architecture,
 or a transformers config to instantiate) and loads the tensors. Everything is read and checked

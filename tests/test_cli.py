@@ -96,6 +96,14 @@ def test_compile_plan_only_data_free(model_dir, tmp_path, capsys):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("flags, mode", [([], "share"), (["--tied-embedding", "keep"], "keep")])
+def test_compile_tied_embedding_flag_reaches_the_plan(model_dir, tmp_path, capsys, flags, mode):
+    code = main(["compile", str(model_dir), "--budget", "6bits", "--calib", "none", "--plan-only",
+                 "--include", "lm_head", "--out", str(tmp_path), *flags])
+    assert code == 0
+    assert json.loads((tmp_path / "plan.json").read_text())["settings"]["tied_embedding"] == mode
+
+
 def test_plan_only_then_apply_materializes_the_saved_plan(model_dir, text_file, tmp_path, capsys):
     plan_dir = tmp_path / "plan"
     common = ["--calib", str(text_file), "--seq-len", "32", "--calib-windows", "4"]

@@ -146,9 +146,12 @@ def test_gpt2_conv1d_materializes_and_round_trips(tmp_path):
 
 def test_tied_lm_head_materialized_once(tmp_path):
     model = tiny_llama(tie=True)
-    autoqra.compile(model, "6bits", include=("lm_head",), **FAST)
+    autoqra.compile(model, "6bits", include=("lm_head",), tied_embedding="keep", **FAST)
     assert isinstance(model.lm_head, QuantLoRALinear)
-    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)  # kept: its own float matrix
+    shared = tiny_llama(tie=True)
+    autoqra.compile(shared, "6bits", include=("lm_head",), **FAST)  # the default reads the lm_head's codes
+    assert shared.model.embed_tokens.source is shared.lm_head
 
 
 def test_backend_without_the_searched_bits_is_refused_up_front():
