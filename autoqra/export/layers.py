@@ -158,7 +158,11 @@ class OnnxTiedEmbedding(nn.Module):
             codes = _unpacked(s.qweight.index_select(0, flat), s.kernel_bits)  # [n, n_blocks, block]
             picked = (flat.unsqueeze(1) * n_blocks + torch.arange(n_blocks, device=flat.device)).reshape(-1)
             scale = s.scales.index_select(0, picked).reshape(-1, n_blocks).float()  # the flat fp16 scales
-            zero = _unpacked(s.zero_points.index_select(0, flat), s.kernel_bits).reshape(flat.shape[0], -1)
+            # the zero points are packed flat, each row padded to whole bytes: gather each row's bytes by index
+            # (a Reshape of the initializer would be folded into a second copy)
+            row_bytes = s.zero_points.shape[0] // s.qweight.shape[0]
+            at = (flat.unsqueeze(1) * row_bytes + torch.arange(row_bytes, device=flat.device)).reshape(-1)
+            zero = _unpacked(s.zero_points.index_select(0, at), s.kernel_bits).reshape(flat.shape[0], -1)
             zero = zero[:, :n_blocks].float()
             if s.zero_fraction is not None:
                 zero = zero + s.zero_fraction.index_select(0, flat).float()

@@ -131,10 +131,10 @@ def discover_layers(
         taken.update(sharers)
         unselected = [n for n in tied if n in skipped]
         if unselected:
-            logger.warning(
-                "%s shares its weight with %s, which is not selected: quantizing %s keeps a full-precision "
-                "copy there; include both (patterns) or exclude %s",
-                name, unselected, name, name,
+            logger.info(
+                "%s shares its weight with %s, which is not selected: with tied_embedding='share' (the default) "
+                "it will read %s's compiled weight; with 'keep' it keeps a full-precision copy",
+                name, unselected, name,
             )
         in_f, out_f = weight_shape(module, kind)
         layers.append(
