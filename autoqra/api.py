@@ -371,12 +371,14 @@ def compile(  # noqa: A001  (the product's verb)
         ],
     }
     if materialize:
-        from autoqra.footprint import layers_held_bytes
+        from autoqra.footprint import held_bytes, layers_held_bytes
         from autoqra.passes.materialize import shared_embeddings
 
         # measured through the tensor storages the compiled layers hold, not through the cost model
         report["held_bytes"] = layers_held_bytes(model)
         report["shared_embeddings"] = shared_embeddings(model)
+        # the whole model: the plan's layers, what the rewrite left as it was, the adapters as initialized
+        report["model_held_bytes"] = held_bytes(model.modules())
         if report["held_bytes"] != plan.total_bytes:
             logger.warning("the compiled layers hold %d bytes, the plan counted %d", report["held_bytes"],
                            plan.total_bytes)

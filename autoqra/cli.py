@@ -168,6 +168,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"objective {selection['objective']}; candidates scored on held-back calibration batches "
               f"({selection['fidelity']}), winner: {selection['winner']}")
         print(selection_table(selection))
+    if "model_held_bytes" in result.report:
+        whole = result.report["model_held_bytes"]
+        print(f"the compiled model holds {fmt_bytes(whole)}: the plan's {fmt_bytes(result.report['held_bytes'])} + "
+              f"{fmt_bytes(whole - result.report['held_bytes'])} outside the budget (embeddings, norms, biases, "
+              "the adapters as initialized)")
+        hint = _tied_head_hint(result.model)
+        if hint:
+            print(hint)
     print(f"capture route: {result.report['capture_route']}; {result.report['seconds']:.1f} s in all")
     print(table(["pass", "seconds"], [[t["pass"], f"{t['seconds']:.2f}"] for t in result.report["timings"]]))
     if args.out:
@@ -185,6 +193,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.export_onnx:
         _export_and_report(result.model, args.export_onnx, tokenizer, args)
     return 0
+
+
+def _tied_head_hint(model) -> str | None:
+    """A line for a tied vocabulary matrix the plan leaves float (outside the budget), else None."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not (callable(get_in) and callable(get_out)):
+        return None
+    inp, out = get_in(), get_out()
+    weight = getattr(out, "weight", None)
+    if weight is None or getattr(inp, "weight", None) is not weight:
+        return None
+    return (f"the tied embedding / output matrix ({fmt_bytes(weight.numel() * weight.element_size())}) stays float "
+            "outside the budget: --include lm_head compiles it, and the embedding then reads its codes "
+            "(8 bits cost SmolLM2 nothing measurable; docs/quantization.md)")
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:

@@ -54,7 +54,20 @@ def test_compile_writes_plan_report_and_model(model_dir, text_file, tmp_path, ca
     assert {t["pass"] for t in report["timings"]} >= {"CalibratePass", "SelectPlanPass", "MaterializePass"}
     assert report["selection"]["candidates"]  # plans scored by measured loss
     assert "total" in (out_dir / "report.txt").read_text()
-    assert "total" in capsys.readouterr().out
+    # the whole model, measured through its tensor storages: the plan's layers and what stays outside
+    assert report["model_held_bytes"] > report["held_bytes"] == plan["total_bytes"]
+    printed = capsys.readouterr().out
+    assert "total" in printed and "the compiled model holds" in printed
+    assert "tied embedding" not in printed  # this model's lm_head is not tied
+
+
+def test_tied_head_hint_names_the_float_matrix_outside_the_budget():
+    from tiny_models import tiny_llama
+
+    from autoqra.cli import _tied_head_hint
+
+    assert "--include lm_head" in _tied_head_hint(tiny_llama(tie=True))
+    assert _tied_head_hint(tiny_llama(tie=False)) is None
 
 
 @pytest.mark.parametrize(
