@@ -5,6 +5,7 @@ apply_plan, peft's merge_to_dense and the measured selection keep it."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -158,3 +159,19 @@ def test_the_measured_selection_scores_plans_with_the_sharing_in_place():
     assert result.report["selection"] is not None
     assert isinstance(model.model.embed_tokens, TiedQuantEmbedding)
     assert result.report["held_bytes"] == result.plan.total_bytes
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fine_tuning_trains_the_lm_head_adapter_and_leaves_the_shared_rows(checkpointing):
+    from autoqra.train import finetune
+
+    model = tiny_llama(tie=True)
+    autoqra.compile(model, "12bits", include=("lm_head",), bits=(4,), ranks=(4,), **FAST)
+    rows = model.model.embed_tokens(IDS).clone()
+    b_before = model.lm_head.lora_B.detach().clone()
+    tokens = torch.randperm(125, generator=torch.Generator().manual_seed(2))[:40].add(3).repeat(40)
+    result = finetune(model, tokens, steps=4, seq_len=32, batch_size=4, lr=1e-2, progress=False,
+                      gradient_checkpointing=checkpointing)
+    assert len(result.losses) == 4 and all(math.isfinite(v) for v in result.losses)
+    assert not torch.equal(model.lm_head.lora_B, b_before)  # the lm_head's adapter learned
+    assert torch.equal(model.model.embed_tokens(IDS), rows)  # the shared base rows did not move
