@@ -133,3 +133,19 @@ def test_close_stops_a_running_child(tmp_path, compiled) -> None:
     assert not (tmp_path / "stopped").exists()  # stopped before it wrote anything
     with pytest.raises(ExportError, match="exit code"):
         job.wait()  # nothing to return: says how the child ended
+
+
+def test_a_shared_tied_embedding_reaches_the_child(tmp_path, compiled) -> None:
+    """The child rebuilds the model through autoqra.save / load: the embedding that reads the compiled lm_head
+    comes back reading it, and the child's file is the parent's, byte for byte."""
+    _, tokenizer = compiled
+    model = tiny_llama(tie=True)
+    autoqra.compile(model, "12bits", include=("lm_head",), bits=(4,), ranks=(4,), cache_dir=None, progress=False)
+    assert model.model.embed_tokens.source is model.lm_head
+    with export_in_background(model, tmp_path / "child", tokenizer=tokenizer, accuracy_level=0,
+                              verify_genai=False) as job:
+        child = job.wait()
+    here = export_onnx(model, tmp_path / "here", tokenizer=tokenizer, accuracy_level=0, progress=False,
+                       verify_genai=False)
+    assert (tmp_path / "child" / "model.onnx").read_bytes() == (tmp_path / "here" / "model.onnx").read_bytes()
+    assert child.file_bytes == here.file_bytes and child.parity.tokens_matched == 16
