@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import MLP, tiny_gpt2, tiny_llama
+from tiny_models import MLP, logits_of, tiny_gpt2, tiny_llama
 
 import autoqra
 from autoqra.io import SaveFormatError, load, save
@@ -21,8 +21,7 @@ FAST = dict(cache_dir=None, progress=False)
 
 
 def _logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    return logits_of(model, ids)
 
 
 @pytest.fixture(scope="module")

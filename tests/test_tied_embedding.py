@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_gemma3, tiny_llama
+from tiny_models import logits_of, tiny_gemma3, tiny_llama
 
 import autoqra
 from autoqra.errors import ConfigError, UnsupportedLayerError
@@ -24,8 +24,7 @@ FAST = dict(cache_dir=None, progress=False)
 
 
 def _logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    return logits_of(model, ids)
 
 
 @pytest.mark.parametrize("bits, fast_path", [(2, True), (3, True), (4, True), (4, False), (8, True), (16, True)])

@@ -177,3 +177,9 @@ class OddWidth(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.proj(x)))
+
+
+def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits for ``ids``, without autograd."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits
