@@ -71,3 +71,18 @@ def test_bad_shapes_and_rows_are_refused(stand_in, shape, rows) -> None:
 def test_nibbles_follow_the_words_bits() -> None:
     words = torch.tensor([[0x76543210, -1, 0x0000000F]], dtype=torch.int32)
     assert int4_cuda._nibbles(words).tolist() == [[list(range(8)), [15] * 8, [15] + [0] * 7]]
+
+
+def test_rows_of_a_layer_holding_the_cuda_layout(stand_in) -> None:
+    """`QuantLoRALinear.rows` (a shared tied embedding's lookup) reads the CUDA layout's rows exactly."""
+    from autoqra.modules.quant_lora_linear import QuantLoRALinear
+
+    torch.manual_seed(0)
+    layer = QuantLoRALinear.from_linear(torch.nn.Linear(128, 64, bias=False), 4, 0)
+    layer.fast_path = False  # packed on the CPU; then laid out as on a GPU
+    reference = layer.dequantized_weight()
+    codes = layer._codes(0, layer.out_features)
+    layer._buffers["qweight"] = int4_cuda.encode(codes)
+    layer.layout = "int4_cuda"
+    for ids in (torch.tensor([5]), torch.tensor([[63, 0, 17], [9, 9, 40]]), torch.tensor([], dtype=torch.long)):
+        assert torch.equal(layer.rows(ids), reference[ids.reshape(-1)])

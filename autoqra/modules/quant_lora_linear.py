@@ -516,12 +516,11 @@ class QuantLoRALinear(nn.Module):
             byte = view[ids // block, :, j % half]  # [n, K]
             codes = (byte >> (4 * (j >= half).to(torch.uint8)).unsqueeze(1)) & 15
         elif self.layout == "int4_cuda":
-            tile = int4_cuda.TILE_N  # decode each tile the ids touch once, then pick the rows
-            tiles = torch.unique(ids // tile)
-            decoded = torch.zeros(self.out_features // tile, tile, k, dtype=torch.uint8, device=ids.device)
-            for t in tiles.tolist():
-                decoded[t] = self._codes(t * tile, (t + 1) * tile)
-            codes = decoded.view(self.out_features, k)[ids]
+            # one decode of the row span the ids touch (a single tile for one decoded token; at most the whole
+            # matrix for a training batch, a bounded transient on a GPU), then the rows picked from it
+            lo, hi = (int(ids.min()), int(ids.max()) + 1) if len(ids) else (0, 0)
+            codes = self._codes(lo, hi)[ids - lo] if len(ids) else torch.empty(0, k, dtype=torch.uint8,
+                                                                              device=ids.device)
         else:
             row_bytes = self.qweight.numel() // self.out_features
             picked = self.qweight.view(self.out_features, row_bytes)[ids]
