@@ -174,3 +174,20 @@ def test_fine_tuning_trains_the_lm_head_adapter_and_leaves_the_shared_rows(check
     assert len(result.losses) == 4 and all(math.isfinite(v) for v in result.losses)
     assert not torch.equal(model.lm_head.lora_B, b_before)  # the lm_head's adapter learned
     assert torch.equal(model.model.embed_tokens(IDS), rows)  # the shared base rows did not move
+
+
+def test_bf16_model_lookups_follow_the_models_dtype_and_export_exactly(tmp_path):
+    model = tiny_llama(tie=True).to(torch.bfloat16)
+    autoqra.compile(model, "12bits", include=("lm_head",), bits=(4,), ranks=(4,), **FAST)
+    emb = model.model.embed_tokens
+    assert emb(IDS).dtype == torch.bfloat16 and _logits(model).dtype == torch.bfloat16
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from autoqra.export import export_onnx
+
+    # exported in float32 (the bf16 tensors widened for the export): the lookups widen with them
+    result = export_onnx(model, tmp_path / "onnx", accuracy_level=0, verify_genai=False, progress=False)
+    assert result.parity.max_rel < 1e-4
+    assert emb(IDS).dtype == torch.bfloat16  # and narrow back afterwards
+    model.float()
+    assert emb(IDS).dtype == torch.float32

@@ -64,7 +64,10 @@ class TiedQuantEmbedding(nn.Module):
                 f"{list(embedding.weight.shape)}: they are not one tied matrix")
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
-        self.dtype = embedding.weight.dtype
+        # an empty buffer carries the output dtype, so model.to(dtype) / .float() / a bf16 model widened for
+        # export change it as they would an embedding's weight
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=embedding.weight.dtype,
+                                                      device=embedding.weight.device), persistent=False)
         self.source_name = source_name
         self.__dict__["source"] = source  # a reference, not a submodule: its tensors are the output layer's
         # the replaced module without its weight (the class and settings `to_embedding` rebuilds)
@@ -79,6 +82,11 @@ class TiedQuantEmbedding(nn.Module):
             self.register_buffer("embed_scale", scale.detach().clone(), persistent=False)
         else:
             self.embed_scale = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype lookups come back in (the replaced embedding's, following the model's casts)."""
+        return self.dtype_probe.dtype
 
     def dequantized_weight(self) -> torch.Tensor:
         """The whole ``[vocab, hidden]`` matrix the lookups read (materialized: the size of a float copy)."""
