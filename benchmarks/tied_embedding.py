@@ -8,13 +8,13 @@ the bytes the whole model holds (distinct tensor storages, `autoqra.footprint.he
 accuracy level 4, verified). Writes ``benchmarks/results/tied_embedding.json``.
 
     python benchmarks/tied_embedding.py [--export]
+    python benchmarks/tied_embedding.py --quick --export    # seconds: a tiny tied Llama, random tokens (CI smoke)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -25,23 +25,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import autoqra  # noqa: E402
-from autoqra import data, zoo  # noqa: E402
 from autoqra.analysis import analyze  # noqa: E402
 from autoqra.evaluate import perplexity  # noqa: E402
 from autoqra.footprint import held_bytes  # noqa: E402
 from autoqra.ir.capture import CaptureConfig  # noqa: E402
 from autoqra.ir.cost import CostModel  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "results" / "tied_embedding.json"
+
+def load(quick: bool) -> tuple[torch.nn.Module, object, torch.Tensor, str]:
+    """(model, tokenizer or None, evaluation windows, what they are)."""
+    if quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from tiny_models import VOCAB, tiny_llama
+
+        windows = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+        return tiny_llama(tie=True), None, windows, "tiny tied Llama (config in code, random weights), random tokens"
+    from autoqra import data, zoo
+
+    model, tokenizer = zoo.load_default_model()
+    windows = data.lee_windows(tokenizer, split="eval", seq_len=512, n=8)
+    return model, tokenizer, windows, "SmolLM2-135M-Instruct (fp32 from GGUF Q4_1) + 8x512 Lee evaluation tokens"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--export", action="store_true", help="also export the 4-bit lm_head plans to ONNX")
+    parser.add_argument("--quick", action="store_true", help="tiny tied Llama, random tokens (CI smoke)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    base, tokenizer = zoo.load_default_model()
-    windows = data.lee_windows(tokenizer, split="eval", seq_len=512, n=8)
+    base, tokenizer, windows, what = load(args.quick)
     results: dict[str, dict] = {"fp32": {"ppl": perplexity(base, windows, progress=False),
                                          "held_bytes": held_bytes(base.modules())}}
     print("fp32", results["fp32"], flush=True)
@@ -66,11 +79,13 @@ def main() -> None:
                 from autoqra.export import export_onnx
 
                 with tempfile.TemporaryDirectory() as tmp:
-                    exported = export_onnx(model, Path(tmp) / "onnx", tokenizer=tokenizer, progress=False)
+                    exported = export_onnx(model, Path(tmp) / "onnx", tokenizer=tokenizer, progress=False,
+                                           accuracy_level=0 if args.quick else 4)  # exact on random weights
                 row.update(onnx_bytes=exported.file_bytes, onnx_max_rel=exported.parity.max_rel)
             results[f"4-bit r8, lm_head {head}-bit, {mode}"] = row
             print(f"lm_head {head}-bit, {mode}:", row, flush=True)
-            OUT.write_text(json.dumps(results, indent=1) + "\n")
+            write_json("tied_embedding_quick" if args.quick else "tied_embedding",
+                       {"quick": args.quick, "data": what, "results": results})
 
 
 if __name__ == "__main__":

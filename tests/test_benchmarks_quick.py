@@ -230,3 +230,15 @@ def test_quality_unknown_row_is_refused(row: str) -> None:
     quality = _quality_module()
     with pytest.raises(SystemExit, match="unknown row"):
         quality._row_kwargs(row, 3, 1000)
+
+
+def test_tied_embedding_quick() -> None:
+    data = run_quick("tied_embedding.py", "tied_embedding_quick", extra=("--export",))
+    rows = data["results"]
+    vocab_matrix = 128 * 64 * 4  # the tiny Llama's fp32 tied matrix
+    for head in (4, 8):
+        share, keep = rows[f"4-bit r8, lm_head {head}-bit, share"], rows[f"4-bit r8, lm_head {head}-bit, keep"]
+        assert share["plan_bytes"] == keep["plan_bytes"] and share["lm_head"] == keep["lm_head"] == [head, 8]
+        assert keep["held_bytes"] - share["held_bytes"] == vocab_matrix  # measured through the storages
+        assert share["shared"] == {"model.embed_tokens": "lm_head"} and keep["shared"] == {}
+    assert rows["4-bit r8, lm_head 4-bit, share"]["onnx_bytes"] < rows["4-bit r8, lm_head 4-bit, keep"]["onnx_bytes"]
