@@ -17,6 +17,7 @@ from autoqra.data import lee_windows
 from autoqra.errors import AutoQRAError, ConfigError
 from autoqra.ir.capture import CaptureConfig
 from autoqra.ir.cost import CostModel
+from autoqra.modules.tied_embedding import TIED_EMBEDDING_MODES
 from autoqra.report import fmt_bytes, table
 from autoqra.search.estimators import available_estimators
 from autoqra.search.registry import available_solvers
@@ -496,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "continue (default 4; 0: every candidate runs all --score-steps)")
     p.add_argument("--no-select", action="store_true",
                    help="trust the proxy: no candidate plan is measured (uniform plans are not compared)")
-    p.add_argument("--tied-embedding", choices=("share", "keep"), default="share",
+    p.add_argument("--tied-embedding", choices=TIED_EMBEDDING_MODES, default="share",
                    help="an embedding tied to a compiled layer (--include lm_head on a tied model): share (default: "
                         "it reads the layer's codes, the matrix is held once) or keep its float matrix")
     p.add_argument("--export-onnx", metavar="DIR", default=None,

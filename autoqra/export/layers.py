@@ -173,7 +173,9 @@ class OnnxTiedEmbedding(nn.Module):
 
 
 def _unpacked(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """The ``bits``-bit values of uint8 bytes (little-endian in each byte), as int32 ``[..., bytes · 8 / bits]``."""
+    """The ``bits``-bit values of uint8 bytes (little-endian in each byte), as int32 ``[..., bytes · 8 / bits]``.
+    Not :func:`autoqra.quant.pack.unpack`: its uint8 shifts export as a ``BitShift`` that onnxruntime refuses
+    to load (output typed int8; tried 2026-12-05), so the bytes are widened to int32 first."""
     if bits == 8:
         return packed.to(torch.int32)
     wide = packed.to(torch.int32)

@@ -27,14 +27,29 @@ import copy
 import torch
 from torch import nn
 
-from autoqra.errors import UnsupportedLayerError
+from autoqra.errors import ConfigError, UnsupportedLayerError
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
 
-__all__ = ["TIED_EMBEDDING_MODES", "TiedQuantEmbedding", "shareable"]
+__all__ = ["TIED_EMBEDDING_MODES", "TiedQuantEmbedding", "check_mode", "shareable"]
 
 #: ``compile(tied_embedding=...)``: "share" (default) reads a tied embedding from its compiled output
 #: layer; "keep" leaves the embedding's float matrix as it is (held beside the output layer's codes).
 TIED_EMBEDDING_MODES = ("share", "keep")
+
+
+def check_mode(mode: object) -> str:
+    """``mode`` when it is one of :data:`TIED_EMBEDDING_MODES`, else a `ConfigError` naming them."""
+    if mode not in TIED_EMBEDDING_MODES:
+        raise ConfigError(f"tied_embedding must be one of {TIED_EMBEDDING_MODES}, got {mode!r}")
+    return mode
+
+
+def _scale_of(embedding: nn.Embedding) -> torch.Tensor | float | int | None:
+    """The ``embed_scale`` factor a ``…ScaledWordEmbedding``'s own forward applies (None for a plain one)."""
+    if type(embedding).forward is nn.Embedding.forward:
+        return None
+    scale = getattr(embedding, "embed_scale", None)
+    return scale if isinstance(scale, (torch.Tensor, float, int)) else None
 
 
 def shareable(embedding: nn.Module) -> str | None:
@@ -43,8 +58,7 @@ def shareable(embedding: nn.Module) -> str | None:
         return f"{type(embedding).__name__} is not an nn.Embedding"
     if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
         return "it uses max_norm / scale_grad_by_freq / sparse, which a shared lookup does not reproduce"
-    extra = type(embedding).forward is not nn.Embedding.forward
-    if extra and not isinstance(getattr(embedding, "embed_scale", None), (torch.Tensor, float, int)):
+    if type(embedding).forward is not nn.Embedding.forward and _scale_of(embedding) is None:
         return f"{type(embedding).__name__} has its own forward (only an embed_scale factor is understood)"
     return None
 
@@ -76,8 +90,8 @@ class TiedQuantEmbedding(nn.Module):
         template._parameters, template._buffers = {"weight": None}, dict(embedding._buffers)
         template._modules = {}
         self.__dict__["template"] = template
-        scale = getattr(embedding, "embed_scale", None)
-        if type(embedding).forward is not nn.Embedding.forward and scale is not None:
+        scale = _scale_of(embedding)
+        if scale is not None:
             scale = torch.as_tensor(scale, dtype=torch.float32, device=embedding.weight.device)
             self.register_buffer("embed_scale", scale.detach().clone(), persistent=False)
         else:

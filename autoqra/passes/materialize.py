@@ -12,12 +12,11 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from autoqra.errors import ConfigError
 from autoqra.ir.discover import layer_kind
 from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
 from autoqra.modules.quant_lora_linear import QuantLoRALinear
-from autoqra.modules.tied_embedding import TIED_EMBEDDING_MODES, TiedQuantEmbedding, shareable
+from autoqra.modules.tied_embedding import TiedQuantEmbedding, check_mode, shareable
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.progress import tqdm_disable
 from autoqra.search.estimators import clamp_weights
@@ -34,8 +33,7 @@ def swap_in(model: torch.nn.Module, graph, new_modules: dict[str, torch.nn.Modul
     alias of another kind) reads its rows from the new module (`TiedQuantEmbedding`) with
     ``tied_embedding="share"``, or keeps its float matrix with ``"keep"``. Every swap is appended to
     ``swapped`` as it happens, so `restore` can undo a partial swap."""
-    if tied_embedding not in TIED_EMBEDDING_MODES:
-        raise ConfigError(f"tied_embedding must be one of {TIED_EMBEDDING_MODES}, got {tied_embedding!r}")
+    check_mode(tied_embedding)
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, new in new_modules.items():
         layer = graph.layer(name)
@@ -74,9 +72,7 @@ class MaterializePass(PassBase):
                  loftq_iters: int = 2, weighted_init: bool = True, progress: bool = True,
                  rounding: str = "rtn", adapter_dtype: torch.dtype = torch.float32,
                  keep_init_adapters: bool = True, tied_embedding: str = "share") -> None:
-        if tied_embedding not in TIED_EMBEDDING_MODES:
-            raise ConfigError(f"tied_embedding must be one of {TIED_EMBEDDING_MODES}, got {tied_embedding!r}")
-        self.tied_embedding = tied_embedding
+        self.tied_embedding = check_mode(tied_embedding)
         self.keep_init_adapters = keep_init_adapters
         self.rounding = rounding
         self.adapter_dtype = adapter_dtype

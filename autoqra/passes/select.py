@@ -258,6 +258,7 @@ class SelectPlanPass(PassBase):
     # -- cache ----------------------------------------------------------------------------------
     def _cache_key(self, program: Program, cands: list[Candidate], unit: float, base: SearchProblem) -> str:
         m = self.materialize
+        graph = program.require_graph()
         state = program.model.state_dict(keep_vars=True)
         parts = {
             "kind": "selection",
@@ -270,8 +271,8 @@ class SelectPlanPass(PassBase):
                       "loftq_iters": m.loftq_iters, "weighted_init": m.weighted_init, "rounding": m.rounding,
                       "adapter_dtype": str(m.adapter_dtype),
                       # only where a layer has tied aliases (older cache entries stay valid elsewhere)
-                      **({"tied_embedding": m.tied_embedding} if any(
-                          program.require_graph().layer(n).tied for n in program.require_graph().order()) else {})},
+                      **({"tied_embedding": m.tied_embedding}
+                         if any(graph.layer(n).tied for n in graph.order()) else {})},
             "names": list(state),
         }
         return self._cache.key(parts, [*state.values(), *self.train, None, *self.holdout])
