@@ -29,6 +29,12 @@ untouched parameters (3-bit container cost separately); prompt latency (128 toke
 and per-token decode latency (32 steps after the prompt) under onnxruntime CPU, against the fp32
 ONNX export of the same base model (the same attention form) and against PyTorch eager on the compiled model.
 
+``--paired-rounds N`` keeps every exported file of this run and, at the end, times their decode again *in
+turns* (:func:`autoqra.export.latency.paired_decode`: N rounds, each decoding every file once), and reports
+each plan's decode against its same-form fp32 file as the median over rounds of the per-round ratio, with its
+range: on a shared VM whose speed drifts by ~15% between minutes, the ratio of two medians measured minutes
+apart is not a reliable figure, the per-round ratio is.
+
     python benchmarks/onnx_export.py            # SmolLM2-135M, ~20 min on 2 cores
     python benchmarks/onnx_export.py --quick    # a tiny Llama (CI smoke)
     python benchmarks/onnx_export.py --model smollm2-360m-shape   # SmolLM2-360M's shape, random weights
@@ -85,6 +91,21 @@ def onnx_latency(path: Path, shape: DecoderShape, prompt_len: int, decode_steps:
     t = latency.onnx_latency(_OwnInputs(path, threads), shape, prompt_len=prompt_len, decode_steps=decode_steps,
                              repeats=repeats)
     return t.prompt_s, t.decode_s
+
+
+def pair_rows(rows: list[dict], kept: dict[int, Path], shape: DecoderShape, args: argparse.Namespace,
+              prompt_len: int, decode_steps: int) -> None:
+    """``--paired-rounds``: every kept file's decode timed in turns; each row gets its per-round seconds and its
+    median [range] ratio against the fp32 file of its attention form."""
+    logger.info("timing %d files' decode in %d interleaved rounds", len(kept), args.paired_rounds)
+    timed = latency.paired_decode({str(i): path for i, path in kept.items()}, shape, rounds=args.paired_rounds,
+                                  prompt_len=prompt_len, decode_steps=decode_steps, threads=args.threads)
+    fp32_of = {rows[i].get("attention"): i for i in kept if rows[i]["plan"].startswith("fp32 base")}
+    for i in kept:
+        rows[i]["paired_decode_s"] = list(timed.seconds[str(i)])
+        reference = fp32_of.get(rows[i].get("attention"), 0)
+        median, low, high = timed.ratio(str(i), str(reference))
+        rows[i]["paired_vs_fp32"] = dict(median=median, min=low, max=high, reference=rows[reference]["plan"])
 
 
 def tiny_tokenizer(vocab: int):  # type: ignore[no-untyped-def]
@@ -174,6 +195,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128,
                         help="tokens in the prompt before the timed decode steps (default 128; the KV cache the "
                              "decode reads grows with it)")
+    parser.add_argument("--paired-rounds", type=int, default=0,
+                        help="after the run, time every file's decode again in N interleaved rounds and report "
+                             "the median per-round ratio against the same-form fp32 file (default 0: off)")
     parser.add_argument("--skip-latency", action="store_true",
                         help="quality only: no latency figures (writes onnx_export_quality.json)")
     args = parser.parse_args()
@@ -257,6 +281,8 @@ def main() -> None:
 
         return onnx_perplexity(path, shape, windows, args.threads), perplexity(model, windows, progress=False)
 
+    paired = args.paired_rounds > 0 and not args.skip_latency
+    kept: dict[int, Path] = {}  # row index → its model.onnx, for --paired-rounds
     logger.info("fp32 ONNX export of the base model")
     fp32 = export_onnx(base, out_root / "fp32", tokenizer=tokenizer, accuracy_level=0)
     fp32_prompt, fp32_decode = timed(onnx_latency, fp32.model_file, shape, prompt_len, decode_steps, args.threads,
@@ -266,6 +292,7 @@ def main() -> None:
                      container_extra_bytes=0, onnx_prompt_s=fp32_prompt, onnx_decode_s=fp32_decode,
                      parity=fp32.parity.as_dict(), export_s=fp32.seconds, layers={}, onnx_ppl=fp32_onnx_ppl,
                      torch_ppl=fp32_torch_ppl, attention=fp32.attention, **runtime(fp32.directory)))
+    kept[0] = fp32.model_file
     other_forms = [("model", "fp32 base (model's attention)")] * args.model_attention + [
         ("onnxruntime", "fp32 base (GroupQueryAttention)")] * args.ort_attention
     for attention, label in other_forms:  # the fp32 base in each extra attention form, for same-form ratios
@@ -277,6 +304,7 @@ def main() -> None:
                          untouched_bytes=None, container_extra_bytes=0, onnx_prompt_s=o_prompt, onnx_decode_s=o_decode,
                          parity=other.parity.as_dict(), export_s=other.seconds, layers={}, onnx_ppl=None,
                          torch_ppl=None, attention=other.attention, **runtime(other.directory)))
+        kept[len(rows) - 1] = other.model_file
     if args.genai_reference:
         reference_tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer(shape.vocab)
         for precision, label in (("fp32", "onnxruntime-genai builder fp32"),
@@ -332,14 +360,22 @@ def main() -> None:
                 parity=parity, export_s=export_s, onnx_ppl=onnx_ppl, torch_ppl=torch_ppl, **runtime(folder),
             ))
             write_json(name, payload)
-            shutil.rmtree(folder, ignore_errors=True)
+            if paired:
+                kept[len(rows) - 1] = folder / "model.onnx"
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
         write_json(name, payload)
         del model
+    if paired:
+        pair_rows(rows, kept, shape, args, prompt_len, decode_steps)
+        write_json(name, payload)
+        shutil.rmtree(out_root, ignore_errors=True)
 
     genai_columns = args.genai_runtime and not args.skip_latency
     header = ["plan", "level", "file MB", "plan + untouched MB", "file / expected", "3-bit container MB",
               "prompt ms", "decode ms/token", "decode vs fp32 ONNX (same form)", "decode vs torch", "logits max rel",
-              "tokens equal", "ppl ONNX", "ppl torch"] + ["genai decode ms", "genai vs fp32 (same form)"] * genai_columns
+              "tokens equal", "ppl ONNX", "ppl torch"] + ["genai decode ms", "genai vs fp32 (same form)"] * genai_columns + [
+                  f"paired vs fp32, median [range] of {args.paired_rounds} rounds"] * paired
     fp32_forms = {r.get("attention"): r for r in reversed(rows) if r["plan"].startswith("fp32 base")}
 
     def same_form(r):  # type: ignore[no-untyped-def]
@@ -361,7 +397,9 @@ def main() -> None:
             "—" if r.get("onnx_ppl") is None else f"{r['onnx_ppl']:.2f}",
             "—" if r.get("torch_ppl") is None else f"{r['torch_ppl']:.2f}",
         ] + ([] if not genai_columns else [
-            f"{r['genai_decode_s'] * 1e3:.2f}", f"{r['genai_decode_s'] / same_form(r)['genai_decode_s']:.2f}"]))
+            f"{r['genai_decode_s'] * 1e3:.2f}", f"{r['genai_decode_s'] / same_form(r)['genai_decode_s']:.2f}"])
+            + ([] if not paired else ["—" if r.get("paired_vs_fp32") is None else
+                                      "{median:.3f} [{min:.3f}–{max:.3f}]".format(**r["paired_vs_fp32"])]))
     print(table(header, body))
 
 

@@ -134,8 +134,16 @@ def test_onnx_export_quick() -> None:
     pytest.importorskip("onnxscript")
     genai = __import__("importlib").util.find_spec("onnxruntime_genai") is not None
     data = run_quick("onnx_export.py", "onnx_export_quick", timeout=600,
-                     extra=("--genai-reference", "--genai-runtime") * genai)
+                     extra=("--genai-reference", "--genai-runtime") * genai + ("--paired-rounds", "2"))
     rows = data["rows"]
+    for r in rows:  # --paired-rounds: our files timed again in turns, each against its same-form fp32 file
+        if r["plan"].startswith("onnxruntime-genai builder"):
+            assert "paired_vs_fp32" not in r  # (the builder's files are not kept)
+            continue
+        assert len(r["paired_decode_s"]) == 2 and all(t > 0 for t in r["paired_decode_s"])
+        ratio = r["paired_vs_fp32"]
+        assert ratio["reference"] == "fp32 base" and 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert rows[0]["paired_vs_fp32"]["median"] == 1.0
     reference = ["onnxruntime-genai builder fp32", "onnxruntime-genai builder int4 (RTN, no adapters)"] * genai
     assert [r["plan"] for r in rows] == ["fp32 base", *reference] + ["mostly 4-bit"] * 2 + ["mixed 2/3/4/8"] * 2
     for r in rows[1:1 + len(reference)]:  # the builder's files run through the same harness

@@ -20,7 +20,13 @@ from autoqra.analysis import untouched_bytes  # noqa: E402
 from autoqra.demo_export import export_demo  # noqa: E402
 from autoqra.errors import ConfigError  # noqa: E402
 from autoqra.export.decoder import decoder_shape  # noqa: E402
-from autoqra.export.latency import genai_latency, onnx_latency, torch_latency  # noqa: E402
+from autoqra.export.latency import (  # noqa: E402
+    PairedDecode,
+    genai_latency,
+    onnx_latency,
+    paired_decode,
+    torch_latency,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,3 +80,14 @@ def test_latency_helpers_check_their_arguments() -> None:
         genai_latency("missing", threads=0)
     with pytest.raises(ConfigError, match="has no genai_config.json"):
         genai_latency("missing")
+    with pytest.raises(ConfigError, match="rounds must be an int >= 1"):
+        paired_decode({"a": "missing.onnx"}, decoder_shape(model), rounds=0)
+    with pytest.raises(ConfigError, match="at least one file"):
+        paired_decode({}, decoder_shape(model))
+
+
+def test_paired_decode_ratio_is_read_round_by_round() -> None:
+    # a drift that slows both files in round 2 leaves the per-round ratio unchanged
+    timed = PairedDecode({"plan": (1.0, 2.0, 1.1), "fp32": (2.0, 4.0, 2.0)})
+    assert timed.ratio("plan", "fp32") == (0.5, 0.5, 0.55)
+    assert timed.ratio("fp32", "fp32") == (1.0, 1.0, 1.0)

@@ -8,13 +8,17 @@ machine and its load: compare figures measured in one run.
 :func:`genai_latency` measures the same two figures under onnxruntime-genai's own runtime (``og.Generator``,
 greedy search), the runtime the exported folder targets: the prompt is the time of ``append_tokens``, the decode
 the time per ``generate_next_token``.
+
+:func:`paired_decode` times several exported files *in turns* (each round decodes every file once, the order
+rotating), so that a slow spell of a shared machine falls on all of them: the ratio of two files' decode
+latency is then read per round, and its median and range say how far one run can be trusted.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from autoqra.errors import ConfigError
 from autoqra.export.decoder import DecoderShape, _cache_argument
 from autoqra.export.verify import _feeds, session
 
-__all__ = ["Latency", "genai_latency", "onnx_latency", "torch_latency"]
+__all__ = ["Latency", "PairedDecode", "genai_latency", "onnx_latency", "paired_decode", "torch_latency"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +152,37 @@ def genai_latency(directory: str | Path, *, prompt_len: int = 128, decode_steps:
     timings = [run() for _ in range(repeats)]
     return Latency(float(np.median([t[0] for t in timings])) if prompt else None,
                    float(np.median([t[1] for t in timings])))
+
+
+@dataclass(frozen=True)
+class PairedDecode:
+    """Per-token decode seconds of several files, one figure a round each (:func:`paired_decode`)."""
+
+    seconds: dict[str, tuple[float, ...]]
+
+    def ratio(self, name: str, reference: str) -> tuple[float, float, float]:
+        """``name``'s decode time over ``reference``'s, round by round: (median, smallest, largest)."""
+        ratios = np.array(self.seconds[name]) / np.array(self.seconds[reference])
+        return float(np.median(ratios)), float(ratios.min()), float(ratios.max())
+
+
+def paired_decode(paths: Mapping[str, str | Path], shape: DecoderShape, *, rounds: int = 9, prompt_len: int = 128,
+                  decode_steps: int = 32, threads: int | None = None) -> PairedDecode:
+    """Decode latency of the KV-cache graphs ``paths`` (``{name: model.onnx}``, each written by `export_onnx`
+    with ``with_past=True`` for a model of ``shape``), timed in turns: ``rounds`` rounds, each timing every
+    file once as :func:`onnx_latency` does (one warm-up decode, one timed), starting one file later each
+    round. All sessions stay open for the whole measurement."""
+    _check(prompt_len, decode_steps, 1)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"latency: rounds must be an int >= 1, got {rounds!r}")
+    if not paths:
+        raise ConfigError("paired_decode: give at least one file")
+    sessions = {name: session(path, threads) for name, path in paths.items()}
+    names = list(sessions)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            timing = onnx_latency(sessions[name], shape, prompt_len=prompt_len, decode_steps=decode_steps, repeats=1,
+                                  prompt=False)
+            seconds[name].append(timing.decode_s)
+    return PairedDecode({name: tuple(v) for name, v in seconds.items()})
