@@ -250,3 +250,28 @@ def test_tied_embedding_quick() -> None:
         assert keep["held_bytes"] - share["held_bytes"] == vocab_matrix  # measured through the storages
         assert share["shared"] == {"model.embed_tokens": "lm_head"} and keep["shared"] == {}
     assert rows["4-bit r8, lm_head 4-bit, share"]["onnx_bytes"] < rows["4-bit r8, lm_head 4-bit, keep"]["onnx_bytes"]
+
+
+def test_quality_summary_reads_every_run_and_draws_the_front(tmp_path) -> None:
+    def row(budget, name, seed, nbytes, ppl100):  # a benchmarks/quality.py row, as its JSON holds it
+        return dict(budget=budget, row=name, seed=seed, held_bytes=nbytes, ppl={"0": 40.0, "100": ppl100})
+
+    runs = {
+        "quality_a.json": dict(quick=False, rows=[row("u3", "uniform", 0, 100, 30.0), row("u3", "default", 0, 100, 26.0),
+                                                  row("u2", "default", 0, 80, 40.0)]),
+        "quality_b.json": dict(quick=False, rows=[row("u3", "uniform", 1, 100, 31.0), row("u3", "qlora", 0, 140, 27.0),
+                                                  row("u3", "default", 0, 100, 25.0)]),  # a re-run: this one wins
+        "quality_quick.json": dict(quick=True, rows=[row("u3", "uniform", 5, 100, 99.0)]),  # left out
+    }
+    for name, data in runs.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, "benchmarks/quality_summary.py", "--results", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    points = {p["label"]: p for p in json.loads((tmp_path / "quality_summary.json").read_text())["points"]}
+    assert set(points) == {"uniform 3-bit r8", "autoqra default @ u3", "autoqra default @ u2", "QLoRA nf4 r16"}
+    assert points["uniform 3-bit r8"]["ppl"] == 30.5 and points["uniform 3-bit r8"]["seeds"] == [0, 1]
+    assert points["autoqra default @ u3"]["ppl"] == 25.0
+    assert {k for k, p in points.items() if p["on_front"]} == {"autoqra default @ u2", "autoqra default @ u3"}
+    assert (tmp_path / "quality_summary.png").stat().st_size > 0
+    assert "| uniform 3-bit r8 | 100 | 2 |" in proc.stdout

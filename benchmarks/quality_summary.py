@@ -1,0 +1,168 @@
+"""Every quality row measured so far in one figure: perplexity after the longest fine-tune against held bytes.
+
+``benchmarks/quality.py`` writes one JSON (and one PNG) per run, and the rows of the quality benchmark were
+measured over several runs (budgets, seeds and rows added as the work went on). This script reads those
+files (``benchmarks/results/quality_*.json``, the ``--quick`` ones left out) and draws every (budget, row) —
+the mean over its seeds after ``--step`` steps — against the bytes its model held, with the Pareto front (the
+rows no other row beats in both bytes and perplexity). It also writes the points to JSON and prints them as
+a table. Nothing is measured here: every figure is one of those files' own.
+
+A row measured in several files with the same seed (a re-run of the same plan) counts once: the file read
+last (file names in sorted order) wins, except where :data:`SUPERSEDED` names a row a later code change
+replaced (the result files carry no date).
+
+    python benchmarks/quality_summary.py            # → results/quality_summary.{png,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS  # noqa: E402
+
+# what each row of benchmarks/quality.py is, per budget where the name alone does not say
+LABELS = {
+    "uniform": {"u2": "uniform 2-bit r8", "u3": "uniform 3-bit r8"},
+    "uniform4": "uniform 4-bit r8",
+    "hqq": "HQQ 3-bit r8",
+    "hqq4": "HQQ 4-bit r8",
+    "qlora": "QLoRA nf4 r16",
+    "fp32": "fp32 weights + LoRA r8 (ceiling)",
+    "default": "autoqra default",
+    "deploy": "autoqra deploy",
+    "evolutionary": "autoqra evolutionary",
+}
+
+
+#: (file, budget, row) → why that file's row is left out: measured with code a later fix changed
+SUPERSEDED = {
+    ("quality_u3_rows.json", "u3", "evolutionary"):
+        "before the fine-tune-choice fix; quality_u3_evolutionary_v2.json re-measured it",
+}
+
+#: (budget, row) → what the row was when it ran, where today's default would differ
+NOTES = {
+    ("u3", "default"): "λ = 0.5: the selection's pick before every λ plan was fine-tuned",
+    ("u3", "lambda1"): "the default's pick since every λ plan is fine-tuned",
+}
+
+
+def label(budget: str, row: str) -> str:
+    """A readable name for one (budget, row) of the quality benchmark."""
+    name = LABELS.get(row, row)
+    if isinstance(name, dict):
+        name = name.get(budget, f"{row} ({budget})")
+    if row.startswith("lambda"):
+        name = f"autoqra λ = {row[len('lambda'):]}"
+    if row in ("default", "deploy", "evolutionary") or row.startswith("lambda"):
+        name += f" @ {budget}"
+    return name
+
+
+def collect(files: list[Path], step: int) -> list[dict[str, Any]]:
+    """One point per (budget, row): mean bytes and perplexities over its seeds, rows without ``step`` left out."""
+    by_seed: dict[tuple[str, str, int], tuple[dict[str, Any], str]] = {}
+    for path in sorted(files):
+        data = json.loads(path.read_text())
+        if data.get("quick"):
+            continue
+        for r in data.get("rows", []):
+            if (path.name, r.get("budget"), r.get("row")) in SUPERSEDED:
+                continue
+            if "ppl" in r and str(step) in r["ppl"]:
+                by_seed[(r["budget"], r["row"], int(r["seed"]))] = (r, path.name)
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], str]]] = {}
+    for (budget, row, _), item in sorted(by_seed.items()):
+        groups.setdefault((budget, row), []).append(item)
+    points = []
+    for (budget, row), items in groups.items():
+        rs = [r for r, _ in items]
+        points.append(dict(
+            label=label(budget, row), budget=budget, row=row, seeds=sorted(int(r["seed"]) for r in rs),
+            held_bytes=round(sum(r["held_bytes"] for r in rs) / len(rs)),
+            ppl_step0=sum(r["ppl"]["0"] for r in rs) / len(rs) if all("0" in r["ppl"] for r in rs) else None,
+            ppl=sum(r["ppl"][str(step)] for r in rs) / len(rs), files=sorted({f for _, f in items}),
+            note=NOTES.get((budget, row))))
+    return sorted(points, key=lambda p: (p["held_bytes"], p["ppl"]))
+
+
+def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points no other point beats in both bytes and perplexity (ties in bytes: the lower perplexity)."""
+    front: list[dict[str, Any]] = []
+    for p in sorted(points, key=lambda p: (p["held_bytes"], p["ppl"])):
+        if not front or p["ppl"] < front[-1]["ppl"]:
+            front.append(p)
+    return front
+
+
+def plot(points: list[dict[str, Any]], front: list[dict[str, Any]], step: int, path: Path) -> None:
+    """Numbered points (the legend names them), the front as a step line; a row far to the right of the others
+    (the fp32 ceiling) is drawn as a dashed level instead of stretching the axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mib = 2**20
+    near = [p for p in points if p["held_bytes"] <= 2 * points[0]["held_bytes"]]
+    far = [p for p in points if p not in near]
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    shown = [p for p in front if p in near]
+    ax.step([p["held_bytes"] / mib for p in shown], [p["ppl"] for p in shown], where="post", color="0.6", lw=1,
+            label="Pareto front")
+    for p in far:
+        ax.axhline(p["ppl"], ls="--", color="0.5", lw=1,
+                   label=f"{p['label']}: {p['ppl']:.2f} at {p['held_bytes'] / mib:.0f} MiB")
+    for i, p in enumerate(near, 1):
+        ours = p["row"] in ("default", "deploy", "evolutionary") or p["row"].startswith("lambda")
+        color = "C0" if ours else "C1"
+        ax.plot(p["held_bytes"] / mib, p["ppl"], "o" if ours else "s", color=color, ms=7,
+                label=f"{i}. {p['label']} ({len(p['seeds'])} seed{'s' * (len(p['seeds']) > 1)}): {p['ppl']:.2f}")
+        ax.annotate(str(i), (p["held_bytes"] / mib, p["ppl"]), textcoords="offset points",
+                    xytext=(6, 4 if i % 2 else -10), fontsize=8, color=color)
+    ax.set_xlabel("bytes held by the quantized layers + adapters (MiB)")
+    ax.set_ylabel(f"perplexity after {step} steps, Lee evaluation split")
+    ax.set_title(f"SmolLM2-135M + Lee: every quality row after {step} fine-tuning steps "
+                 "(circles: autoqra, squares: baselines; mean over seeds)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of quality_*.json (default: "
+                        "benchmarks/results)")
+    parser.add_argument("--step", type=int, default=100, help="fine-tuning steps to read (default 100)")
+    parser.add_argument("--out", default="quality_summary", help="name of the written .json/.png (in --results)")
+    args = parser.parse_args(argv)
+    files = [f for f in args.results.glob("quality_*.json") if not f.name.startswith(args.out)]
+    points = collect(files, args.step)
+    if not points:
+        raise SystemExit(f"no quality rows with step {args.step} in {args.results}")
+    front = pareto(points)
+    for p in points:
+        p["on_front"] = p in front
+    payload = {"step": args.step, "points": points,
+               "note": "read from benchmarks/quality.py's result files (listed per point); nothing measured here"}
+    (args.results / f"{args.out}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    plot(points, front, args.step, args.results / f"{args.out}.png")
+    print(f"| row | held bytes | seeds | ppl step 0 | ppl step {args.step} | on the front | note |")
+    print("|---|---|---|---|---|---|---|")
+    for p in points:
+        step0 = "–" if p["ppl_step0"] is None else f"{p['ppl_step0']:.2f}"
+        print(f"| {p['label']} | {p['held_bytes']:,} | {len(p['seeds'])} | {step0} | {p['ppl']:.2f} | "
+              f"{'yes' if p['on_front'] else ''} | {p['note'] or ''} |")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
