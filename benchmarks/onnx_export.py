@@ -32,8 +32,9 @@ ONNX export of the same base model (the same attention form) and against PyTorch
 ``--paired-rounds N`` keeps every exported file of this run and, at the end, times their decode again *in
 turns* (:func:`autoqra.export.latency.paired_decode`: N rounds, each decoding every file once), and reports
 each plan's decode against its same-form fp32 file as the median over rounds of the per-round ratio, with its
-range: on a shared VM whose speed drifts by ~15% between minutes, the ratio of two medians measured minutes
-apart is not a reliable figure, the per-round ratio is.
+range (with ``--genai-runtime``, under onnxruntime-genai as well): on a shared VM whose speed drifts by ~15%
+between minutes, the ratio of two medians measured minutes apart is not a reliable figure, the per-round ratio
+is.
 
     python benchmarks/onnx_export.py            # SmolLM2-135M, ~20 min on 2 cores
     python benchmarks/onnx_export.py --quick    # a tiny Llama (CI smoke)
@@ -95,17 +96,21 @@ def onnx_latency(path: Path, shape: DecoderShape, prompt_len: int, decode_steps:
 
 def pair_rows(rows: list[dict], kept: dict[int, Path], shape: DecoderShape, args: argparse.Namespace,
               prompt_len: int, decode_steps: int) -> None:
-    """``--paired-rounds``: every kept file's decode timed in turns; each row gets its per-round seconds and its
-    median [range] ratio against the fp32 file of its attention form."""
-    logger.info("timing %d files' decode in %d interleaved rounds", len(kept), args.paired_rounds)
-    timed = latency.paired_decode({str(i): path for i, path in kept.items()}, shape, rounds=args.paired_rounds,
-                                  prompt_len=prompt_len, decode_steps=decode_steps, threads=args.threads)
+    """``--paired-rounds``: every kept file's decode timed in turns (in onnxruntime, and with ``--genai-runtime``
+    in onnxruntime-genai too); each row gets its per-round seconds and its median [range] ratio against the fp32
+    file of its attention form."""
     fp32_of = {rows[i].get("attention"): i for i in kept if rows[i]["plan"].startswith("fp32 base")}
-    for i in kept:
-        rows[i]["paired_decode_s"] = list(timed.seconds[str(i)])
-        reference = fp32_of.get(rows[i].get("attention"), 0)
-        median, low, high = timed.ratio(str(i), str(reference))
-        rows[i]["paired_vs_fp32"] = dict(median=median, min=low, max=high, reference=rows[reference]["plan"])
+    runtimes = [("onnxruntime", "paired")] + [("genai", "paired_genai")] * args.genai_runtime
+    for runtime, key in runtimes:
+        logger.info("timing %d files' decode in %d interleaved rounds (%s)", len(kept), args.paired_rounds, runtime)
+        timed = latency.paired_decode({str(i): path for i, path in kept.items()}, shape, rounds=args.paired_rounds,
+                                      prompt_len=prompt_len, decode_steps=decode_steps, threads=args.threads,
+                                      runtime=runtime)
+        for i in kept:
+            rows[i][f"{key}_decode_s"] = list(timed.seconds[str(i)])
+            reference = fp32_of.get(rows[i].get("attention"), 0)
+            median, low, high = timed.ratio(str(i), str(reference))
+            rows[i][f"{key}_vs_fp32"] = dict(median=median, min=low, max=high, reference=rows[reference]["plan"])
 
 
 def tiny_tokenizer(vocab: int):  # type: ignore[no-untyped-def]
@@ -375,7 +380,8 @@ def main() -> None:
     header = ["plan", "level", "file MB", "plan + untouched MB", "file / expected", "3-bit container MB",
               "prompt ms", "decode ms/token", "decode vs fp32 ONNX (same form)", "decode vs torch", "logits max rel",
               "tokens equal", "ppl ONNX", "ppl torch"] + ["genai decode ms", "genai vs fp32 (same form)"] * genai_columns + [
-                  f"paired vs fp32, median [range] of {args.paired_rounds} rounds"] * paired
+                  f"paired vs fp32, median [range] of {args.paired_rounds} rounds"] * paired + [
+                  "paired genai vs fp32"] * (paired and genai_columns)
     fp32_forms = {r.get("attention"): r for r in reversed(rows) if r["plan"].startswith("fp32 base")}
 
     def same_form(r):  # type: ignore[no-untyped-def]
@@ -398,8 +404,9 @@ def main() -> None:
             "—" if r.get("torch_ppl") is None else f"{r['torch_ppl']:.2f}",
         ] + ([] if not genai_columns else [
             f"{r['genai_decode_s'] * 1e3:.2f}", f"{r['genai_decode_s'] / same_form(r)['genai_decode_s']:.2f}"])
-            + ([] if not paired else ["—" if r.get("paired_vs_fp32") is None else
-                                      "{median:.3f} [{min:.3f}–{max:.3f}]".format(**r["paired_vs_fp32"])]))
+            + [("—" if r.get(f"{key}_vs_fp32") is None else
+                "{median:.3f} [{min:.3f}–{max:.3f}]".format(**r[f"{key}_vs_fp32"]))
+               for key in ["paired"] * paired + ["paired_genai"] * (paired and genai_columns)])
     print(table(header, body))
 
 

@@ -140,9 +140,11 @@ def test_onnx_export_quick() -> None:
         if r["plan"].startswith("onnxruntime-genai builder"):
             assert "paired_vs_fp32" not in r  # (the builder's files are not kept)
             continue
-        assert len(r["paired_decode_s"]) == 2 and all(t > 0 for t in r["paired_decode_s"])
-        ratio = r["paired_vs_fp32"]
-        assert ratio["reference"] == "fp32 base" and 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert all(t > 0 for t in r["paired_decode_s"])
+        for key in ("paired",) + ("paired_genai",) * genai:
+            assert len(r[f"{key}_decode_s"]) == 2
+            ratio = r[f"{key}_vs_fp32"]
+            assert ratio["reference"] == "fp32 base" and 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
     assert rows[0]["paired_vs_fp32"]["median"] == 1.0
     reference = ["onnxruntime-genai builder fp32", "onnxruntime-genai builder int4 (RTN, no adapters)"] * genai
     assert [r["plan"] for r in rows] == ["fp32 base", *reference] + ["mostly 4-bit"] * 2 + ["mixed 2/3/4/8"] * 2

@@ -84,6 +84,8 @@ def test_latency_helpers_check_their_arguments() -> None:
         paired_decode({"a": "missing.onnx"}, decoder_shape(model), rounds=0)
     with pytest.raises(ConfigError, match="at least one file"):
         paired_decode({}, decoder_shape(model))
+    with pytest.raises(ConfigError, match="runtime must be 'onnxruntime' or 'genai'"):
+        paired_decode({"a": "missing.onnx"}, decoder_shape(model), runtime="ort")
 
 
 def test_paired_decode_ratio_is_read_round_by_round() -> None:

@@ -119,6 +119,17 @@ def genai_latency(directory: str | Path, *, prompt_len: int = 128, decode_steps:
     setting, or onnxruntime's default). Tokens are drawn as in :func:`onnx_latency`; generation cannot stop
     early (``min_length`` = the whole length)."""
     _check(prompt_len, decode_steps, repeats)
+    run = _genai_runner(directory, prompt_len, decode_steps, threads)
+    run()  # warm-up
+    timings = [run() for _ in range(repeats)]
+    return Latency(float(np.median([t[0] for t in timings])) if prompt else None,
+                   float(np.median([t[1] for t in timings])))
+
+
+def _genai_runner(directory: str | Path, prompt_len: int, decode_steps: int,
+                  threads: int | None) -> Callable[[], tuple[float, float]]:
+    """The folder's model loaded once under onnxruntime-genai, and a function that generates once and returns
+    (prompt seconds, seconds per decoded token)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"latency: threads must be None or an int >= 1, got {threads!r}")
     folder = Path(directory)
@@ -148,10 +159,7 @@ def genai_latency(directory: str | Path, *, prompt_len: int = 128, decode_steps:
             generator.generate_next_token()
         return appended - start, (time.perf_counter() - appended) / decode_steps
 
-    run()  # warm-up
-    timings = [run() for _ in range(repeats)]
-    return Latency(float(np.median([t[0] for t in timings])) if prompt else None,
-                   float(np.median([t[1] for t in timings])))
+    return run
 
 
 @dataclass(frozen=True)
@@ -167,22 +175,31 @@ class PairedDecode:
 
 
 def paired_decode(paths: Mapping[str, str | Path], shape: DecoderShape, *, rounds: int = 9, prompt_len: int = 128,
-                  decode_steps: int = 32, threads: int | None = None) -> PairedDecode:
+                  decode_steps: int = 32, threads: int | None = None, runtime: str = "onnxruntime") -> PairedDecode:
     """Decode latency of the KV-cache graphs ``paths`` (``{name: model.onnx}``, each written by `export_onnx`
     with ``with_past=True`` for a model of ``shape``), timed in turns: ``rounds`` rounds, each timing every
     file once as :func:`onnx_latency` does (one warm-up decode, one timed), starting one file later each
-    round. All sessions stay open for the whole measurement."""
+    round. All sessions stay open for the whole measurement. ``runtime="genai"``: each file's folder under
+    onnxruntime-genai instead, as :func:`genai_latency` times it (one model loaded per folder)."""
+    if runtime not in ("onnxruntime", "genai"):
+        raise ConfigError(f"paired_decode: runtime must be 'onnxruntime' or 'genai', got {runtime!r}")
     _check(prompt_len, decode_steps, 1)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"latency: rounds must be an int >= 1, got {rounds!r}")
     if not paths:
         raise ConfigError("paired_decode: give at least one file")
-    sessions = {name: session(path, threads) for name, path in paths.items()}
-    names = list(sessions)
+    timers: dict[str, Callable[[], float]] = {}
+    for name, path in paths.items():
+        if runtime == "genai":
+            run = _genai_runner(Path(path).parent, prompt_len, decode_steps, threads)
+            timers[name] = lambda run=run: (run(), run()[1])[1]  # one warm-up generation, one timed
+        else:
+            sess = session(path, threads)
+            timers[name] = lambda sess=sess: onnx_latency(sess, shape, prompt_len=prompt_len, decode_steps=decode_steps,
+                                                          repeats=1, prompt=False).decode_s
+    names = list(timers)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            timing = onnx_latency(sessions[name], shape, prompt_len=prompt_len, decode_steps=decode_steps, repeats=1,
-                                  prompt=False)
-            seconds[name].append(timing.decode_s)
+            seconds[name].append(timers[name]())
     return PairedDecode({name: tuple(v) for name, v in seconds.items()})
