@@ -68,6 +68,13 @@ def test_export_demo_measures_the_exported_file(tmp_path) -> None:
             timing = genai_latency(tmp_path / "onnx", prompt_len=4, decode_steps=3, repeats=1, threads=threads,
                                    prompt=prompt)
             assert (timing.prompt_s is None) != prompt and timing.decode_s > 0
+    genai = __import__("importlib").util.find_spec("onnxruntime_genai") is not None
+    for runtime in ("onnxruntime",) + ("genai",) * genai:  # one file twice, timed in turns
+        paired = paired_decode({"a": tmp_path / "onnx" / "model.onnx", "b": tmp_path / "onnx" / "model.onnx"}, shape,
+                               rounds=3, prompt_len=4, decode_steps=2, runtime=runtime)
+        assert {k: len(v) for k, v in paired.seconds.items()} == {"a": 3, "b": 3}
+        low, median, high = sorted(paired.ratio("a", "b"))
+        assert 0 < low <= median <= high and paired.ratio("a", "a") == (1.0, 1.0, 1.0)
 
 
 def test_latency_helpers_check_their_arguments() -> None:

@@ -188,18 +188,33 @@ def paired_decode(paths: Mapping[str, str | Path], shape: DecoderShape, *, round
         raise ConfigError(f"latency: rounds must be an int >= 1, got {rounds!r}")
     if not paths:
         raise ConfigError("paired_decode: give at least one file")
-    timers: dict[str, Callable[[], float]] = {}
-    for name, path in paths.items():
-        if runtime == "genai":
-            run = _genai_runner(Path(path).parent, prompt_len, decode_steps, threads)
-            timers[name] = lambda run=run: (run(), run()[1])[1]  # one warm-up generation, one timed
-        else:
-            sess = session(path, threads)
-            timers[name] = lambda sess=sess: onnx_latency(sess, shape, prompt_len=prompt_len, decode_steps=decode_steps,
-                                                          repeats=1, prompt=False).decode_s
+    timers = {name: (_genai_timer(Path(path).parent, prompt_len, decode_steps, threads) if runtime == "genai"
+                     else _onnx_timer(session(path, threads), shape, prompt_len, decode_steps))
+              for name, path in paths.items()}
     names = list(timers)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             seconds[name].append(timers[name]())
     return PairedDecode({name: tuple(v) for name, v in seconds.items()})
+
+
+def _genai_timer(folder: Path, prompt_len: int, decode_steps: int, threads: int | None) -> Callable[[], float]:
+    """Seconds per decoded token of one generation under onnxruntime-genai, after one warm-up generation."""
+    run = _genai_runner(folder, prompt_len, decode_steps, threads)
+
+    def timed() -> float:
+        run()
+        return run()[1]
+
+    return timed
+
+
+def _onnx_timer(sess: Any, shape: DecoderShape, prompt_len: int, decode_steps: int) -> Callable[[], float]:
+    """Seconds per decoded token of one decode in an open onnxruntime session, as :func:`onnx_latency` times it."""
+
+    def timed() -> float:
+        return onnx_latency(sess, shape, prompt_len=prompt_len, decode_steps=decode_steps, repeats=1,
+                            prompt=False).decode_s
+
+    return timed
