@@ -95,8 +95,10 @@ def test_ddp_finetune_matches_single_process(tmp_path):
         changed = False
         for a, ref in zip(first["adapters"], single["adapters"], strict=True):
             # 4-bit layers run the int4 kernel with bf16 activations: per-rank batch splits round a hair
-            # apart (and Adam's normalized steps magnify it on single elements), so compare whole tensors
-            assert float((a - ref).norm() / ref.norm().clamp_min(1e-12)) < 1e-4
+            # apart (and Adam's normalized steps magnify it on single elements), so compare whole tensors:
+            # < 1e-4 on an Intel VM, up to 2.1e-4 on an AMD EPYC one (its int4 kernel rounds otherwise); a
+            # missing gradient reduction shows as the ranks' adapters differing (checked above)
+            assert float((a - ref).norm() / ref.norm().clamp_min(1e-12)) < 1e-3
             changed |= bool(ref.abs().sum() > 0)
         assert changed
     for rank in ranks:
