@@ -206,6 +206,8 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true",
                         help="quality only: no latency figures (writes onnx_export_quality.json)")
     args = parser.parse_args()
+    if args.paired_rounds < 0:
+        parser.error(f"--paired-rounds must be >= 0 (0: off), got {args.paired_rounds}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -277,3 +277,9 @@ def test_quality_summary_reads_every_run_and_draws_the_front(tmp_path) -> None:
     assert {k for k, p in points.items() if p["on_front"]} == {"autoqra default @ u2", "autoqra default @ u3"}
     assert (tmp_path / "quality_summary.png").stat().st_size > 0
     assert "| uniform 3-bit r8 | 100 | 2 |" in proc.stdout
+
+
+def test_onnx_export_refuses_negative_paired_rounds() -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/onnx_export.py", "--quick", "--paired-rounds", "-1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--paired-rounds must be >= 0 (0: off)" in proc.stderr

@@ -42,8 +42,9 @@ class Latency:
     decode_s: float
 
 
-def _check(prompt_len: int, decode_steps: int, repeats: int) -> None:
-    for name, value in (("prompt_len", prompt_len), ("decode_steps", decode_steps), ("repeats", repeats)):
+def _check(**counts: int) -> None:
+    """Each of ``counts`` (prompt_len, decode_steps, repeats, rounds) must be an int >= 1."""
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"latency: {name} must be an int >= 1, got {value!r}")
 
@@ -72,7 +73,7 @@ def onnx_latency(path: str | Path | Any, shape: DecoderShape, *, prompt_len: int
                  repeats: int = 5, threads: int | None = None, prompt: bool = True) -> Latency:
     """Latency of the KV-cache graph ``path`` (written by `export_onnx` with ``with_past=True``), or of an
     open onnxruntime session of it (``threads`` then ignored)."""
-    _check(prompt_len, decode_steps, repeats)
+    _check(prompt_len=prompt_len, decode_steps=decode_steps, repeats=repeats)
     sess = session(path, threads) if isinstance(path, (str, Path)) else path
     names = [o.name for o in sess.get_outputs()]
     feeds = _feeds(_prompt(shape.vocab, prompt_len), shape, np.dtype("float32"))
@@ -95,7 +96,7 @@ def torch_latency(model: nn.Module, vocab: int, *, prompt_len: int = 128, decode
                   repeats: int = 5, prompt: bool = True) -> Latency:
     """The same two figures for a Hugging Face causal LM in PyTorch eager (its cache, its fast CPU
     paths); the decode median is over ``max(1, repeats // 2)`` runs (eager decoding is slow)."""
-    _check(prompt_len, decode_steps, repeats)
+    _check(prompt_len=prompt_len, decode_steps=decode_steps, repeats=repeats)
     ids = _prompt(vocab, prompt_len)
     prompt_s = _median_seconds(lambda: model(input_ids=ids, use_cache=True), repeats) if prompt else None
     cache_arg = _cache_argument(model)
@@ -118,7 +119,7 @@ def genai_latency(directory: str | Path, *, prompt_len: int = 128, decode_steps:
     ``threads`` overrides the config's intra-op threads for this measurement only (None: the folder's
     setting, or onnxruntime's default). Tokens are drawn as in :func:`onnx_latency`; generation cannot stop
     early (``min_length`` = the whole length)."""
-    _check(prompt_len, decode_steps, repeats)
+    _check(prompt_len=prompt_len, decode_steps=decode_steps, repeats=repeats)
     run = _genai_runner(directory, prompt_len, decode_steps, threads)
     run()  # warm-up
     timings = [run() for _ in range(repeats)]
@@ -183,9 +184,7 @@ def paired_decode(paths: Mapping[str, str | Path], shape: DecoderShape, *, round
     onnxruntime-genai instead, as :func:`genai_latency` times it (one model loaded per folder)."""
     if runtime not in ("onnxruntime", "genai"):
         raise ConfigError(f"paired_decode: runtime must be 'onnxruntime' or 'genai', got {runtime!r}")
-    _check(prompt_len, decode_steps, 1)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(f"latency: rounds must be an int >= 1, got {rounds!r}")
+    _check(prompt_len=prompt_len, decode_steps=decode_steps, rounds=rounds)
     if not paths:
         raise ConfigError("paired_decode: give at least one file")
     timers = {name: (_genai_timer(Path(path).parent, prompt_len, decode_steps, threads) if runtime == "genai"
