@@ -22,6 +22,7 @@ from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.park import default_park_dir
 from autoqra.passes import AnnotateCostPass, AssignGroupsPass, BuildLayerGraphPass, PassManager
 from autoqra.passes.calibrate import CalibratePass, Calibration, as_batches
+from autoqra.passes.probe import ProbeBlocksPass
 from autoqra.passes.search import CheckBudgetPass, CheckWeightsPass, Patterns, SearchPass
 from autoqra.passes.select import OBJECTIVES, SelectConfig, SelectPlanPass
 from autoqra.passes.sensitivity import EstimateSensitivityPass
@@ -308,6 +309,9 @@ def compile(  # noqa: A001  (the product's verb)
     search = SearchPass(budget, solver=solver, seed=seed, patterns=patterns)
     back: list = []
     if select_config is not None:
+        if select_config.probe is not None and select_config.probe.bits:
+            back.append(ProbeBlocksPass(select_config.probe, holdout=list(held), progress=progress,
+                                        cache_dir=None if cache is None else cache / "selection"))
         back.append(SelectPlanPass(search, materializer, select_config, train=list(train), holdout=list(held),
                                    progress=progress, cache_dir=None if cache is None else cache / "selection",
                                    free_memo=active_memo() is None, park_dir=default_park_dir(cache)))
@@ -365,6 +369,7 @@ def compile(  # noqa: A001  (the product's verb)
         "predicted_error": plan.predicted_error,
         "objective": objective,
         "selection": program.state.get("selection"),
+        "error_probe": program.state.get("error_probe"),
         "per_layer": [
             {"layer": n, "bits": b, "rank": r, "bytes": plan.layer_bytes[n], "predicted_error": plan.layer_error[n]}
             for n, (b, r) in plan.layers.items()

@@ -119,6 +119,20 @@ def test_proxy_fidelity_quick() -> None:
     assert all(r["bytes"] <= data["budget"] for r in data["rows"])
     for key in ("spearman_deploy_vs_ppl0", "spearman_finetune_vs_ppl_ft", "best_plan"):
         assert key in data["figures"]
+    assert data["probe"]["bits"] == [2, 3]  # the tables the compile uses: calibrated by measured loss
+
+
+def test_proxy_fidelity_rescore_quick() -> None:
+    """A run on the tables as predicted, re-scored on the calibrated ones against its own perplexities."""
+    raw = run_quick("proxy_fidelity.py", "proxy_fidelity_quick", extra=("--no-probe",))
+    assert raw["probe"] is None
+    path = Path(os.environ["AUTOQRA_BENCH_RESULTS"]) / "proxy_fidelity_quick.json"
+    data = run_quick("proxy_fidelity.py", "proxy_fidelity_rescored_quick", extra=("--rescore", str(path)))
+    assert [r["plan"] for r in data["rows"]] == [r["plan"] for r in raw["rows"]]
+    for new, old in zip(data["rows"], raw["rows"], strict=True):
+        assert (new["ppl0"], new["ppl_ft"], new["deploy_raw"]) == (old["ppl0"], old["ppl_ft"], old["deploy_objective"])
+    assert data["probe"]["bits"] == [2, 3] and len(data["probe"]["measured"]) == 2  # both blocks probed
+    assert "random:deploy_vs_ppl0" in data["figures"] and "all:finetune_1_vs_ppl_ft" in data["figures"]
 
 
 def test_compile_memory_quick() -> None:

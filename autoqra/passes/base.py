@@ -30,7 +30,7 @@ STATE_FIELDS: dict[str, str] = {
     "layer_inputs": "graph",
     "cost_model": "cost", "space": "cost",
     "stats": "stats", "calib_tokens": "stats", "calibration": "stats",
-    "plasticity": "plasticity",
+    "plasticity": "plasticity", "error_settings": "error", "error_probe": "error",
     "problem": "bits", "assignment": "bits",
     "selection": "selection", "built_layers": "built_layers",
 }

@@ -61,7 +61,6 @@ from tqdm.auto import tqdm
 
 from autoqra.cache import JsonCache
 from autoqra.errors import ConfigError, NonFiniteLossError, NotCompiledError
-from autoqra.evaluate import window_nll
 from autoqra.ir.layer import LayerKind
 from autoqra.ir.program import Program
 from autoqra.memory import trim_heap
@@ -69,6 +68,7 @@ from autoqra.modules.quant_lora_linear import QuantLoRALinear
 from autoqra.park import park_on_disk
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.passes.materialize import MaterializePass, restore, swap_in
+from autoqra.passes.probe import ProbeConfig, holdout_batches, holdout_loss
 from autoqra.passes.search import SearchPass
 from autoqra.progress import tqdm_disable
 from autoqra.quant.loftq import share_first_iteration
@@ -81,8 +81,6 @@ __all__ = ["OBJECTIVES", "Candidate", "SelectConfig", "SelectPlanPass", "lambda_
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("finetune", "deploy")
-#: held-back windows scored in one forward, at most this many tokens (activations only: no gradients)
-_HOLDOUT_TOKENS = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +102,8 @@ class SelectConfig:
             below ``score_steps``: every candidate runs all ``score_steps``).
         keep: non-uniform candidates that continue after the screen.
         lr / batch_size / seq_len / seed: the short fine-tune's recipe (AdamW, constant lr).
+        probe: the error tables calibrated block by block against measured held-back loss before the
+            candidates are proposed (`autoqra.passes.probe`); ``None``: the tables as predicted.
     """
 
     objective: str = "finetune"
@@ -118,8 +118,11 @@ class SelectConfig:
     batch_size: int = 2
     seq_len: int = 256
     seed: int = 0
+    probe: ProbeConfig | None = ProbeConfig()
 
     def __post_init__(self) -> None:
+        if self.probe is not None and not isinstance(self.probe, ProbeConfig):
+            raise ConfigError(f"SelectConfig.probe must be a ProbeConfig or None, got {self.probe!r}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.lambda_ is not None and (
@@ -383,31 +386,11 @@ class SelectPlanPass(PassBase):
         restore(program.model, swapped)
 
     def _holdout_batches(self) -> list[torch.Tensor]:
-        """The held-back windows, concatenated into batches of at most `_HOLDOUT_TOKENS` tokens where their
-        lengths agree: one forward dequantizes every packed weight once, whatever the batch (measured on
-        SmolLM2 at uniform 3-bit r8: two 512-token windows 2.6 s apart, 2.2 s together, same loss)."""
-        out: list[torch.Tensor] = []
-        for batch in self.holdout:
-            batch = batch.reshape(-1, batch.shape[-1]) if batch.dim() > 1 else batch.reshape(1, -1)
-            last = out[-1] if out else None
-            if (last is not None and last.shape[1] == batch.shape[1]
-                    and last.numel() + batch.numel() <= _HOLDOUT_TOKENS):
-                out[-1] = torch.cat([last, batch])
-            else:
-                out.append(batch)
-        return out
+        """The held-back windows batched for scoring (`autoqra.passes.probe.holdout_batches`)."""
+        return holdout_batches(self.holdout)
 
     def _holdout_loss(self, model: nn.Module) -> float:
-        nll, count = 0.0, 0
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in self._held_batches:
-                n, c = window_nll(model, batch.to(next(model.parameters()).device))
-                nll, count = nll + n, count + c
-        finally:
-            model.train(was_training)
-        return nll / max(count, 1)
+        return holdout_loss(model, self._held_batches)
 
     def _finetune_loss(self, program: Program, modules: dict[str, QuantLoRALinear], label: str = "", *,
                        pause_after: int | None = None, resume: FinetuneCheckpoint | None = None,

@@ -22,8 +22,9 @@ from autoqra.memory import trim_heap
 from autoqra.parallel import effective_workers, fork_map
 from autoqra.passes.base import PassBase, PassResult
 from autoqra.progress import tqdm_disable
-from autoqra.quant.base import QuantSpec, get_backend
+from autoqra.quant.base import QuantBackend, QuantSpec, get_backend
 from autoqra.quant.gptq import damped_cholesky, gptq_quantize
+from autoqra.quant.loftq import input_importance
 from autoqra.quant.memo import active_memo, quantize_memo
 from autoqra.search.estimators import ErrorCache, get_estimator
 
@@ -37,6 +38,38 @@ def weight_matrix(module: nn.Module, layer: LayerNode) -> torch.Tensor:
     """The layer's weight as an [out, in] matrix (HF Conv1D stores [in, out])."""
     w = module.weight.detach()
     return w.t() if layer.kind is LayerKind.HF_CONV1D else w
+
+
+@dataclass(frozen=True)
+class ErrorSettings:
+    """How the error tables were computed (``program.state['error_settings']``): what a later pass
+    needs to round a weight exactly as they did (`rounded_weight`)."""
+
+    estimator: str
+    backend: QuantBackend
+    group_size: int
+    rounding: str
+
+
+def rounded_weight(settings: ErrorSettings, weight: torch.Tensor, stats: object | None,
+                   bits: int) -> tuple[torch.Tensor, float]:
+    """(the dequantized rounding of ``weight`` [out, in] at ``bits``, its rank-0 table error): the rounding,
+    importance and weighting of the error tables (`EstimateSensitivityPass`), so they agree entry by entry."""
+    estimator, backend = get_estimator(settings.estimator), get_backend(settings.backend)
+    w = weight.detach().float()
+    d, g = estimator.weights(stats)
+    use_hessian = settings.rounding == "gptq" and estimator.use_d and stats is not None
+    hessian = getattr(stats, "hessian", None) if use_hessian else None
+    d, g, hessian = (None if t is None else t.to(w.device) for t in (d, g, hessian))
+    spec = QuantSpec(bits=bits, group_size=settings.group_size)
+    if hessian is not None:
+        deq = backend.dequantize(gptq_quantize(w, spec, hessian, backend=backend))
+    else:
+        importance = None if d is None else input_importance(d.float(), w.shape[1])
+        deq = backend.dequantize(quantize_memo(backend, w, spec, importance=importance))
+    right = damped_cholesky(hessian) if hessian is not None else None
+    error = estimator.table(w, (bits,), (0,), lambda *_: deq, d, g, right)[(bits, 0)]
+    return deq, error
 
 
 @dataclass
@@ -161,6 +194,8 @@ class EstimateSensitivityPass(PassBase):
         tables = all_gather_dict(tables)
         for name in graph.order():
             graph.set_error(name, tables[name])
+        program.state["error_settings"] = ErrorSettings(self.estimator.name, self.backend, self.group_size,
+                                                        self.rounding)
         _, world = rank_and_world()
         return PassResult(info={"estimator": self.estimator.name, "cache_hits": hits, "layers": len(graph),
                                 "processes": world, "workers": workers if todo else 0})
