@@ -138,7 +138,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     import autoqra
-    from autoqra.report import plan_table, selection_table
+    from autoqra.report import plan_table, probe_summary, selection_table
     from autoqra.zoo import load_model
 
     if args.jemalloc:
@@ -166,6 +166,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(plan_table(result.plan))
     selection = result.report.get("selection")
     if selection:
+        print(probe_summary(result.report.get("error_probe")))
         print(f"objective {selection['objective']}; candidates scored on held-back calibration batches "
               f"({selection['fidelity']}), winner: {selection['winner']}")
         print(selection_table(selection))

@@ -47,7 +47,7 @@ from autoqra.footprint import layers_held_bytes
 from autoqra.ir.cost import CostModel
 from autoqra.passes.select import SelectConfig, short_finetune
 from autoqra.quant.memo import quant_memo
-from autoqra.report import fmt_bytes, selection_table, table
+from autoqra.report import fmt_bytes, probe_summary, selection_table, table
 from autoqra.train import adapter_state, finetune, load_adapter_state
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,8 @@ def _run_demo(
                  f"perplexity {ppl:.2f}")
             rows[label] = {"ppl": ppl, "bytes": measured, "plan_bytes": result.plan.total_bytes,
                            "seconds": seconds, "uniform": is_uniform, "plan": result.plan,
-                           "selection": result.report.get("selection"), "timings": result.report.get("timings"),
+                           "selection": result.report.get("selection"),
+                           "error_probe": result.report.get("error_probe"), "timings": result.report.get("timings"),
                            "quant_memo": result.report.get("quant_memo")}
             if tune and finetune_steps and reuse_selection:
                 t = time.perf_counter()
@@ -268,6 +269,7 @@ def _run_demo(
         emit(f"\nautoqra default: candidates scored on held-back calibration windows ({selection['fidelity']}; "
              f"mean next-token loss, lower is better), winner: {selection['winner']}")
         emit(selection_table(selection))
+        emit(probe_summary(default.get("error_probe")))
     emit(f"\nLee evaluation perplexity ({evals.shape[0]}×{seq_len} tokens):")
     emit(table(headers, table_rows))
     ratios = []

@@ -22,6 +22,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def probe_summary(probe: dict | None) -> str:
+    """One line on the error tables' calibration by measured loss (`autoqra.passes.probe`)."""
+    if not probe:
+        return "error tables as predicted (no probe)"
+    if probe.get("factors") is None:
+        return f"error tables as predicted: probe skipped ({probe.get('skipped', 'not run')})"
+    spread = [f for block in probe["factors"].values() for f in block.values()]
+    source = "from the cache" if probe.get("cached") else f"{probe['seconds']:.0f} s"
+    return (f"error tables calibrated by measured loss: {probe['blocks']} blocks × "
+            f"{'/'.join(str(b) for b in probe['bits'])} bits on {probe['tokens']:,} held-back tokens ({source}); "
+            f"block factors {min(spread):.2f}–{max(spread):.2f}")
+
+
 def selection_table(selection: dict) -> str:
     """The measured selection's candidates (``CompileResult.report["selection"]``) as a table: held-back
     loss at step 0, after the screen's first fine-tuning steps (when there was a screen) and after the

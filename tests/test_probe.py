@@ -130,12 +130,13 @@ def test_the_model_is_unchanged_after_the_probe_and_after_a_failure_inside_it(mo
     ("kwargs", "skipped"),
     [
         ({"bits": (4, 8, 16)}, "no probed bit-width in the search space"),
+        ({"bits": (3,), "ranks": (8,)}, "one choice per layer: nothing to choose"),
         ({"model": "one block"}, "fewer than two repeated blocks"),
     ],
 )
 def test_the_probe_says_why_it_did_not_run(kwargs, skipped) -> None:
     model = tiny_llama(layers=1) if kwargs.pop("model", None) else tiny_llama()
-    result = autoqra.compile(model, "9bits", calib=CALIB, select=SMALL, **FAST, **kwargs)
+    result = autoqra.compile(model, "12bits", calib=CALIB, select=SMALL, **FAST, **kwargs)
     assert result.report["error_probe"] == {"skipped": skipped}
 
 
@@ -185,3 +186,24 @@ def test_probe_is_off_without_the_measured_selection() -> None:
     result = autoqra.compile(tiny_llama(), "5bits", calib=CALIB, select=False, **FAST)
     assert result.report["error_probe"] is None
     assert isinstance(result.program, Program)
+
+
+@pytest.mark.parametrize(
+    ("probe", "expected"),
+    [
+        (None, "error tables as predicted (no probe)"),
+        ({"skipped": "fewer than two repeated blocks"},
+         "error tables as predicted: probe skipped (fewer than two repeated blocks)"),
+        ({"bits": [2, 3], "blocks": 30, "tokens": 1024, "seconds": 61.4, "cached": False,
+          "factors": {"0": {"2": 0.5, "3": 1.0}, "1": {"2": 2.25, "3": 0.125}}},
+         "error tables calibrated by measured loss: 30 blocks × 2/3 bits on 1,024 held-back tokens (61 s); "
+         "block factors 0.12–2.25"),
+        ({"bits": [2], "blocks": 2, "tokens": 64, "seconds": 0.1, "cached": True, "factors": {"0": {"2": 1.0}}},
+         "error tables calibrated by measured loss: 2 blocks × 2 bits on 64 held-back tokens (from the cache); "
+         "block factors 1.00–1.00"),
+    ],
+)
+def test_probe_summary(probe, expected) -> None:
+    from autoqra.report import probe_summary
+
+    assert probe_summary(probe) == expected

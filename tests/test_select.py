@@ -339,3 +339,24 @@ def test_survivors_of_the_screen(scores, keep, expected) -> None:
 def test_bad_screen_settings(kwargs) -> None:
     with pytest.raises(ConfigError, match="must be an int"):
         SelectConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "grid"),
+    [
+        ({}, (0.25, 0.5, 1.0, 2.0)),  # finetune: the deploy plan is not proposed (it cannot learn)
+        ({"objective": "deploy"}, (0.0,)),
+        ({"lambdas": (0, 1)}, (0.0, 1.0)),  # unless listed
+        ({"lambda_": 0.5}, (0.5,)),
+        ({"lambda_": 0.0}, (0.0,)),
+    ],
+)
+def test_lambda_grid(kwargs, grid) -> None:
+    assert SelectConfig(**kwargs).grid == grid
+
+
+def test_finetune_candidates_are_the_lambda_plans_and_the_uniform_plans() -> None:
+    result = autoqra.compile(tiny_llama(), "5bits", calib=CALIB, select=SMALL, **FAST, materialize=False)
+    labels = [c["label"] for c in result.report["selection"]["candidates"]]
+    assert not any(label.startswith("deploy") for label in labels)
+    assert any(label.startswith("finetune λ=") for label in labels) and any("uniform" in label for label in labels)

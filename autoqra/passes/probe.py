@@ -145,7 +145,9 @@ class ProbeBlocksPass(PassBase):
                 blocks.setdefault(block, []).append(name)
         space_bits = {b for name in graph.order() for b, _ in graph.annotation(name).error}
         bits = tuple(sorted(b for b in set(self.config.bits) & space_bits if b != DENSE_BITS))
-        skip = ("no probed bit-width in the search space" if not bits else
+        single = all(len(graph.annotation(name).error) <= 1 for name in graph.order())
+        skip = ("one choice per layer: nothing to choose" if single else
+                "no probed bit-width in the search space" if not bits else
                 "fewer than two repeated blocks" if len(blocks) < 2 else
                 "no held-back data" if not self.batches else
                 "no error settings (the sensitivity pass did not run)" if settings is None else "")
