@@ -207,3 +207,31 @@ def test_probe_summary(probe, expected) -> None:
     from autoqra.report import probe_summary
 
     assert probe_summary(probe) == expected
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(layers=3), "gpt2"])
+def test_replaying_the_earlier_blocks_measures_the_same_as_whole_forwards(make) -> None:
+    """The blocks before the probed one replay the fp forward's outputs: the same losses, to the bit."""
+    if make == "gpt2":
+        from tiny_models import tiny_gpt2
+
+        def build():  # noqa: ANN202
+            return tiny_gpt2()
+    else:
+        build = make
+    result = autoqra.compile(build(), "5bits", calib=CALIB, select=UNPROBED, **FAST)
+    program = result.program
+    graph = program.require_graph()
+    blocks: dict[int, list[str]] = {}
+    for name in graph.order():
+        blocks.setdefault(graph.annotation(name).block, []).append(name)
+    blocks.pop(None, None)
+    held = [CALIB[-2:]]
+    settings = program.state["error_settings"]
+    fast = ProbeBlocksPass(ProbeConfig(), holdout=held)._measure(program, settings, (2, 3), blocks)
+    slow = ProbeBlocksPass(ProbeConfig(), holdout=held, prefix_cache=False)._measure(program, settings, (2, 3),
+                                                                                      blocks)
+    assert fast == slow
+    assert len(blocks) >= 2 and all(fast[1][b][2] != 0 for b in blocks)
+    # the model is as it was: no replaying forward left behind
+    assert not any("forward" in vars(m) for m in program.model.modules())

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +57,37 @@ logger = logging.getLogger(__name__)
 
 #: held-back windows scored in one forward, at most this many tokens (activations only: no gradients)
 HOLDOUT_TOKENS = 4096
+#: the fp forward's block outputs kept for replay (`ProbeBlocksPass.prefix_cache`) up to this many bytes
+PREFIX_CACHE_BYTES = 1 << 30
+_BLOCK_RE = re.compile(r"(?:^|\.)\d+(?=\.|$)")
+
+
+def _block_path(layer: str) -> str:
+    """``model.layers.7.mlp.up_proj`` → ``model.layers.7`` (the block module: up to the first index)."""
+    match = _BLOCK_RE.search(layer)
+    return layer[: match.end()] if match else ""
+
+
+def _clone(value: object) -> object:
+    """``value`` with every tensor in it (tuples, lists, dicts) cloned: a replayed output that a later
+    block changed in place is not changed for the next replay."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value) if type(value) in (tuple, list) else value
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()} if type(value) is dict else value
+    return value
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
 
 
 def holdout_batches(holdout: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -117,8 +149,11 @@ class ProbeBlocksPass(PassBase):
     writes = ("error",)
 
     def __init__(self, config: ProbeConfig, *, holdout: list[torch.Tensor], progress: bool | None = None,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, prefix_cache: bool = True) -> None:
         self.config = config
+        #: replay the fp forward's outputs of the blocks before the probed one instead of recomputing them
+        #: (the same numbers: those blocks' inputs and weights are unchanged); off: every forward runs whole
+        self.prefix_cache = prefix_cache
         self.holdout = holdout
         self.batches = holdout_batches(holdout)
         self.progress = progress
@@ -203,12 +238,25 @@ class ProbeBlocksPass(PassBase):
         modules = dict(program.model.named_modules(remove_duplicate=False))
         stats = program.state.get("stats", {})
         model = program.model
-        base = holdout_loss(model, self.batches)
+        paths = {b: _block_path(names[0]) for b, names in blocks.items()}
+        outputs = {b: [] for b in blocks} if self.prefix_cache and all(p in modules for p in paths.values()) else {}
+        handles = [modules[paths[b]].register_forward_hook(lambda _m, _a, out, b=b: outputs[b].append(_clone(out)))
+                   for b in outputs]
+        try:
+            base = holdout_loss(model, self.batches)
+        finally:
+            for handle in handles:
+                handle.remove()
+        cached = sum(t.numel() * t.element_size() for o in outputs.values() for t in _tensors(o))
+        if cached > PREFIX_CACHE_BYTES or any(len(o) != len(self.batches) for o in outputs.values()):
+            outputs = {}  # too large to keep (or a block ran more than once a batch): every forward runs whole
         measured: dict[int, dict[int, float]] = {}
         predicted: dict[int, dict[int, float]] = {}
         bar = tqdm(total=len(blocks) * len(bits), desc="probe blocks", unit="forward",
                    disable=tqdm_disable(self.progress))
         for block, names in blocks.items():
+            # the blocks before this one see what they saw in the fp forward: their outputs are replayed
+            earlier = [b for b in outputs if b < block]
             for p in bits:
                 saved: dict[str, torch.Tensor] = {}
                 pred = 0.0
@@ -223,8 +271,13 @@ class ProbeBlocksPass(PassBase):
                             saved[name] = module.weight.data
                             new = deq.t() if deq.shape != module.weight.shape else deq
                             module.weight.data = new.to(dtype=module.weight.dtype).contiguous()
+                    for b in earlier:
+                        replay = iter(outputs[b])
+                        modules[paths[b]].forward = lambda *_args, _replay=replay, **_kwargs: _clone(next(_replay))
                     loss = holdout_loss(model, self.batches)
                 finally:
+                    for b in earlier:
+                        vars(modules[paths[b]]).pop("forward", None)
                     with torch.no_grad():
                         for name, data in saved.items():
                             modules[name].weight.data = data
