@@ -164,6 +164,8 @@ class SelectConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["lambdas"] = list(self.lambdas)  # JSON-stable
+        if self.probe is not None:
+            data["probe"]["bits"] = list(self.probe.bits)
         return data
 
 
