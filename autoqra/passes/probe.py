@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from autoqra.cache import JsonCache
@@ -69,25 +70,13 @@ def _block_path(layer: str) -> str:
 
 
 def _clone(value: object) -> object:
-    """``value`` with every tensor in it (tuples, lists, dicts) cloned: a replayed output that a later
-    block changed in place is not changed for the next replay."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone(v) for v in value) if type(value) in (tuple, list) else value
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()} if type(value) is dict else value
-    return value
+    """``value`` with every tensor in it (tuples, lists, dicts: torch's pytree) cloned: a replayed output that
+    a later block changed in place is not changed for the next replay."""
+    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
 
 
 def _tensors(value: object) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
+    return [v for v in tree_leaves(value) if isinstance(v, torch.Tensor)]
 
 
 def holdout_batches(holdout: list[torch.Tensor]) -> list[torch.Tensor]:
