@@ -17,6 +17,8 @@ from autoqra.ir.capture import CaptureConfig, capture
 from autoqra.ir.cost import CostModel
 from autoqra.ir.graph import LayerGraph
 from autoqra.ir.layer import LayerKind, LayerNode
+from autoqra.passes.probe import ProbeConfig
+from autoqra.passes.select import SelectConfig
 from autoqra.peft_interop import save_peft_adapter, to_peft_config
 from autoqra.plan import Plan
 from autoqra.train import FinetuneResult, finetune
@@ -31,6 +33,8 @@ __all__ = [
     "CaptureConfig",
     "CompileResult",
     "Plan",
+    "ProbeConfig",
+    "SelectConfig",
     "CaptureError",
     "CostModel",
     "LayerGraph",

@@ -150,12 +150,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     select: object = None
     if args.no_select:
         select = False
-    elif (args.score_steps is not None or args.screen_steps is not None) and calib is not None:
+    elif (args.score_steps is not None or args.screen_steps is not None or args.no_probe) and calib is not None:
         from autoqra.passes.select import SelectConfig
 
         objective = args.objective or "finetune"
         steps = {k: v for k, v in (("score_steps", args.score_steps), ("screen_steps", args.screen_steps))
                  if v is not None}
+        if args.no_probe:
+            steps["probe"] = None
         select = SelectConfig(objective=objective, lambda_=args.lambda_, seed=args.seed, **steps)
     result = autoqra.compile(
         model, args.budget, calib=calib, bits=_ints(args.bits), ranks=_ints(args.ranks), group_size=args.group_size,
@@ -496,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screen-steps", type=int, default=None,
                    help="steps of the short fine-tune after which only the best 2 plans and the best uniform plan "
                         "continue (default 4; 0: every candidate runs all --score-steps)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="skip the block probe (~100 s on SmolLM2): the error tables are used as predicted, not "
+                        "calibrated block by block against measured held-back loss")
     p.add_argument("--no-select", action="store_true",
                    help="trust the proxy: no candidate plan is measured (uniform plans are not compared)")
     p.add_argument("--tied-embedding", choices=TIED_EMBEDDING_MODES, default="share",

@@ -19,7 +19,8 @@ bytes), ``qlora`` (bitsandbytes NF4 + LoRA r16, B = 0 init, alpha = 2r: the reci
 bytes), ``hqq`` (HQQ-fitted scales and zeros at the budget's uniform bits + r8, our init: equal bytes),
 ``hqq4`` (HQQ 4-bit + r8, its own bytes), ``deploy`` (autoqra, objective deploy), ``evolutionary`` (autoqra,
 ``solver="evolutionary"``), ``default`` (autoqra's default: objective finetune), ``lambdaX`` (the default
-with ``lambda_=X`` fixed, e.g. ``lambda4``).
+with ``lambda_=X`` fixed, e.g. ``lambda4``), ``noprobe`` (the default without the block probe).
+``--model DIR`` runs on another local causal LM (a ``save_pretrained`` folder) with the same Lee protocol.
 """
 
 from __future__ import annotations
@@ -43,16 +44,18 @@ from autoqra.analysis import analyze, uniform_costs  # noqa: E402
 from autoqra.evaluate import perplexity  # noqa: E402
 from autoqra.footprint import layers_held_bytes  # noqa: E402
 from autoqra.ir.cost import CostModel  # noqa: E402
+from autoqra.passes.select import SelectConfig  # noqa: E402
 from autoqra.report import table  # noqa: E402
 from autoqra.train import finetune  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 
-ROWS = ("default", "uniform", "deploy", "evolutionary", "fp32", "uniform4", "qlora", "hqq", "hqq4", "lambda1", "lambda2")
+ROWS = ("default", "uniform", "deploy", "evolutionary", "fp32", "uniform4", "qlora", "hqq", "hqq4", "lambda1", "lambda2",
+        "noprobe")
 #: ``lambdaX`` rows (X a number, e.g. lambda4, lambda0.5): the default compile with ``lambda_=X`` fixed
 _LAMBDA_ROW = re.compile(r"lambda(\d+(?:\.\d+)?)")
 
 
-def _data(quick: bool, calib_windows: int, eval_windows: int):
+def _data(quick: bool, calib_windows: int, eval_windows: int, model_dir: str | None = None):
     if quick:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from tiny_models import tiny_llama
@@ -65,9 +68,9 @@ def _data(quick: bool, calib_windows: int, eval_windows: int):
         evals = stream[2000 : 2000 + 4 * 64].view(4, 64)
         return tiny_llama(), calib, evals, stream[:1500], 64
     from autoqra.data import lee_corpus_text, split_tokens, window_bos_id, windows
-    from autoqra.zoo import load_default_model
+    from autoqra.zoo import load_default_model, load_model
 
-    model, tokenizer = load_default_model()
+    model, tokenizer = load_default_model() if model_dir is None else load_model(model_dir)
     splits = split_tokens(lee_corpus_text(), tokenizer)
     bos = window_bos_id(tokenizer)
     calib = windows(splits.calibration, seq_len=512, max_windows=calib_windows, bos_token_id=bos)
@@ -94,6 +97,8 @@ def _row_kwargs(row: str, bits: int | None, budget: int) -> tuple[int | str, dic
         return budget, {}
     if row == "deploy":
         return budget, {"objective": "deploy"}
+    if row == "noprobe":  # the default without the block probe (its tables as predicted); the seed is set in run
+        return budget, {}
     if (fixed := _LAMBDA_ROW.fullmatch(row)) is not None:  # one fixed plasticity weight instead of the fitted
         # one (the selection still measures it against the uniform plans): does a longer horizon want more rank?
         return budget, {"lambda_": float(fixed.group(1))}
@@ -119,7 +124,7 @@ def _row_kwargs(row: str, bits: int | None, budget: int) -> tuple[int | str, dic
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    model, calib, evals, train_tokens, seq_len = _data(args.quick, args.calib_windows, args.eval_windows)
+    model, calib, evals, train_tokens, seq_len = _data(args.quick, args.calib_windows, args.eval_windows, args.model)
     steps = sorted({int(s) for s in args.steps.split(",")})
     seeds = [int(s) for s in args.seeds.split(",")]
     t = time.perf_counter()
@@ -158,6 +163,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     work = copy.deepcopy(model)
                     budget, kwargs = spec
+                    if row == "noprobe":
+                        kwargs = {**kwargs, "select": SelectConfig(probe=None, seed=seed)}
                     t = time.perf_counter()
                     result = autoqra.compile(work, budget, calib=cal, cache_dir=None, progress=not args.quick,
                                              seed=seed, **kwargs)
@@ -257,6 +264,8 @@ def figures(rows: list[dict[str, Any]], steps: list[int]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder (save_pretrained) "
+                        "instead of the embedded SmolLM2; the text stays Lee")
     parser.add_argument("--budgets", default="u3,u2")
     parser.add_argument("--rows", default=None, help=f"comma-separated, of: {', '.join(ROWS)} (default: all; "
                         "--quick: default,uniform,deploy,fp32)")

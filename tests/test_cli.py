@@ -100,6 +100,26 @@ def test_compile_screen_steps_flag(model_dir, text_file, tmp_path, capsys):
     assert "winner:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("flags", "probed"), [([], True), (["--no-probe"], False)])
+def test_compile_no_probe_flag(model_dir, text_file, tmp_path, capsys, flags, probed):
+    out_dir = tmp_path / "out"
+    assert main(["compile", str(model_dir), "--budget", "5bits", "--calib", str(text_file), "--seq-len", "32",
+                 "--calib-windows", "4", "--plan-only", "--out", str(out_dir), "--score-steps", "1", *flags]) == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    assert (report["selection"]["config"]["probe"] is not None) == probed
+    assert (report["error_probe"] is not None) == probed
+    assert "winner:" in capsys.readouterr().out
+
+
+def test_select_and_probe_configs_are_exported_at_the_top_level():
+    import autoqra
+    from autoqra.passes.probe import ProbeConfig
+    from autoqra.passes.select import SelectConfig
+
+    assert autoqra.SelectConfig is SelectConfig and autoqra.ProbeConfig is ProbeConfig
+    assert autoqra.SelectConfig(probe=None).to_dict()["probe"] is None
+
+
 def test_compile_plan_only_data_free(model_dir, tmp_path, capsys):
     code = main(["compile", str(model_dir), "--budget", "4bits", "--calib", "none", "--plan-only",
                  "--solver", "greedy", "--out", str(tmp_path)])
