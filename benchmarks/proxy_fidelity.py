@@ -41,7 +41,7 @@ from autoqra.ir.cost import CostModel  # noqa: E402
 from autoqra.passes.materialize import MaterializePass  # noqa: E402
 from autoqra.passes.probe import ProbeBlocksPass, ProbeConfig  # noqa: E402
 from autoqra.passes.search import SearchPass  # noqa: E402
-from autoqra.passes.select import SelectConfig, SelectPlanPass, lambda_unit  # noqa: E402
+from autoqra.passes.select import SelectConfig, lambda_unit, uniform_candidates  # noqa: E402
 from autoqra.report import table  # noqa: E402
 from autoqra.search.evolutionary import _repair_index  # noqa: E402
 from autoqra.train import finetune  # noqa: E402
@@ -110,7 +110,7 @@ def rescore(path: Path, quick: bool) -> None:
     probe = ProbeBlocksPass(ProbeConfig(), holdout=list(cal.holdout), progress=not quick)
     probe.call(program)
     calibrated = search.build_problem(program, lambda_=0.0)
-    uniform = SelectPlanPass(search, None, SelectConfig(), train=[], holdout=[])._uniform(calibrated)  # type: ignore[arg-type]
+    uniform = uniform_candidates(calibrated)
     unit = lambda_unit(calibrated, program.state.get("plasticity", {}), program, uniform)
     lambdas = sorted({float(old["lambda"]), 1.0})
     rows = []

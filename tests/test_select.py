@@ -360,3 +360,29 @@ def test_finetune_candidates_are_the_lambda_plans_and_the_uniform_plans() -> Non
     labels = [c["label"] for c in result.report["selection"]["candidates"]]
     assert not any(label.startswith("deploy") for label in labels)
     assert any(label.startswith("finetune λ=") for label in labels) and any("uniform" in label for label in labels)
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [
+        (10_000, ["uniform 2-bit r8", "uniform 3-bit r8"]),  # every rank fits: the largest common rank
+        (70, ["uniform 2-bit r8", "uniform 3-bit r0"]),  # 3-bit r8 costs 80
+        (59, ["uniform 2-bit r8"]),  # 3-bit r0 costs 60
+        (39, ["uniform 2-bit r0"]),  # 2-bit r8 costs 40 (r16 is not offered by every group)
+        (19, []),  # not even 2-bit r0 (20) fits
+    ],
+)
+def test_uniform_candidates_take_the_largest_common_rank_that_fits(budget: int, expected: list[str]) -> None:
+    from autoqra.passes.select import uniform_candidates
+    from autoqra.search.problem import SearchProblem
+
+    # two groups; the second also offers rank 16 at 2 bits, which the first does not: not a common choice
+    choices = [[(2, 0), (2, 8), (3, 0), (3, 8), (16, 0)], [(2, 0), (2, 8), (2, 16), (3, 0), (3, 8), (16, 0)]]
+    cost = [[10, 20, 30, 40, 160], [10, 20, 25, 30, 40, 160]]
+    error = [[5.0, 4.0, 2.0, 1.0, 0.0], [5.0, 4.0, 3.5, 2.0, 1.0, 0.0]]
+    problem = SearchProblem.build(["a", "b"], choices, cost, error, budget)
+    got = uniform_candidates(problem)
+    assert [c.label for c in got] == expected
+    for cand in got:
+        assert cand.uniform and cand.bytes <= budget
+        assert cand.bytes == problem.evaluate([ch.index(c) for ch, c in zip(problem.choices, cand.choices, strict=True)])[0]

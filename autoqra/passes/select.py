@@ -236,6 +236,27 @@ def lambda_unit(problem: SearchProblem, plasticity: dict[str, dict[int, float]],
     return total_e / total_p if total_p > 0 and total_e > 0 else 0.0
 
 
+def uniform_candidates(problem: SearchProblem) -> list[Candidate]:
+    """One uniform plan per quantized bit-width every layer offers, at the largest common rank that fits
+    ``problem.budget`` (the most to learn with); none for a bit-width whose rank-0 plan does not fit."""
+    out = []
+    keys = set.intersection(*(set(ch) for ch in problem.choices)) if problem.n_groups else set()
+    for bits in sorted({b for b, _ in keys if b != 16}):
+        fitting = []
+        for rank in sorted({r for b, r in keys if b == bits}):
+            idx = [ch.index((bits, rank)) for ch in problem.choices]
+            total = int(sum(int(k[i]) for k, i in zip(problem.cost, idx, strict=True)))
+            if total <= problem.budget:
+                fitting.append((rank, total, idx))
+        if not fitting:
+            continue
+        rank, total, idx = fitting[-1]  # the largest rank that fits: the most to learn with
+        proxy = float(sum(float(e[i]) for e, i in zip(problem.error, idx, strict=True)))
+        out.append(Candidate(label=f"uniform {bits}-bit r{rank}", choices=tuple((bits, rank) for _ in idx),
+                             bytes=total, proxy=proxy, uniform=True))
+    return out
+
+
 class SelectPlanPass(PassBase):
     """Writes ``bits`` / ``rank`` (the measured winner), ``selection`` (the scores) and
     ``built_layers`` (the winner's modules, for `MaterializePass` to swap in without rebuilding)."""
@@ -288,28 +309,10 @@ class SelectPlanPass(PassBase):
         return self._cache.key(parts, [*state.values(), *self.train, None, *self.holdout])
 
     # -- candidates -----------------------------------------------------------------------------
-    def _uniform(self, problem: SearchProblem) -> list[Candidate]:
-        out = []
-        keys = set.intersection(*(set(ch) for ch in problem.choices)) if problem.n_groups else set()
-        for bits in sorted({b for b, _ in keys if b != 16}):
-            fitting = []
-            for rank in sorted({r for b, r in keys if b == bits}):
-                idx = [ch.index((bits, rank)) for ch in problem.choices]
-                total = int(sum(int(k[i]) for k, i in zip(problem.cost, idx, strict=True)))
-                if total <= problem.budget:
-                    fitting.append((rank, total, idx))
-            if not fitting:
-                continue
-            rank, total, idx = fitting[-1]  # the largest rank that fits: the most to learn with
-            proxy = float(sum(float(e[i]) for e, i in zip(problem.error, idx, strict=True)))
-            out.append(Candidate(label=f"uniform {bits}-bit r{rank}", choices=tuple((bits, rank) for _ in idx),
-                                 bytes=total, proxy=proxy, uniform=True))
-        return out
-
     def candidates(self, program: Program) -> tuple[list[Candidate], float]:
         base = self.search.build_problem(program, lambda_=0.0)
         plasticity = program.state.get("plasticity", {})
-        uniform = self._uniform(base) if self.config.uniform else []
+        uniform = uniform_candidates(base) if self.config.uniform else []
         unit = lambda_unit(base, plasticity, program, uniform) if plasticity else 0.0
         found: list[Candidate] = list(uniform)
         seen = {c.choices for c in found}
