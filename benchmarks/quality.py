@@ -20,7 +20,7 @@ bytes), ``hqq`` (HQQ-fitted scales and zeros at the budget's uniform bits + r8, 
 ``hqq4`` (HQQ 4-bit + r8, its own bytes), ``deploy`` (autoqra, objective deploy), ``evolutionary`` (autoqra,
 ``solver="evolutionary"``), ``default`` (autoqra's default: objective finetune), ``lambdaX`` (the default
 with ``lambda_=X`` fixed, e.g. ``lambda4``), ``noprobe`` (the default without the block probe).
-``--model DIR`` runs on another local causal LM (a ``save_pretrained`` folder) with the same Lee protocol.
+``--model gemma3-270m`` (or a local ``save_pretrained`` folder) runs another causal LM on the same Lee protocol.
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         budgets[name] = (bits, u.nbytes)
     fp32_ppl = perplexity(model, evals, progress=False)
     rows: list[dict[str, Any]] = []
-    payload: dict[str, Any] = {"quick": args.quick, "steps": steps, "seeds": seeds, "fp32_ppl": fp32_ppl,
+    payload: dict[str, Any] = {"quick": args.quick, "model": "tiny-llama" if args.quick else args.model or "smollm2-135m",
+                               "steps": steps, "seeds": seeds, "fp32_ppl": fp32_ppl,
                                "calibration_seconds": calib_seconds, "budgets": budgets, "rows": rows,
                                "qlora_bytes_bitsandbytes": qlora_bytes(graph),
                                "recipe": {"lr": args.lr, "batch_size": args.batch_size, "seq_len": seq_len,
@@ -264,8 +265,8 @@ def figures(rows: list[dict[str, Any]], steps: list[int]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder (save_pretrained) "
-                        "instead of the embedded SmolLM2; the text stays Lee")
+    parser.add_argument("--model", default=None, help="gemma3-270m, or a local Hugging Face causal-LM folder "
+                        "(save_pretrained), instead of the embedded SmolLM2; the text stays Lee")
     parser.add_argument("--budgets", default="u3,u2")
     parser.add_argument("--rows", default=None, help=f"comma-separated, of: {', '.join(ROWS)} (default: all; "
                         "--quick: default,uniform,deploy,fp32)")
