@@ -49,13 +49,14 @@ def selection_table(selection: dict) -> str:
     headers = ["candidate", "bytes", "loss at step 0"]
     if screened:
         headers.append(f"after {config.get('screen_steps', '?')} steps")
-    headers += [f"after {config.get('score_steps', '?')} steps" if screened else "after short fine-tune", "note"]
+    headers += [f"after {config.get('score_steps', '?')} steps" if screened else "after short fine-tune", "note",
+                "groups: bits × count, mean rank"]
     rows = []
     for c in cands:
         row = [c["label"], fmt_bytes(c["bytes"]), loss(c["loss0"])]
         if screened:
             row.append(loss(c.get("loss_screen")))
-        rows.append([*row, loss(c["loss_ft"]), c["note"]])
+        rows.append([*row, loss(c["loss_ft"]), c["note"], c.get("mix", "")])
     return table(headers, rows)
 
 

@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     record["mean_rank"] = sum(r for _, r in chosen) / len(chosen)
                     record["winner"] = (result.report.get("selection") or {}).get("winner")
                     record["candidates"] = [  # the selection's held-back scores: step 0, screen, short fine-tune
-                        [c["label"], c.get("loss0"), c.get("loss_screen"), c.get("loss_ft")]
+                        [c["label"], c.get("loss0"), c.get("loss_screen"), c.get("loss_ft"), c.get("mix")]
                         for c in (result.report.get("selection") or {}).get("candidates", [])]
                     probe = result.report.get("error_probe") or {}
                     record["probe_seconds"] = probe.get("seconds")

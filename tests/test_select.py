@@ -386,3 +386,61 @@ def test_uniform_candidates_take_the_largest_common_rank_that_fits(budget: int, 
     for cand in got:
         assert cand.uniform and cand.bytes <= budget
         assert cand.bytes == problem.evaluate([ch.index(c) for ch, c in zip(problem.choices, cand.choices, strict=True)])[0]
+
+
+def _problem(budget: int):
+    from autoqra.search.problem import SearchProblem
+
+    # group "a" offers 2/3/4/8 bits, group "b" 3/4 bits only, group "c" only 16 bits (kept whatever the band)
+    choices = [[(2, 0), (2, 8), (3, 0), (3, 8), (4, 0), (8, 0)], [(3, 0), (3, 8), (4, 0)], [(16, 0)]]
+    cost = [[10, 20, 15, 25, 20, 40], [15, 25, 20], [50]]
+    error = [[6.0, 5.0, 3.0, 2.0, 1.0, 0.1], [3.0, 2.0, 1.0], [0.0]]
+    return SearchProblem.build(["a", "b", "c"], choices, cost, error, budget)
+
+
+@pytest.mark.parametrize(("uniform_bits", "band"), [((), ()), ((2,), (2, 3)), ((2, 3), (3, 4)), ((4,), (4, 8)),
+                                                    ((8,), (8,))])
+def test_band_bits_are_the_highest_uniform_bits_and_the_next_width_up(uniform_bits, band) -> None:
+    from autoqra.passes.select import band_bits
+
+    uniform = [Candidate(label=f"uniform {b}-bit", choices=((b, 0),) * 3, bytes=0, proxy=0.0, uniform=True)
+               for b in uniform_bits]
+    assert band_bits(_problem(1000), uniform) == band
+
+
+@pytest.mark.parametrize(("bits", "budget", "kept"), [
+    ((3, 4), 1000, [[(3, 0), (3, 8), (4, 0)], [(3, 0), (3, 8), (4, 0)], [(16, 0)]]),
+    ((2, 3), 1000, [[(2, 0), (2, 8), (3, 0), (3, 8)], [(3, 0), (3, 8)], [(16, 0)]]),
+    ((2, 3, 4, 8), 1000, None),  # restricts nothing
+    ((3, 4), 10 + 15 + 50, None),  # only a 2-bit choice of "a" fits this budget
+])
+def test_restrict_bits_keeps_the_band_and_the_groups_without_one(bits, budget, kept) -> None:
+    from autoqra.passes.select import restrict_bits
+
+    problem = _problem(budget)
+    sub = restrict_bits(problem, bits)
+    if kept is None:
+        assert sub is None
+        return
+    assert [list(ch) for ch in sub.choices] == kept and sub.budget == budget
+    for g, (ch, cost, err) in enumerate(zip(sub.choices, sub.cost, sub.error, strict=True)):
+        for c, k, e in zip(ch, cost, err, strict=True):  # costs and errors follow their choice
+            j = problem.choices[g].index(c)
+            assert (int(k), float(e)) == (int(problem.cost[g][j]), float(problem.error[g][j]))
+
+
+def test_each_lambda_also_proposes_its_band_plan_in_the_same_family() -> None:
+    result = autoqra.compile(tiny_llama(), "4bits", calib=CALIB, bits=(2, 3, 4, 8), ranks=(0, 4, 8),
+                             select=SMALL, **FAST)
+    cands = result.report["selection"]["candidates"]
+    uniform_bits = max(int(c["label"].split()[1].split("-")[0]) for c in cands if c["uniform"])
+    banded = [c for c in cands if c["label"].endswith(f"{uniform_bits}–{uniform_bits + 1} bits")]
+    assert banded and all(c["label"].split(",")[0] in {d["label"] for d in cands} for c in banded)
+    for c in banded:
+        assert {int(part.split("b×")[0]) for part in c["mix"].split(", ")} <= {uniform_bits, uniform_bits + 1}
+    off = SelectConfig(score_steps=2, max_finetuned=3, band=False)
+    plain = autoqra.compile(tiny_llama(), "4bits", calib=CALIB, bits=(2, 3, 4, 8), ranks=(0, 4, 8), select=off,
+                            **FAST)
+    assert not any("bits" in c["label"].split(",")[-1] for c in plain.report["selection"]["candidates"])
+    with pytest.raises(ConfigError, match="band"):
+        SelectConfig(band=1)  # type: ignore[arg-type]

@@ -105,6 +105,10 @@ class SelectConfig:
         lr / batch_size / seq_len / seed: the short fine-tune's recipe (AdamW, constant lr).
         probe: the error tables calibrated block by block against measured held-back loss before the
             candidates are proposed (`autoqra.passes.probe`); ``None``: the tables as predicted.
+        band: each λ value also proposes its plan with every layer's bits restricted to the band of the
+            highest-bits uniform plan that fits and the next bit-width up (e.g. 3–4 bits at the bytes of
+            uniform 3-bit r8; `band_bits`): no layer below the uniform bits, none bought at 8 or 16. The
+            two plans of a λ value are one proposal: the better at step 0 gets the fine-tune.
     """
 
     objective: str = "finetune"
@@ -120,8 +124,11 @@ class SelectConfig:
     seq_len: int = 256
     seed: int = 0
     probe: ProbeConfig | None = ProbeConfig()
+    band: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.band, bool):
+            raise ConfigError(f"SelectConfig.band must be True or False, got {self.band!r}")
         if self.probe is not None and not isinstance(self.probe, ProbeConfig):
             raise ConfigError(f"SelectConfig.probe must be a ProbeConfig or None, got {self.probe!r}")
         if self.objective not in OBJECTIVES:
@@ -195,9 +202,18 @@ class Candidate:
         value = self.loss_ft if finetuned else self.loss0
         return math.inf if value is None or not math.isfinite(value) else value
 
+    def mix(self) -> str:
+        """Groups per (bits) and their mean rank, e.g. ``3b×120 r6.1, 4b×90 r2.0``."""
+        parts = []
+        for bits in sorted({b for b, _ in self.choices}):
+            ranks = [r for b, r in self.choices if b == bits]
+            parts.append(f"{bits}b×{len(ranks)} r{sum(ranks) / len(ranks):.1f}")
+        return ", ".join(parts)
+
     def row(self) -> dict[str, Any]:
         return {"label": self.label, "bytes": self.bytes, "proxy": self.proxy, "uniform": self.uniform,
-                "loss0": self.loss0, "loss_screen": self.loss_screen, "loss_ft": self.loss_ft, "note": self.note}
+                "loss0": self.loss0, "loss_screen": self.loss_screen, "loss_ft": self.loss_ft, "note": self.note,
+                "mix": self.mix()}
 
 
 def short_finetune(model: nn.Module, train: list[torch.Tensor], config: SelectConfig, *,
@@ -255,6 +271,32 @@ def uniform_candidates(problem: SearchProblem) -> list[Candidate]:
         out.append(Candidate(label=f"uniform {bits}-bit r{rank}", choices=tuple((bits, rank) for _ in idx),
                              bytes=total, proxy=proxy, uniform=True))
     return out
+
+
+def band_bits(problem: SearchProblem, uniform: list[Candidate]) -> tuple[int, ...]:
+    """The bits of the band plans: the highest uniform plan's bits and the next quantized width up that some
+    group offers (``()``: no uniform plan fits)."""
+    if not uniform:
+        return ()
+    low = max(c.choices[0][0] for c in uniform)
+    offered = sorted({b for ch in problem.choices for b, _ in ch if low < b < 16})
+    return (low, *offered[:1])
+
+
+def restrict_bits(problem: SearchProblem, bits: tuple[int, ...]) -> SearchProblem | None:
+    """``problem`` with each group's choices restricted to ``bits`` (a group offering none keeps all of its
+    own); ``None`` when that restricts nothing or leaves no plan within the budget."""
+    keep = [[i for i, (b, _) in enumerate(ch) if b in bits] or list(range(len(ch))) for ch in problem.choices]
+    if all(len(k) == len(ch) for k, ch in zip(keep, problem.choices, strict=True)):
+        return None
+    sub = SearchProblem.build(
+        problem.groups,
+        [[ch[i] for i in k] for ch, k in zip(problem.choices, keep, strict=True)],
+        [[int(c[i]) for i in k] for c, k in zip(problem.cost, keep, strict=True)],
+        [[float(e[i]) for i in k] for e, k in zip(problem.error, keep, strict=True)],
+        problem.budget,
+    )
+    return sub if sub.min_cost() <= sub.budget else None
 
 
 class SelectPlanPass(PassBase):
@@ -322,6 +364,7 @@ class SelectPlanPass(PassBase):
                            "plans are candidates; calibrate with weight_gradients=True for objective='finetune'")
         if not unit and 0.0 not in grid:  # nothing to weigh plasticity with: the deploy plan stands in
             grid = (0.0, *grid)
+        band = band_bits(base, uniform) if self.config.band else ()
         for lam in grid:
             if lam and not unit:  # no plasticity, or nothing to trade it against (every error is 0)
                 continue
@@ -337,6 +380,9 @@ class SelectPlanPass(PassBase):
                                                      for i, a in enumerate(x for x in ranked if x != evolved.best)][:2]
             else:
                 results = [(label, self.search.solve(problem, self.search.seed))]
+            banded = restrict_bits(problem, band) if band else None
+            if banded is not None:
+                results.append((f"{label}, {band[0]}–{band[-1]} bits", self.search.solve(banded, self.search.seed)))
             for name, result in results:
                 choices = tuple(result.choices)
                 proxy = float(sum(float(e[ch.index(c)]) for e, ch, c in zip(base.error, base.choices, choices,
