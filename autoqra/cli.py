@@ -150,7 +150,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     select: object = None
     if args.no_select:
         select = False
-    elif (args.score_steps is not None or args.screen_steps is not None or args.no_probe) and calib is not None:
+    elif (args.score_steps is not None or args.screen_steps is not None or args.no_probe or args.no_band) and \
+            calib is not None:
         from autoqra.passes.select import SelectConfig
 
         objective = args.objective or "finetune"
@@ -158,6 +159,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                  if v is not None}
         if args.no_probe:
             steps["probe"] = None
+        if args.no_band:
+            steps["band"] = False
         select = SelectConfig(objective=objective, lambda_=args.lambda_, seed=args.seed, **steps)
     result = autoqra.compile(
         model, args.budget, calib=calib, bits=_ints(args.bits), ranks=_ints(args.ranks), group_size=args.group_size,
@@ -501,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true",
                    help="skip the block probe (~100 s on SmolLM2): the error tables are used as predicted, not "
                         "calibrated block by block against measured held-back loss")
+    p.add_argument("--no-band", action="store_true",
+                   help="no band plans (each λ's plan with bits restricted to the uniform bits and the next width up)")
     p.add_argument("--no-select", action="store_true",
                    help="trust the proxy: no candidate plan is measured (uniform plans are not compared)")
     p.add_argument("--tied-embedding", choices=TIED_EMBEDDING_MODES, default="share",

@@ -100,14 +100,16 @@ def test_compile_screen_steps_flag(model_dir, text_file, tmp_path, capsys):
     assert "winner:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("flags", "probed"), [([], True), (["--no-probe"], False)])
-def test_compile_no_probe_flag(model_dir, text_file, tmp_path, capsys, flags, probed):
+@pytest.mark.parametrize(("flags", "probed", "band"), [([], True, True), (["--no-probe"], False, True),
+                                                       (["--no-band"], True, False)])
+def test_compile_no_probe_and_no_band_flags(model_dir, text_file, tmp_path, capsys, flags, probed, band):
     out_dir = tmp_path / "out"
     assert main(["compile", str(model_dir), "--budget", "5bits", "--calib", str(text_file), "--seq-len", "32",
                  "--calib-windows", "4", "--plan-only", "--out", str(out_dir), "--score-steps", "1", *flags]) == 0
     report = json.loads((out_dir / "report.json").read_text())
     assert (report["selection"]["config"]["probe"] is not None) == probed
     assert (report["error_probe"] is not None) == probed
+    assert report["selection"]["config"]["band"] == band
     assert "winner:" in capsys.readouterr().out
 
 
