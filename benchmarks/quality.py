@@ -21,6 +21,8 @@ bytes), ``hqq`` (HQQ-fitted scales and zeros at the budget's uniform bits + r8, 
 ``solver="evolutionary"``), ``default`` (autoqra's default: objective finetune), ``lambdaX`` (the default
 with ``lambda_=X`` fixed, e.g. ``lambda4``), ``noprobe`` (the default without the block probe).
 ``--model gemma3-270m`` (or a local ``save_pretrained`` folder) runs another causal LM on the same Lee protocol.
+``--group-size N`` compiles autoqra's rows (default, deploy, evolutionary, lambdaX, noprobe) with quantization
+groups of N instead of 64; the budgets and the baselines stay at 64 (the same bytes, spent on other metadata).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from benchmarks.common import write_json  # noqa: E402
 
 ROWS = ("default", "uniform", "deploy", "evolutionary", "fp32", "uniform4", "qlora", "hqq", "hqq4", "lambda1", "lambda2",
         "noprobe")
+#: rows that autoqra plans (``--group-size`` applies to them), besides ``lambdaX``
+AUTOQRA_ROWS = ("default", "deploy", "evolutionary", "noprobe")
 #: ``lambdaX`` rows (X a number, e.g. lambda4, lambda0.5): the default compile with ``lambda_=X`` fixed
 _LAMBDA_ROW = re.compile(r"lambda(\d+(?:\.\d+)?)")
 
@@ -147,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     payload: dict[str, Any] = {"quick": args.quick, "model": "tiny-llama" if args.quick else args.model or "smollm2-135m",
                                "steps": steps, "seeds": seeds, "fp32_ppl": fp32_ppl,
                                "calibration_seconds": calib_seconds, "budgets": budgets, "rows": rows,
+                               "group_size": args.group_size,
                                "qlora_bytes_bitsandbytes": qlora_bytes(graph),
                                "recipe": {"lr": args.lr, "batch_size": args.batch_size, "seq_len": seq_len,
                                           "eval_windows": int(evals.shape[0]), "calib_windows": int(calib.shape[0])}}
@@ -166,6 +171,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     budget, kwargs = spec
                     if row == "noprobe":
                         kwargs = {**kwargs, "select": SelectConfig(probe=None, seed=seed)}
+                    if row in AUTOQRA_ROWS or _LAMBDA_ROW.fullmatch(row):
+                        kwargs = {**kwargs, "group_size": args.group_size}
+                    record["group_size"] = kwargs.get("group_size", 64)
                     t = time.perf_counter()
                     result = autoqra.compile(work, budget, calib=cal, cache_dir=None, progress=not args.quick,
                                              seed=seed, **kwargs)
@@ -276,6 +284,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--calib-windows", type=int, default=8)
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=64, help="quantization group of autoqra's rows "
+                        "(the budgets and the baselines stay at 64)")
     parser.add_argument("--out", default="quality", help="results file name (without .json)")
     args = parser.parse_args()
     if args.quick:

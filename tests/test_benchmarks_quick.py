@@ -113,6 +113,14 @@ def test_quality_quick() -> None:
     assert (Path(os.environ["AUTOQRA_BENCH_RESULTS"]) / "quality_quick.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_quality_quick_group_size() -> None:
+    """``--group-size`` compiles autoqra's rows with that group; the baselines keep 64 (and the budget)."""
+    data = run_quick("quality.py", "quality_quick", extra=("--rows", "default,uniform", "--group-size", "32"))
+    rows = {r["row"]: r for r in data["rows"]}
+    assert (rows["default"]["group_size"], rows["uniform"]["group_size"], data["group_size"]) == (32, 64, 32)
+    assert rows["default"]["held_bytes"] <= data["budgets"]["u3"][1] == rows["uniform"]["plan_bytes"]
+
+
 def test_proxy_fidelity_quick() -> None:
     data = run_quick("proxy_fidelity.py", "proxy_fidelity_quick")
     assert len(data["rows"]) == 6  # 4 random plans + deploy + finetune at the fitted λ
