@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import autoqra  # noqa: E402
 from autoqra.analysis import analyze, uniform_costs  # noqa: E402
+from autoqra.errors import ConfigError  # noqa: E402
 from autoqra.evaluate import perplexity  # noqa: E402
 from autoqra.footprint import layers_held_bytes  # noqa: E402
 from autoqra.ir.cost import CostModel  # noqa: E402
@@ -288,6 +289,10 @@ def main() -> None:
                         "(the budgets and the baselines stay at 64)")
     parser.add_argument("--out", default="quality", help="results file name (without .json)")
     args = parser.parse_args()
+    try:  # a bad group fails here, not as an error row per compile
+        CostModel(group_size=args.group_size)
+    except ConfigError as exc:
+        parser.error(f"--group-size: {exc}")
     if args.quick:
         args.steps, args.budgets = "4,8", "u3"
         args.rows = args.rows or "default,uniform,deploy,fp32"

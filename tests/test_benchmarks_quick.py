@@ -121,6 +121,13 @@ def test_quality_quick_group_size() -> None:
     assert rows["default"]["held_bytes"] <= data["budgets"]["u3"][1] == rows["uniform"]["plan_bytes"]
 
 
+@pytest.mark.parametrize(("group", "fix"), [("12", "try 64"), ("0", "positive int")])
+def test_quality_bad_group_size_is_refused_before_any_work(group: str, fix: str) -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--quick", "--group-size", group], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--group-size" in proc.stderr and fix in proc.stderr, proc.stderr[-2000:]
+
+
 def test_proxy_fidelity_quick() -> None:
     data = run_quick("proxy_fidelity.py", "proxy_fidelity_quick")
     assert len(data["rows"]) == 6  # 4 random plans + deploy + finetune at the fitted λ
