@@ -7,9 +7,12 @@ the mean over its seeds after ``--step`` steps — against the bytes its model h
 rows no other row beats in both bytes and perplexity). It also writes the points to JSON and prints them as
 a table. Nothing is measured here: every figure is one of those files' own.
 
-A row measured in several files with the same seed (a re-run of the same plan) counts once: the file read
-last (file names in sorted order) wins, except where :data:`SUPERSEDED` names a row a later code change
-replaced (the result files carry no date).
+Only the runs of one model at one quantization group size are drawn together (``--model``, default
+``smollm2-135m``; ``--group-size``, default 64): a file that records neither is SmolLM2 at group 64 (the
+benchmark's only setting before it recorded them), except where :data:`FILE_MODEL` says otherwise. A row
+measured in several files with the same seed (a re-run of the same plan) counts once: the newest run wins
+(the date in the file's ``machine`` record; files without one count as older, then by name), except where
+:data:`SUPERSEDED` names a row a later code change replaced.
 
     python benchmarks/quality_summary.py            # → results/quality_summary.{png,json}
 """
@@ -46,10 +49,12 @@ SUPERSEDED = {
         "before the fine-tune-choice fix; quality_u3_evolutionary_v2.json re-measured it",
 }
 
+#: file → the model it measured, for files written before the benchmark recorded its model
+FILE_MODEL = {"quality_gemma3_u3.json": "gemma-3-270m"}
+
 #: (budget, row) → what the row was when it ran, where today's default would differ
 NOTES = {
-    ("u3", "default"): "λ = 0.5: the selection's pick before every λ plan was fine-tuned",
-    ("u3", "lambda1"): "the default's pick since every λ plan is fine-tuned",
+    ("u3", "lambda1"): "λ = 1 forced (2026-12-03 code); today's default picks λ = 1 at u3",
 }
 
 
@@ -65,12 +70,21 @@ def label(budget: str, row: str) -> str:
     return name
 
 
-def collect(files: list[Path], step: int) -> list[dict[str, Any]]:
-    """One point per (budget, row): mean bytes and perplexities over its seeds, rows without ``step`` left out."""
+def _run_setting(path: Path, data: dict[str, Any]) -> tuple[str, int]:
+    """(model, group size) of one result file (see the module docstring for files that record neither)."""
+    model = data.get("model") or FILE_MODEL.get(path.name, "smollm2-135m")
+    return str(model), int(data.get("group_size") or 64)
+
+
+def collect(files: list[Path], step: int, model: str = "smollm2-135m", group_size: int = 64) -> list[dict[str, Any]]:
+    """One point per (budget, row): mean bytes and perplexities over its seeds, rows without ``step`` left out;
+    only the files of ``model`` at ``group_size``, the newest run of each (budget, row, seed)."""
     by_seed: dict[tuple[str, str, int], tuple[dict[str, Any], str]] = {}
-    for path in sorted(files):
-        data = json.loads(path.read_text())
-        if data.get("quick"):
+    loaded = [(path, json.loads(path.read_text())) for path in files]
+    # oldest first, so that a later run of the same (budget, row, seed) replaces an earlier one
+    loaded.sort(key=lambda item: (str(item[1].get("machine", {}).get("date") or ""), item[0].name))
+    for path, data in loaded:
+        if data.get("quick") or _run_setting(path, data) != (model, group_size):
             continue
         for r in data.get("rows", []):
             if (path.name, r.get("budget"), r.get("row")) in SUPERSEDED:
@@ -101,7 +115,7 @@ def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
-def plot(points: list[dict[str, Any]], front: list[dict[str, Any]], step: int, path: Path) -> None:
+def plot(points: list[dict[str, Any]], front: list[dict[str, Any]], step: int, path: Path, title: str) -> None:
     """Numbered points (the legend names them), the front as a step line; a row far to the right of the others
     (the fp32 ceiling) is drawn as a dashed level instead of stretching the axis."""
     import matplotlib
@@ -128,7 +142,7 @@ def plot(points: list[dict[str, Any]], front: list[dict[str, Any]], step: int, p
                     xytext=(6, 4 if i % 2 else -10), fontsize=8, color=color)
     ax.set_xlabel("bytes held by the quantized layers + adapters (MiB)")
     ax.set_ylabel(f"perplexity after {step} steps, Lee evaluation split")
-    ax.set_title(f"SmolLM2-135M + Lee: every quality row after {step} fine-tuning steps "
+    ax.set_title(f"{title} + Lee: every quality row after {step} fine-tuning steps "
                  "(circles: autoqra, squares: baselines; mean over seeds)", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -143,18 +157,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "benchmarks/results)")
     parser.add_argument("--step", type=int, default=100, help="fine-tuning steps to read (default 100)")
     parser.add_argument("--out", default="quality_summary", help="name of the written .json/.png (in --results)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the model whose runs are drawn (a result file's 'model'; default smollm2-135m)")
+    parser.add_argument("--group-size", type=int, default=64,
+                        help="the quantization group size whose runs are drawn (default 64)")
     args = parser.parse_args(argv)
     files = [f for f in args.results.glob("quality_*.json") if not f.name.startswith(args.out)]
-    points = collect(files, args.step)
+    points = collect(files, args.step, args.model, args.group_size)
     if not points:
-        raise SystemExit(f"no quality rows with step {args.step} in {args.results}")
+        raise SystemExit(f"no quality rows of {args.model} at group {args.group_size} with step {args.step} in "
+                         f"{args.results}")
     front = pareto(points)
     for p in points:
         p["on_front"] = p in front
-    payload = {"step": args.step, "points": points,
+    payload = {"step": args.step, "model": args.model, "group_size": args.group_size, "points": points,
                "note": "read from benchmarks/quality.py's result files (listed per point); nothing measured here"}
     (args.results / f"{args.out}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    plot(points, front, args.step, args.results / f"{args.out}.png")
+    plot(points, front, args.step, args.results / f"{args.out}.png", f"{args.model}, group {args.group_size}")
     print(f"| row | held bytes | seeds | ppl step 0 | ppl step {args.step} | on the front | note |")
     print("|---|---|---|---|---|---|---|")
     for p in points:

@@ -287,24 +287,46 @@ def test_quality_summary_reads_every_run_and_draws_the_front(tmp_path) -> None:
     def row(budget, name, seed, nbytes, ppl100):  # a benchmarks/quality.py row, as its JSON holds it
         return dict(budget=budget, row=name, seed=seed, held_bytes=nbytes, ppl={"0": 40.0, "100": ppl100})
 
+    def on(date):
+        return {"machine": {"date": f"2026-12-0{date} 10:00:00"}}
+
     runs = {
-        "quality_a.json": dict(quick=False, rows=[row("u3", "uniform", 0, 100, 30.0), row("u3", "default", 0, 100, 26.0),
-                                                  row("u2", "default", 0, 80, 40.0)]),
-        "quality_b.json": dict(quick=False, rows=[row("u3", "uniform", 1, 100, 31.0), row("u3", "qlora", 0, 140, 27.0),
-                                                  row("u3", "default", 0, 100, 25.0)]),  # a re-run: this one wins
+        "quality_a.json": dict(quick=False, **on(2), rows=[row("u3", "uniform", 0, 100, 30.0),
+                                                           row("u3", "default", 0, 100, 26.0),
+                                                           row("u2", "default", 0, 80, 40.0)]),
+        "quality_b.json": dict(quick=False, **on(3), rows=[row("u3", "uniform", 1, 100, 31.0),
+                                                           row("u3", "qlora", 0, 140, 27.0),
+                                                           row("u3", "default", 0, 100, 25.0)]),  # a re-run: it wins
+        # the newest run wins although its name sorts first
+        "quality_0_newest.json": dict(quick=False, **on(4), rows=[row("u2", "default", 0, 80, 38.0)]),
+        # other settings: left out of the default figure, drawn on their own
+        "quality_g128.json": dict(quick=False, group_size=128, **on(5), rows=[row("u3", "default", 0, 90, 20.0)]),
+        "quality_gemma.json": dict(quick=False, model="gemma", **on(5), rows=[row("u3", "default", 0, 300, 10.0)]),
         "quality_quick.json": dict(quick=True, rows=[row("u3", "uniform", 5, 100, 99.0)]),  # left out
     }
     for name, data in runs.items():
         (tmp_path / name).write_text(json.dumps(data))
-    proc = subprocess.run([sys.executable, "benchmarks/quality_summary.py", "--results", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    points = {p["label"]: p for p in json.loads((tmp_path / "quality_summary.json").read_text())["points"]}
+
+    def summary(*extra):
+        proc = subprocess.run([sys.executable, "benchmarks/quality_summary.py", "--results", str(tmp_path), *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        payload = json.loads((tmp_path / "quality_summary.json").read_text())
+        return proc, payload, {p["label"]: p for p in payload["points"]}
+
+    proc, payload, points = summary()
+    assert (payload["model"], payload["group_size"]) == ("smollm2-135m", 64)
     assert set(points) == {"uniform 3-bit r8", "autoqra default @ u3", "autoqra default @ u2", "QLoRA nf4 r16"}
     assert points["uniform 3-bit r8"]["ppl"] == 30.5 and points["uniform 3-bit r8"]["seeds"] == [0, 1]
     assert points["autoqra default @ u3"]["ppl"] == 25.0
+    assert points["autoqra default @ u2"]["ppl"] == 38.0 and points["autoqra default @ u2"]["files"] == [
+        "quality_0_newest.json"]
     assert {k for k, p in points.items() if p["on_front"]} == {"autoqra default @ u2", "autoqra default @ u3"}
     assert (tmp_path / "quality_summary.png").stat().st_size > 0
+    for extra, ppl in ((("--group-size", "128"), 20.0), (("--model", "gemma"), 10.0)):
+        _, _, other = summary(*extra)
+        assert {k: p["ppl"] for k, p in other.items()} == {"autoqra default @ u3": ppl}
+    proc, _, _ = summary()
     assert "| uniform 3-bit r8 | 100 | 2 |" in proc.stdout
 
 
