@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         kwargs = {**kwargs, "select": SelectConfig(probe=None, seed=seed)}
                     if row in AUTOQRA_ROWS or _LAMBDA_ROW.fullmatch(row):
                         kwargs = {**kwargs, "group_size": args.group_size}
-                    record["group_size"] = kwargs.get("group_size", 64)
+                    record["group_size"] = kwargs.get("group_size", CostModel().group_size)
                     t = time.perf_counter()
                     result = autoqra.compile(work, budget, calib=cal, cache_dir=None, progress=not args.quick,
                                              seed=seed, **kwargs)

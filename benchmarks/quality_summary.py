@@ -106,6 +106,16 @@ def collect(files: list[Path], step: int, model: str = "smollm2-135m", group_siz
     return sorted(points, key=lambda p: (p["held_bytes"], p["ppl"]))
 
 
+def settings(files: list[Path], step: int) -> set[tuple[str, int]]:
+    """The (model, group size) pairs of the non-quick files that hold rows measured after ``step`` steps."""
+    found = set()
+    for path in files:
+        data = json.loads(path.read_text())
+        if not data.get("quick") and any(str(step) in r.get("ppl", {}) for r in data.get("rows", [])):
+            found.add(_run_setting(path, data))
+    return found
+
+
 def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The points no other point beats in both bytes and perplexity (ties in bytes: the lower perplexity)."""
     front: list[dict[str, Any]] = []
@@ -165,8 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     files = [f for f in args.results.glob("quality_*.json") if not f.name.startswith(args.out)]
     points = collect(files, args.step, args.model, args.group_size)
     if not points:
+        present = sorted(settings(files, args.step))
+        hint = ("; runs there: " + ", ".join(f"--model {m} --group-size {g}" for m, g in present)) if present else ""
         raise SystemExit(f"no quality rows of {args.model} at group {args.group_size} with step {args.step} in "
-                         f"{args.results}")
+                         f"{args.results}{hint}")
     front = pareto(points)
     for p in points:
         p["on_front"] = p in front

@@ -327,6 +327,13 @@ def test_quality_summary_reads_every_run_and_draws_the_front(tmp_path) -> None:
         _, _, other = summary(*extra)
         assert {k: p["ppl"] for k, p in other.items()} == {"autoqra default @ u3": ppl}
     proc, _, _ = summary()
+    missing = subprocess.run([sys.executable, "benchmarks/quality_summary.py", "--results", str(tmp_path),
+                              "--group-size", "32"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0  # no run at that group: the error names the settings that have runs
+    assert "no quality rows of smollm2-135m at group 32" in missing.stderr
+    for fix in ("--model smollm2-135m --group-size 64", "--model smollm2-135m --group-size 128",
+                "--model gemma --group-size 64"):
+        assert fix in missing.stderr
     assert "| uniform 3-bit r8 | 100 | 2 |" in proc.stdout
 
 
