@@ -9,10 +9,14 @@ costs against the usual baselines, measured in one process on one device, one ta
    of uniform 3-bit r8 with the default objective, against the CPU time recorded in
    ``benchmarks/results/demo_fast.txt`` (the fast demo's default compile, 2-core VM).
 3. **Fine-tuning memory**: ``--steps`` steps (4 × 256 tokens of the Lee calibration split, AdamW lr 5e-4,
-   the same batches for every row) of: the autoqra-compiled model (uniform 4-bit r8, adapters in fp32);
-   peft LoRA r8 on the fp32 base; peft LoRA r8 on the bf16 base; QLoRA (peft LoRA r16 on bitsandbytes
-   nf4, CUDA only). Peak ``torch.cuda.max_memory_allocated`` (CUDA) and tokens/s. Goals: autoqra's peak
-   ≤ 0.5× the bf16-base LoRA's and ≤ QLoRA's; tokens/s ≥ QLoRA's.
+   the same batches for every row) of: the autoqra-compiled model (uniform 4-bit r8, adapters in fp32) from
+   the fp32 and from the bf16 model; peft LoRA r8 on the fp32 base; peft LoRA r8 on the bf16 base; QLoRA
+   (peft LoRA r16 on bitsandbytes nf4, CUDA only); each with the full fp32 logits, and the bf16 rows also
+   with the loss in token chunks (what ``autoqra.finetune`` does by default). Peak
+   ``torch.cuda.max_memory_allocated`` (CUDA), the peak of live tensor storages (`autoqra.peak_memory`,
+   every device: the model's bytes plus what the first two steps created), each against the bf16-base LoRA
+   with the same loss, and tokens/s after those two steps. Goals: autoqra's peak ≤ 0.5× the bf16-base
+   LoRA's and ≤ QLoRA's; tokens/s ≥ QLoRA's.
 4. **Decoding**: greedy decoding with the KV cache, time per token in eager PyTorch: the bf16 model against the
    uniform 4-bit r8 compile (scale/offset derived per call, kept with ``kernel_cache``, packed codes).
 5. **DDP**: ``torchrun --nproc_per_node 2 scripts/finetune_ddp.py`` (NCCL) when two GPUs are visible, else
@@ -27,6 +31,7 @@ Writes ``benchmarks/results/gpu_check.json`` (``gpu_check_quick.json`` with ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -46,8 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import autoqra  # noqa: E402
-from autoqra.loss import causal_lm_loss  # noqa: E402
+from autoqra.footprint import held_bytes  # noqa: E402
+from autoqra.loss import auto_chunk_tokens, causal_lm_loss  # noqa: E402
 from autoqra.modules.quant_lora_linear import QuantLoRALinear  # noqa: E402
+from autoqra.peak_memory import StoragePeak  # noqa: E402
 from autoqra.report import table  # noqa: E402
 from benchmarks.common import RESULTS, write_json  # noqa: E402
 
@@ -201,36 +208,47 @@ def _qlora(model: nn.Module, device: torch.device) -> nn.Module:
     return _peft(model.to(device), 16)
 
 
-def _train(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int, seq_len: int) -> dict[str, Any]:
+def _train(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int, seq_len: int,
+           chunked: bool) -> dict[str, Any]:
+    """``steps`` AdamW steps on the same batches; the first two run under `StoragePeak` (the second sees the
+    optimizer state the first created), the rest are timed. ``chunked``: the loss as ``autoqra.finetune`` computes
+    it by default (`autoqra.loss.auto_chunk_tokens`: the full logits never exist), else the full fp32 logits."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-4)
     windows = tokens[: (tokens.numel() // seq_len) * seq_len].view(-1, seq_len)
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(0))
+    chunk = auto_chunk_tokens(model) if chunked else None
+    before = held_bytes(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     start, counted = None, 0
+    tracker = StoragePeak()
+    tracked = min(2, steps)
     for step in range(steps):
         idx = order[(torch.arange(4) + 4 * step) % windows.shape[0]]
         batch = {"input_ids": windows[idx].to(device)}
-        loss, _ = causal_lm_loss(model, batch, use_cache_flag=True, chunk_tokens=None)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        if step == 0:
-            start = time.perf_counter()  # the first step warms up
-        else:
+        with tracker if step < tracked else contextlib.nullcontext():
+            loss, _ = causal_lm_loss(model, batch, use_cache_flag=True, chunk_tokens=chunk)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+        if step == tracked - 1:
+            start = time.perf_counter()  # the tracked steps warm up
+        elif step >= tracked:
             counted += batch["input_ids"].numel()
     seconds = time.perf_counter() - start if start is not None else 0.0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"peak_bytes": peak, "tokens_per_s": counted / seconds if seconds else None, "loss": float(loss)}
+    return {"peak_bytes": peak, "tensor_peak_bytes": tracker.peak_with(device, before),
+            "tokens_per_s": counted / seconds if seconds and counted else None, "loss": float(loss)}
 
 
-def _compiled(model: nn.Module, device: torch.device, **layer_settings: Any) -> nn.Module:
-    """A copy of ``model`` compiled as uniform 4-bit r8 on ``device``, adapters trainable; ``layer_settings``
-    (``fast_path``, ``kernel_cache``) are set on every compiled layer."""
-    work = copy.deepcopy(model).to(device)
+def _compiled(model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32,
+              **layer_settings: Any) -> nn.Module:
+    """A copy of ``model`` in ``dtype`` compiled as uniform 4-bit r8 on ``device``, adapters trainable (fp32);
+    ``layer_settings`` (``fast_path``, ``kernel_cache``) are set on every compiled layer."""
+    work = copy.deepcopy(model).to(device, dtype)
     autoqra.compile(work, "16bits", bits=(4,), ranks=(8,), cache_dir=None, progress=False)
     for module in work.modules():
         if isinstance(module, QuantLoRALinear):
@@ -241,27 +259,44 @@ def _compiled(model: nn.Module, device: torch.device, **layer_settings: Any) -> 
     return work
 
 
+#: (row, builder key, chunked loss); the bf16-base LoRA row of the same loss is each row's reference
+FINETUNE_ROWS: tuple[tuple[str, str, bool], ...] = (
+    ("autoqra uniform 4-bit r8, fp32 model", "autoqra", False),
+    ("autoqra uniform 4-bit r8, fp32 model, fast_path=False", "autoqra-slow", False),
+    ("autoqra uniform 4-bit r8, bf16 model", "autoqra-bf16", False),
+    ("peft LoRA r8, fp32 base", "peft-fp32", False),
+    ("peft LoRA r8, bf16 base", "peft-bf16", False),
+    ("QLoRA (peft r16 on bnb nf4)", "qlora", False),
+    ("autoqra uniform 4-bit r8, bf16 model, chunked loss", "autoqra-bf16", True),
+    ("peft LoRA r8, bf16 base, chunked loss", "peft-bf16", True),
+)
+
+
 def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int,
                     seq_len: int) -> list[dict[str, Any]]:
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "autoqra": lambda: _compiled(model, device),
+        "autoqra-slow": lambda: _compiled(model, device, fast_path=False),
+        "autoqra-bf16": lambda: _compiled(model, device, torch.bfloat16),
+        "peft-fp32": lambda: _peft(copy.deepcopy(model).to(device), 8),
+        "peft-bf16": lambda: _peft(copy.deepcopy(model).to(device, torch.bfloat16), 8),
+        "qlora": lambda: _qlora(copy.deepcopy(model), device),
+    }
     rows = []
-
-    def run(label: str, build: Callable[[], nn.Module]) -> None:
-        work = build()
-        rows.append({"section": "finetune", "row": label, **_train(work, tokens, device, steps, seq_len)})
+    for label, key, chunked in FINETUNE_ROWS:
+        if key == "qlora" and not (HAS_BNB and device.type == "cuda"):
+            continue
+        work = builders[key]()
+        rows.append({"section": "finetune", "row": label, "chunked loss": chunked,
+                     **_train(work, tokens, device, steps, seq_len, chunked)})
         del work
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    run("autoqra uniform 4-bit r8", lambda: _compiled(model, device))
-    run("autoqra uniform 4-bit r8, fast_path=False", lambda: _compiled(model, device, fast_path=False))
-    run("peft LoRA r8, fp32 base", lambda: _peft(copy.deepcopy(model).to(device), 8))
-    run("peft LoRA r8, bf16 base", lambda: _peft(copy.deepcopy(model).to(device, torch.bfloat16), 8))
-    if HAS_BNB and device.type == "cuda":
-        run("QLoRA (peft r16 on bnb nf4)", lambda: _qlora(copy.deepcopy(model), device))
-    bf16 = next(r for r in rows if "bf16 base" in r["row"])
-    for r in rows:
-        r["peak vs bf16 LoRA"] = (None if r["peak_bytes"] is None or not bf16["peak_bytes"]
-                                  else r["peak_bytes"] / bf16["peak_bytes"])
+    for r in rows:  # against the bf16-base LoRA that computes its loss the same way
+        ref = next(x for x in rows if x["row"].startswith("peft LoRA r8, bf16 base") and
+                   x["chunked loss"] == r["chunked loss"])
+        for key, ratio in (("peak_bytes", "peak vs bf16 LoRA"), ("tensor_peak_bytes", "tensor peak vs bf16 LoRA")):
+            r[ratio] = None if r[key] is None or not ref[key] else r[key] / ref[key]
     return rows
 
 
@@ -321,7 +356,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run of every step)")
     parser.add_argument("--quick", action="store_true", help="a tiny Llama, small layers, 2 steps")
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 50; quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 50; quick 3)")
     parser.add_argument("--sections", default="layer,compile,finetune,decode,ddp", help="comma-separated subset")
     parser.add_argument("--synthetic", action="store_true",
                         help="SmolLM2-135M's architecture with random weights and tokens (no download)")
@@ -331,7 +366,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here: run on a GPU machine, or pass --device cpu for the smoke run")
     sections = set(args.sections.split(","))
-    steps = args.steps or (2 if args.quick else 50)
+    steps = args.steps or (3 if args.quick else 50)
     payload: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                "torch": torch.__version__, "quick": args.quick, "steps": steps,
                                "model": "SmolLM2-135M shape, random weights" if args.synthetic else "default",
@@ -355,7 +390,8 @@ def main() -> None:
     if "ddp" in sections:
         rows += ddp(device, args.quick or args.synthetic)
         write_json(name, payload)
-    keys = ["seconds", "vs bf16", "vs cpu", "peak_bytes", "peak vs bf16 LoRA", "tokens_per_s", "ok"]
+    keys = ["seconds", "vs bf16", "vs cpu", "peak_bytes", "peak vs bf16 LoRA", "tensor_peak_bytes",
+            "tensor peak vs bf16 LoRA", "tokens_per_s", "ok"]
 
     def cell(value: Any) -> str:
         if value is None:

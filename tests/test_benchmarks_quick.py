@@ -218,6 +218,8 @@ def test_qlora_parity_quick() -> None:
 def test_gpu_check_quick_on_cpu() -> None:
     """The GPU check's benchmark steps on CPU (a tiny Llama): the layer, fine-tuning and decoding rows;
     on a machine without CUDA its default device is refused with the fix."""
+    from benchmarks.gpu_check import FINETUNE_ROWS
+
     path = Path(os.environ["AUTOQRA_BENCH_RESULTS"]) / "gpu_check_quick.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick",
                            "--sections", "layer,finetune,decode"], cwd=ROOT, capture_output=True, text=True,
@@ -226,8 +228,13 @@ def test_gpu_check_quick_on_cpu() -> None:
     data = json.loads(path.read_text())
     rows = {r["row"]: r for r in data["rows"]}
     assert {"bf16 nn.Linear, forward, 1 tokens", "packed 4-bit r8, forward+backward, 4096 tokens"} <= set(rows)
-    assert {"autoqra uniform 4-bit r8", "peft LoRA r8, fp32 base", "peft LoRA r8, bf16 base"} <= set(rows)
-    assert all(r["tokens_per_s"] > 0 for r in data["rows"] if r["section"] == "finetune")
+    finetune = [r for r in data["rows"] if r["section"] == "finetune"]
+    assert [r["row"] for r in finetune] == [label for label, key, _ in FINETUNE_ROWS if key != "qlora"]
+    assert all(r["tokens_per_s"] > 0 and r["tensor_peak_bytes"] > 0 and r["peak_bytes"] is None for r in finetune)
+    # each row against the bf16-base LoRA with the same loss; the bf16 compile holds less than it at either
+    assert rows["peft LoRA r8, bf16 base, chunked loss"]["tensor peak vs bf16 LoRA"] == 1
+    assert rows["autoqra uniform 4-bit r8, bf16 model"]["tensor peak vs bf16 LoRA"] < 1
+    assert rows["autoqra uniform 4-bit r8, bf16 model, chunked loss"]["tensor peak vs bf16 LoRA"] < 1
     decode = [r for r in data["rows"] if r["section"] == "decode"]
     assert [r["row"] for r in decode] == [f"{label}, per token" for label in (
         "bf16 model", "autoqra uniform 4-bit r8", "autoqra uniform 4-bit r8, kernel_cache",

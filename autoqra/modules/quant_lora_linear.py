@@ -146,6 +146,34 @@ class _PackedLinear(torch.autograd.Function):
         return ctx.layer._packed_mm_t(grad), None
 
 
+class _LoRAProduct(torch.autograd.Function):
+    """``scaling * (x Aᵀ) Bᵀ`` in the adapters' dtype for an input of another dtype (a bf16 / fp16 model, fp32
+    adapters), saving the input *as given*: the plain ``x.to(A.dtype)`` would keep an fp32 copy of every layer's
+    input alive until the backward (q, k and v each their own), more than the bf16 activations themselves.
+    The backward casts ``x`` again, one layer at a time. Products run outside autocast, in the adapters' dtype."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor,  # type: ignore[override]
+                scaling: float) -> torch.Tensor:
+        with torch.autocast(x2.device.type, enabled=False):
+            t = x2.to(a.dtype) @ a.T
+            out = torch.mm(t, b.T).mul_(scaling)
+        ctx.save_for_backward(x2, a, b, t)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x2, a, b, t = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.to(a.dtype) * ctx.scaling
+            gt = g @ b
+            grad_x = (gt @ a).to(x2.dtype) if ctx.needs_input_grad[0] else None
+            grad_a = gt.T @ x2.to(a.dtype) if ctx.needs_input_grad[1] else None
+            grad_b = g.T @ t if ctx.needs_input_grad[2] else None
+        return grad_x, grad_a, grad_b, None
+
+
 class QuantLoRALinear(nn.Module):
     """Quantized linear layer with a LoRA adapter (see the module docstring)."""
 
@@ -690,16 +718,20 @@ class QuantLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base_forward(x)
         if self.rank and not self.merged:
-            xa = self.lora_dropout(x).to(self.lora_A.dtype)
-            t = F.linear(xa, self.lora_A)
+            xd = self.lora_dropout(x)
+            if xd.dtype != self.lora_A.dtype and torch.is_grad_enabled() and not _tracing():
+                delta = _LoRAProduct.apply(xd.reshape(-1, self.in_features), self.lora_A, self.lora_B, self.scaling)
+                return self._add_bias(y + delta.view(*y.shape[:-1], self.out_features).to(y.dtype))
+            t = F.linear(xd.to(self.lora_A.dtype), self.lora_A)
             if t.dtype == y.dtype:  # one fused y + scaling * t Bᵀ (no product, scaling or sum tensors apart)
                 y = torch.addmm(y.reshape(-1, self.out_features), t.reshape(-1, self.rank), self.lora_B.T,
                                 alpha=self.scaling).view(y.shape)
             else:
                 y = y + (F.linear(t, self.lora_B) * self.scaling).to(y.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        return self._add_bias(y)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     # -- merging --------------------------------------------------------------------------------
     @torch.no_grad()
