@@ -25,7 +25,7 @@ costs against the usual baselines, measured in one process on one device, one ta
     python benchmarks/gpu_check.py                         # on a CUDA machine (SmolLM2; minutes)
     python benchmarks/gpu_check.py --device cpu --quick    # every step on a tiny Llama on CPU (CI smoke)
 
-Writes ``benchmarks/results/gpu_check.json`` (``gpu_check_quick.json`` with ``--quick``).
+Writes ``benchmarks/results/gpu_check.json`` (``gpu_check_quick.json`` with ``--quick``, ``<--out>.json`` when given).
 """
 
 from __future__ import annotations
@@ -360,6 +360,8 @@ def main() -> None:
     parser.add_argument("--sections", default="layer,compile,finetune,decode,ddp", help="comma-separated subset")
     parser.add_argument("--synthetic", action="store_true",
                         help="SmolLM2-135M's architecture with random weights and tokens (no download)")
+    parser.add_argument("--out", default=None,
+                        help="results file name (default gpu_check, gpu_check_quick with --quick)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
@@ -371,7 +373,7 @@ def main() -> None:
                                "torch": torch.__version__, "quick": args.quick, "steps": steps,
                                "model": "SmolLM2-135M shape, random weights" if args.synthetic else "default",
                                "rows": []}
-    name = "gpu_check_quick" if args.quick else "gpu_check"
+    name = args.out or ("gpu_check_quick" if args.quick else "gpu_check")
     rows = payload["rows"]
     if "layer" in sections:
         rows += layer_speed(device, 256 if args.quick else 4096, 2 if args.quick else 20)

@@ -140,3 +140,23 @@ def _plain_adapter_forward(m: QuantLoRALinear) -> Callable[[torch.Tensor], torch
         y = m._base_forward(x)
         return m._add_bias(y + (F.linear(F.linear(x.float(), m.lora_A), m.lora_B) * m.scaling).to(y.dtype))
     return forward
+
+
+def test_autocast_adapter_runs_in_fp32_and_saves_no_copy_of_the_input() -> None:
+    """Under bf16 autocast the base product runs in bf16, the adapter in its own fp32 on the input as given:
+    nothing of the input's size is saved in bf16 (autocast's cast would save one per layer)."""
+    torch.manual_seed(0)
+    layer = QuantLoRALinear.from_linear(torch.nn.Linear(64, 96), bits=4, rank=8, group_size=32, loftq_iters=0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(10, 64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert [t for t in saved if t.dtype == torch.bfloat16 and t.numel() == x.numel()] == []
+    delta = F.linear(F.linear(x, layer.lora_A), layer.lora_B) * layer.scaling
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = layer._base_forward(x)
+    assert torch.equal(y, layer._add_bias(base + delta.to(torch.bfloat16)))

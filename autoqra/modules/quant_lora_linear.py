@@ -148,9 +148,10 @@ class _PackedLinear(torch.autograd.Function):
 
 class _LoRAProduct(torch.autograd.Function):
     """``scaling * (x Aᵀ) Bᵀ`` in the adapters' dtype for an input of another dtype (a bf16 / fp16 model, fp32
-    adapters), saving the input *as given*: the plain ``x.to(A.dtype)`` would keep an fp32 copy of every layer's
-    input alive until the backward (q, k and v each their own), more than the bf16 activations themselves.
-    The backward casts ``x`` again, one layer at a time. Products run outside autocast, in the adapters' dtype."""
+    adapters) or under autocast, saving the input *as given*: the plain ``x.to(A.dtype)`` (or autocast's cast
+    to bf16) would keep a copy of every layer's input alive until the backward (q, k and v each their own),
+    more than the bf16 activations themselves. The backward casts ``x`` again, one layer at a time. Products
+    run outside autocast, in the adapters' dtype."""
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor,  # type: ignore[override]
@@ -719,7 +720,8 @@ class QuantLoRALinear(nn.Module):
         y = self._base_forward(x)
         if self.rank and not self.merged:
             xd = self.lora_dropout(x)
-            if xd.dtype != self.lora_A.dtype and torch.is_grad_enabled() and not _tracing():
+            other = xd.dtype != self.lora_A.dtype or torch.is_autocast_enabled(xd.device.type)
+            if other and torch.is_grad_enabled() and not _tracing():
                 delta = _LoRAProduct.apply(xd.reshape(-1, self.in_features), self.lora_A, self.lora_B, self.scaling)
                 return self._add_bias(y + delta.view(*y.shape[:-1], self.out_features).to(y.dtype))
             t = F.linear(xd.to(self.lora_A.dtype), self.lora_A)
