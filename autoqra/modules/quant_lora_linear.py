@@ -43,6 +43,9 @@ Choices made here:
   input's dtype. While tracing / exporting to ONNX / ``torch.compile``-ing, the forward is the
   plain ``F.linear(x, dequantized_weight())``. Gradients reach the input on every path; the
   backward recomputes the dequantized rows chunk by chunk instead of saving the weight.
+* **Adapter product.** On an input of the adapters' dtype: ``addmm`` into the base output. On another dtype
+  (a bf16 / fp16 model, fp32 adapters) or under autocast: ``_LoRAProduct``, in the adapters' dtype with the
+  input saved as given (not an fp32 / autocast copy per layer) and cast again in the backward.
 * **Merging.** :meth:`merge` folds ``scaling * B A`` into the base: at 16 bits by adding it
   (undone by :meth:`unmerge`); on a quantized base by re-quantizing ``W_q + scaling * B A``,
   which is lossy: it returns and logs the relative error it adds, and cannot be unmerged.
