@@ -23,6 +23,33 @@ from autoqra.search.estimators import available_estimators
 from autoqra.search.registry import available_solvers
 
 DEFAULT_MODEL = "smollm2-135m"
+#: ``--dtype`` names
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _add_placement(p: argparse.ArgumentParser, dtype_help: str) -> None:
+    p.add_argument("--dtype", choices=DTYPES, default=None, help=dtype_help)
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default), cuda or cuda:N (needs a CUDA build of torch)")
+
+
+def _placement(args: argparse.Namespace, default_dtype: str = "float32") -> tuple[object, object]:
+    """``(torch dtype, torch device)`` of ``--dtype`` / ``--device``, checked before any model is loaded."""
+    import torch
+
+    dtype = getattr(torch, args.dtype or default_dtype)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {args.device!r} is not a device ({exc}); use cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {args.device!r}: autoqra runs on cpu or cuda; use one of them")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device is visible to this torch "
+                          "(torch.cuda.is_available() is False); leave --device out to run on the CPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dtype, device
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -145,7 +172,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         _reexec_with_jemalloc(args.argv)
     if args.export_onnx:
         _check_export_target(args.export_onnx, args)  # before hours of compiling
-    model, tokenizer = load_model(args.model)
+    dtype, device = _placement(args)
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    model.to(device)
     calib = _calib_windows(args, tokenizer)
     select: object = None
     if args.no_select:
@@ -390,7 +419,7 @@ def _reexec_with_jemalloc(argv: list[str]) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from autoqra.data import text_to_token_windows
-    from autoqra.io import load, save
+    from autoqra.io import load, save, saved_model_dtype
     from autoqra.train import finetune
     from autoqra.zoo import load_model
 
@@ -406,8 +435,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_text_file(args.eval_data, "--eval-data", ("lee", "none"))
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    base, tokenizer = load_model(args.base)
-    model = load(args.compiled_dir, base)
+    saved = saved_model_dtype(args.compiled_dir)
+    dtype, device = _placement(args, str(saved or "float32").removeprefix("torch."))
+    base, tokenizer = load_model(args.base, dtype=dtype)
+    model = load(args.compiled_dir, base.to(device))
     if args.data == "lee":
         train = lee_windows(tokenizer, split="calib", seq_len=args.seq_len, n=None)
     else:
@@ -418,7 +449,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     elif args.eval_data != "none":
         evaluation = text_to_token_windows(args.eval_data, tokenizer, seq_len=args.eval_seq_len,
                                            max_windows=args.eval_windows)
-    print(f"fine-tuning the adapters of {args.compiled_dir} on {args.base}: {train.shape[0]} windows of "
+    print(f"fine-tuning the adapters of {args.compiled_dir} on {args.base} ({str(dtype).removeprefix('torch.')}, "
+          f"{device}): {train.shape[0]} windows of "
           f"{args.seq_len} tokens, {args.steps} steps of {args.batch_size} x {args.grad_accum}")
     result = finetune(
         model, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -516,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jemalloc", action="store_true",
                    help="run with jemalloc preloaded (re-executes the command; needs libjemalloc, e.g. apt install "
                         "libjemalloc2): peak RSS ~4.2x the fp32 weights instead of ~5-6x with glibc, same speed")
+    _add_placement(p, "load the model in this dtype (default float32); bfloat16 halves what fine-tuning holds "
+                      "(untouched parameters and activations in bf16, adapters in fp32)")
     _add_export(p)
     p.set_defaults(func=cmd_compile)
 
@@ -572,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(see autoqra.memory)")
     p.add_argument("--out", required=True, help="output directory (the fine-tuned model, loadable by autoqra.load)")
     p.add_argument("--peft-out", default=None, help="also write the adapters as a peft adapter to this directory")
+    _add_placement(p, "load the base in this dtype (default: the dtype the compiled model was saved in)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("export", help="export a compiled model to ONNX (MatMulNBits, KV cache, onnxruntime-genai)")

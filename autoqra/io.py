@@ -5,7 +5,8 @@
   untouched parameters), each shared tensor once;
 * ``autoqra_plan.json``: format version, autoqra/torch versions, every ``QuantLoRALinear``'s
   constructor arguments, tied-parameter aliases, the embeddings that read a compiled layer's rows
-  (``shared_embeddings``: `autoqra.modules.tied_embedding`), and the `Plan` when the model carries one.
+  (``shared_embeddings``: `autoqra.modules.tied_embedding`), the `Plan` when the model carries one, and
+  ``model_dtype``: the dtype of the untouched parameters (`saved_model_dtype`; load the base in it).
 
 ``load(dir, base)`` rebuilds the layers on ``base`` (an ``nn.Module`` of the same architecture,
 or a transformers config to instantiate) and loads the tensors. Everything is read and checked
@@ -67,6 +68,32 @@ def _layer_config(module: QuantLoRALinear) -> dict[str, Any]:
     }
 
 
+def _model_dtype(model: nn.Module) -> str | None:
+    """The dtype most of the model's untouched floating-point parameters are held in (adapters left out)."""
+    sizes: dict[torch.dtype, int] = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not name.endswith(("lora_A", "lora_B")):
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return str(max(sizes, key=lambda d: sizes[d])).removeprefix("torch.") if sizes else None
+
+
+def saved_model_dtype(directory: str | Path) -> torch.dtype | None:
+    """The dtype the saved model's untouched parameters were held in (``model_dtype`` of its
+    ``autoqra_plan.json``), None for a folder saved before autoqra recorded it; load the base in it.
+
+    Raises:
+        SaveFormatError: ``directory`` holds no readable ``autoqra_plan.json``.
+    """
+    path = Path(directory) / META
+    try:
+        name = json.loads(path.read_text()).get("model_dtype")
+    except (OSError, ValueError) as exc:
+        raise SaveFormatError(f"{path} cannot be read ({exc}); is {directory} a directory written by autoqra.save?") \
+            from exc
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def save(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model`` (compiled by `autoqra.compile`) to ``directory``; returns the directory."""
     from safetensors.torch import save_file
@@ -102,6 +129,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         "aliases": aliases,
         "shared_embeddings": shared_embeddings(model),
         "plan": None if plan is None else plan.to_dict(),
+        "model_dtype": _model_dtype(model),
     }
     # written to a temporary sibling folder with a manifest (sizes + sha256), then moved in file by
     # file: the old manifest goes first and the new one comes last, and a format-2 plan needs its

@@ -348,3 +348,41 @@ def test_compile_jemalloc_reexecs_before_loading_the_model(monkeypatch):
     with pytest.raises(Reexec):
         cli.main(argv)
     assert seen == [argv]
+
+
+def test_compile_in_bf16_then_finetune_keeps_the_saved_dtype(model_dir, tmp_path, capsys):
+    """``compile --dtype bfloat16`` loads and saves the model in bf16 (recorded as ``model_dtype``); ``finetune``
+    loads its base in that dtype unless told otherwise."""
+    import torch
+
+    from autoqra.io import load, saved_model_dtype
+
+    out = tmp_path / "c"
+    assert main(["compile", str(model_dir), "--budget", "8bits", "--calib", "none", "--ranks", "4", "--dtype",
+                 "bfloat16", "--out", str(out)]) == 0
+    assert saved_model_dtype(out / "model") == torch.bfloat16
+    text = write_text(tmp_path / "train.txt", 2000)
+    argv = ["finetune", str(out / "model"), "--base", str(model_dir), "--steps", "2", "--batch-size", "2",
+            "--seq-len", "32", "--data", str(text), "--eval-data", "none", "--out", str(tmp_path / "ft")]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "(bfloat16, cpu)" in capsys.readouterr().out
+    assert saved_model_dtype(tmp_path / "ft") == torch.bfloat16
+    from transformers import AutoModelForCausalLM
+
+    tuned = load(tmp_path / "ft", AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16))
+    assert {p.dtype for n, p in tuned.named_parameters() if not n.endswith(("lora_A", "lora_B"))} == {torch.bfloat16}
+    assert main([*argv, "--dtype", "float32", "--out", str(tmp_path / "ft32")]) == 0
+    assert "(float32, cpu)" in capsys.readouterr().out
+    assert saved_model_dtype(tmp_path / "ft32") == torch.float32
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("gpu", "is not a device"),
+    ("meta", "autoqra runs on cpu or cuda"),
+    pytest.param("cuda", "no CUDA device is visible", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="this machine has a CUDA device")),
+])
+def test_device_flag_is_checked_before_the_model_loads(tmp_path, capsys, device, message):
+    code = main(["compile", "/does/not/exist", "--budget", "4bits", "--calib", "none", "--device", device])
+    assert code == 2 and message in capsys.readouterr().err
