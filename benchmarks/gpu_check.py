@@ -128,18 +128,27 @@ def layer_speed(device: torch.device, size: int, rounds: int) -> list[dict[str, 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                      rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+#: ``--synthetic --shape``: architectures (their config.json's shape fields) built with random weights
+SHAPES = {
+    "smollm2-135m": SMOLLM2_SHAPE,
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                           rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+}
 
 
-def _model_and_tokens(quick: bool, synthetic: bool = False) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """(fp32 model, calibration windows [8, L], training tokens 1-D). ``synthetic``: SmolLM2-135M's
-    architecture with random weights and random tokens (for a GPU machine the real weights cannot reach:
-    speed and memory do not depend on the values; the compile's choices do)."""
+def _model_and_tokens(quick: bool, synthetic: bool = False,
+                      shape: str = "smollm2-135m") -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(fp32 model, calibration windows [8, L], training tokens 1-D). ``synthetic``: the architecture ``shape``
+    (`SHAPES`, default SmolLM2-135M's) with random weights and random tokens (for a GPU machine the real weights
+    cannot reach, or a larger model than the embedded one: speed and memory do not depend on the values; the
+    compile's choices do)."""
     if synthetic and not quick:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval()
-        tokens = torch.randint(3, SMOLLM2_SHAPE["vocab_size"], (65536,), generator=torch.Generator().manual_seed(0))
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).eval()
+        tokens = torch.randint(3, SHAPES[shape]["vocab_size"], (65536,), generator=torch.Generator().manual_seed(0))
         return model, tokens[: 8 * 512].view(8, 512), tokens
     if quick:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -273,7 +282,9 @@ FINETUNE_ROWS: tuple[tuple[str, str, bool], ...] = (
 
 
 def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int,
-                    seq_len: int) -> list[dict[str, Any]]:
+                    seq_len: int, only: set[str] | None = None) -> list[dict[str, Any]]:
+    """The `FINETUNE_ROWS` (``only``: those whose builder key, or ``key:chunked`` for a chunked-loss row, is in
+    it; each row's bf16-base LoRA reference must be among them)."""
     builders: dict[str, Callable[[], nn.Module]] = {
         "autoqra": lambda: _compiled(model, device),
         "autoqra-slow": lambda: _compiled(model, device, fast_path=False),
@@ -286,6 +297,8 @@ def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device
     for label, key, chunked in FINETUNE_ROWS:
         if key == "qlora" and not (HAS_BNB and device.type == "cuda"):
             continue
+        if only is not None and (f"{key}:chunked" if chunked else key) not in only:
+            continue
         work = builders[key]()
         rows.append({"section": "finetune", "row": label, "chunked loss": chunked,
                      **_train(work, tokens, device, steps, seq_len, chunked)})
@@ -293,8 +306,8 @@ def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for r in rows:  # against the bf16-base LoRA that computes its loss the same way
-        ref = next(x for x in rows if x["row"].startswith("peft LoRA r8, bf16 base") and
-                   x["chunked loss"] == r["chunked loss"])
+        ref = next((x for x in rows if x["row"].startswith("peft LoRA r8, bf16 base") and
+                    x["chunked loss"] == r["chunked loss"]), {"peak_bytes": None, "tensor_peak_bytes": None})
         for key, ratio in (("peak_bytes", "peak vs bf16 LoRA"), ("tensor_peak_bytes", "tensor peak vs bf16 LoRA")):
             r[ratio] = None if r[key] is None or not ref[key] else r[key] / ref[key]
     return rows
@@ -360,6 +373,12 @@ def main() -> None:
     parser.add_argument("--sections", default="layer,compile,finetune,decode,ddp", help="comma-separated subset")
     parser.add_argument("--synthetic", action="store_true",
                         help="SmolLM2-135M's architecture with random weights and tokens (no download)")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="smollm2-135m",
+                        help="with --synthetic: the architecture built with random weights (default smollm2-135m)")
+    parser.add_argument("--seq-len", type=int, default=None, help="fine-tuning window length (default 256; quick 32)")
+    parser.add_argument("--finetune-rows", default=None,
+                        help="comma-separated subset of the fine-tuning rows by builder key, ':chunked' for the "
+                             "chunked-loss rows (e.g. autoqra-bf16,peft-bf16,autoqra-bf16:chunked,peft-bf16:chunked)")
     parser.add_argument("--out", default=None,
                         help="results file name (default gpu_check, gpu_check_quick with --quick)")
     args = parser.parse_args()
@@ -371,7 +390,7 @@ def main() -> None:
     steps = args.steps or (3 if args.quick else 50)
     payload: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                "torch": torch.__version__, "quick": args.quick, "steps": steps,
-                               "model": "SmolLM2-135M shape, random weights" if args.synthetic else "default",
+                               "model": f"{args.shape} shape, random weights" if args.synthetic else "default",
                                "rows": []}
     name = args.out or ("gpu_check_quick" if args.quick else "gpu_check")
     rows = payload["rows"]
@@ -379,9 +398,13 @@ def main() -> None:
         rows += layer_speed(device, 256 if args.quick else 4096, 2 if args.quick else 20)
         write_json(name, payload)
     if sections & {"compile", "finetune", "decode"}:
-        model, calib, tokens = _model_and_tokens(args.quick, args.synthetic)
+        model, calib, tokens = _model_and_tokens(args.quick, args.synthetic, args.shape)
         if "finetune" in sections:
-            rows += finetune_memory(model, tokens, device, steps, 32 if args.quick else 256)
+            only = None if args.finetune_rows is None else set(args.finetune_rows.split(","))
+            known = {f"{key}:chunked" if chunked else key for _, key, chunked in FINETUNE_ROWS}
+            if only is not None and not only <= known:
+                parser.error(f"--finetune-rows: unknown {sorted(only - known)}; known: {', '.join(sorted(known))}")
+            rows += finetune_memory(model, tokens, device, steps, args.seq_len or (32 if args.quick else 256), only)
             write_json(name, payload)
         if "decode" in sections:
             rows += decode_speed(model, calib, device, 4 if args.quick else 32)
