@@ -240,6 +240,10 @@ def test_gpu_check_quick_on_cpu() -> None:
         "bf16 model", "autoqra uniform 4-bit r8", "autoqra uniform 4-bit r8, kernel_cache",
         "autoqra uniform 4-bit r8, fast_path=False")]
     assert decode[0]["vs bf16"] == 1 and all(r["seconds"] > 0 for r in decode)
+    unknown = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--sections",
+                              "finetune", "--finetune-rows", "peft-bf16,nope"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert unknown.returncode == 2 and "--finetune-rows: unknown ['nope']; known: autoqra," in unknown.stderr
     import torch
 
     if not torch.cuda.is_available():
