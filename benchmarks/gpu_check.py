@@ -12,7 +12,8 @@ costs against the usual baselines, measured in one process on one device, one ta
    the same batches for every row) of: the autoqra-compiled model (uniform 4-bit r8, adapters in fp32) from
    the fp32 and from the bf16 model; peft LoRA r8 on the fp32 base; peft LoRA r8 on the bf16 base; QLoRA
    (peft LoRA r16 on bitsandbytes nf4, CUDA only); each with the full fp32 logits, and the bf16 rows also
-   with the loss in token chunks (what ``autoqra.finetune`` does by default). Peak
+   with the loss in token chunks (what ``autoqra.finetune`` does by default), and with activation
+   checkpointing on top. Peak
    ``torch.cuda.max_memory_allocated`` (CUDA), the peak of live tensor storages (`autoqra.peak_memory`,
    every device: the model's bytes plus what the first two steps created), each against the bf16-base LoRA
    with the same loss, and tokens/s after those two steps. Goals: autoqra's peak ≤ 0.5× the bf16-base
@@ -56,6 +57,7 @@ from autoqra.loss import auto_chunk_tokens, causal_lm_loss  # noqa: E402
 from autoqra.modules.quant_lora_linear import QuantLoRALinear  # noqa: E402
 from autoqra.peak_memory import StoragePeak  # noqa: E402
 from autoqra.report import table  # noqa: E402
+from autoqra.train import _gradient_checkpointing  # noqa: E402
 from benchmarks.common import RESULTS, write_json  # noqa: E402
 
 logger = logging.getLogger("bench.gpu_check")
@@ -218,10 +220,18 @@ def _qlora(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _train(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int, seq_len: int,
-           chunked: bool) -> dict[str, Any]:
+           chunked: bool, checkpointing: bool = False) -> dict[str, Any]:
     """``steps`` AdamW steps on the same batches; the first two run under `StoragePeak` (the second sees the
     optimizer state the first created), the rest are timed. ``chunked``: the loss as ``autoqra.finetune`` computes
-    it by default (`autoqra.loss.auto_chunk_tokens`: the full logits never exist), else the full fp32 logits."""
+    it by default (`autoqra.loss.auto_chunk_tokens`: the full logits never exist), else the full fp32 logits.
+    ``checkpointing``: the model's activation checkpointing on, as ``finetune(gradient_checkpointing=True)``
+    turns it on (non-reentrant)."""
+    with _gradient_checkpointing(model, checkpointing):
+        return _train_loop(model, tokens, device, steps, seq_len, chunked)
+
+
+def _train_loop(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int, seq_len: int,
+                chunked: bool) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-4)
     windows = tokens[: (tokens.numel() // seq_len) * seq_len].view(-1, seq_len)
@@ -268,23 +278,31 @@ def _compiled(model: nn.Module, device: torch.device, dtype: torch.dtype = torch
     return work
 
 
-#: (row, builder key, chunked loss); the bf16-base LoRA row of the same loss is each row's reference
-FINETUNE_ROWS: tuple[tuple[str, str, bool], ...] = (
-    ("autoqra uniform 4-bit r8, fp32 model", "autoqra", False),
-    ("autoqra uniform 4-bit r8, fp32 model, fast_path=False", "autoqra-slow", False),
-    ("autoqra uniform 4-bit r8, bf16 model", "autoqra-bf16", False),
-    ("peft LoRA r8, fp32 base", "peft-fp32", False),
-    ("peft LoRA r8, bf16 base", "peft-bf16", False),
-    ("QLoRA (peft r16 on bnb nf4)", "qlora", False),
-    ("autoqra uniform 4-bit r8, bf16 model, chunked loss", "autoqra-bf16", True),
-    ("peft LoRA r8, bf16 base, chunked loss", "peft-bf16", True),
+#: (row, builder key, loss): ``full`` fp32 logits, ``chunked`` (``autoqra.finetune``'s default) or ``chunked+ckpt``
+#: (and activation checkpointing); the bf16-base LoRA row with the same loss is each row's reference
+FINETUNE_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("autoqra uniform 4-bit r8, fp32 model", "autoqra", "full"),
+    ("autoqra uniform 4-bit r8, fp32 model, fast_path=False", "autoqra-slow", "full"),
+    ("autoqra uniform 4-bit r8, bf16 model", "autoqra-bf16", "full"),
+    ("peft LoRA r8, fp32 base", "peft-fp32", "full"),
+    ("peft LoRA r8, bf16 base", "peft-bf16", "full"),
+    ("QLoRA (peft r16 on bnb nf4)", "qlora", "full"),
+    ("autoqra uniform 4-bit r8, bf16 model, chunked loss", "autoqra-bf16", "chunked"),
+    ("peft LoRA r8, bf16 base, chunked loss", "peft-bf16", "chunked"),
+    ("autoqra uniform 4-bit r8, bf16 model, chunked loss, checkpointing", "autoqra-bf16", "chunked+ckpt"),
+    ("peft LoRA r8, bf16 base, chunked loss, checkpointing", "peft-bf16", "chunked+ckpt"),
 )
+
+
+def row_key(key: str, loss: str) -> str:
+    """A fine-tuning row's name for ``--finetune-rows``: the builder key, ``:chunked`` / ``:chunked+ckpt`` after it."""
+    return key if loss == "full" else f"{key}:{loss}"
 
 
 def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int,
                     seq_len: int, only: set[str] | None = None) -> list[dict[str, Any]]:
-    """The `FINETUNE_ROWS` (``only``: those whose builder key, or ``key:chunked`` for a chunked-loss row, is in
-    it; each row's bf16-base LoRA reference must be among them)."""
+    """The `FINETUNE_ROWS` (``only``: those whose `row_key` is in it; each row's reference, the bf16-base LoRA
+    with the same loss, should be among them, or its ratios are None)."""
     builders: dict[str, Callable[[], nn.Module]] = {
         "autoqra": lambda: _compiled(model, device),
         "autoqra-slow": lambda: _compiled(model, device, fast_path=False),
@@ -294,20 +312,21 @@ def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device
         "qlora": lambda: _qlora(copy.deepcopy(model), device),
     }
     rows = []
-    for label, key, chunked in FINETUNE_ROWS:
+    for label, key, loss in FINETUNE_ROWS:
         if key == "qlora" and not (HAS_BNB and device.type == "cuda"):
             continue
-        if only is not None and (f"{key}:chunked" if chunked else key) not in only:
+        if only is not None and row_key(key, loss) not in only:
             continue
         work = builders[key]()
-        rows.append({"section": "finetune", "row": label, "chunked loss": chunked,
-                     **_train(work, tokens, device, steps, seq_len, chunked)})
+        rows.append({"section": "finetune", "row": label, "loss_mode": loss,
+                     **_train(work, tokens, device, steps, seq_len, loss != "full", loss == "chunked+ckpt")})
         del work
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for r in rows:  # against the bf16-base LoRA that computes its loss the same way
         ref = next((x for x in rows if x["row"].startswith("peft LoRA r8, bf16 base") and
-                    x["chunked loss"] == r["chunked loss"]), {"peak_bytes": None, "tensor_peak_bytes": None})
+                    x["loss_mode"] == r["loss_mode"]),
+                   {"peak_bytes": None, "tensor_peak_bytes": None})
         for key, ratio in (("peak_bytes", "peak vs bf16 LoRA"), ("tensor_peak_bytes", "tensor peak vs bf16 LoRA")):
             r[ratio] = None if r[key] is None or not ref[key] else r[key] / ref[key]
     return rows
@@ -377,8 +396,9 @@ def main() -> None:
                         help="with --synthetic: the architecture built with random weights (default smollm2-135m)")
     parser.add_argument("--seq-len", type=int, default=None, help="fine-tuning window length (default 256; quick 32)")
     parser.add_argument("--finetune-rows", default=None,
-                        help="comma-separated subset of the fine-tuning rows by builder key, ':chunked' for the "
-                             "chunked-loss rows (e.g. autoqra-bf16,peft-bf16,autoqra-bf16:chunked,peft-bf16:chunked)")
+                        help="comma-separated subset of the fine-tuning rows by builder key, ':chunked' / "
+                             "':chunked+ckpt' after it for the chunked-loss (and checkpointing) rows, e.g. "
+                             "autoqra-bf16,peft-bf16,autoqra-bf16:chunked,peft-bf16:chunked")
     parser.add_argument("--out", default=None,
                         help="results file name (default gpu_check, gpu_check_quick with --quick)")
     args = parser.parse_args()
@@ -401,7 +421,7 @@ def main() -> None:
         model, calib, tokens = _model_and_tokens(args.quick, args.synthetic, args.shape)
         if "finetune" in sections:
             only = None if args.finetune_rows is None else set(args.finetune_rows.split(","))
-            known = {f"{key}:chunked" if chunked else key for _, key, chunked in FINETUNE_ROWS}
+            known = {row_key(key, loss) for _, key, loss in FINETUNE_ROWS}
             if only is not None and not only <= known:
                 parser.error(f"--finetune-rows: unknown {sorted(only - known)}; known: {', '.join(sorted(known))}")
             rows += finetune_memory(model, tokens, device, steps, args.seq_len or (32 if args.quick else 256), only)

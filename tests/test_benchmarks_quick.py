@@ -235,6 +235,10 @@ def test_gpu_check_quick_on_cpu() -> None:
     assert rows["peft LoRA r8, bf16 base, chunked loss"]["tensor peak vs bf16 LoRA"] == 1
     assert rows["autoqra uniform 4-bit r8, bf16 model"]["tensor peak vs bf16 LoRA"] < 1
     assert rows["autoqra uniform 4-bit r8, bf16 model, chunked loss"]["tensor peak vs bf16 LoRA"] < 1
+    ckpt = "autoqra uniform 4-bit r8, bf16 model, chunked loss, checkpointing"
+    assert rows[ckpt]["loss_mode"] == "chunked+ckpt" and rows[ckpt]["tensor peak vs bf16 LoRA"] < 1
+    # checkpointing holds less than the same loss without it
+    assert rows[ckpt]["tensor_peak_bytes"] < rows["autoqra uniform 4-bit r8, bf16 model, chunked loss"]["tensor_peak_bytes"]
     decode = [r for r in data["rows"] if r["section"] == "decode"]
     assert [r["row"] for r in decode] == [f"{label}, per token" for label in (
         "bf16 model", "autoqra uniform 4-bit r8", "autoqra uniform 4-bit r8, kernel_cache",
