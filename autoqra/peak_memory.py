@@ -34,6 +34,14 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["StoragePeak"]
 
 
+def _key(device: torch.device | str) -> str:
+    """``str`` of the device as tensors on it print it (``cuda`` → ``cuda:<current>``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
 class StoragePeak(TorchDispatchMode):
     """Live and peak bytes of the tensor storages created while entered, per device (``str(device)``)."""
 
@@ -44,8 +52,9 @@ class StoragePeak(TorchDispatchMode):
         self._finalizers: dict[int, weakref.finalize] = {}
 
     def peak_bytes(self, device: torch.device | str) -> int:
-        """The highest live total on ``device`` since entering (or the last `reset_peak`)."""
-        return self.peak[str(torch.device(device))]
+        """The highest live total on ``device`` since entering (or the last `reset_peak`); ``"cuda"`` without an
+        index means the current CUDA device, as in torch."""
+        return self.peak[_key(device)]
 
     def peak_with(self, device: torch.device | str, before: int) -> int:
         """``before`` (bytes already on ``device`` when entering, e.g. the model's) plus the peak."""

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from layer_checks import check_bf16_autocast
+from layer_checks import check_bf16_adapter_keeps_the_input, check_bf16_autocast
 from tiny_models import tiny_llama
 
 import autoqra
@@ -114,3 +114,17 @@ def test_load_onto_a_cuda_base_keeps_the_layers_there(tmp_path) -> None:
     with torch.no_grad():
         ref, got = on_cpu(ids).logits, on_gpu(ids.cuda()).logits.cpu()
     torch.testing.assert_close(got, ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+def test_bf16_input_adapter_keeps_the_input_on_cuda() -> None:
+    check_bf16_adapter_keeps_the_input("cuda")
+
+
+def test_storage_peak_counts_cuda_storages_under_the_current_device() -> None:
+    from autoqra.peak_memory import StoragePeak
+
+    with StoragePeak() as tracker:
+        a = torch.empty(2**18, device="cuda")  # 1 MiB
+        del a
+    assert tracker.peak_bytes("cuda") == tracker.peak_bytes(f"cuda:{torch.cuda.current_device()}") == 2**20
+    assert tracker.peak_bytes("cpu") == 0

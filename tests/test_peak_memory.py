@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_checks import check_bf16_adapter_keeps_the_input
 from tiny_models import tiny_llama
 
 import autoqra
@@ -59,6 +60,13 @@ def test_storage_peak_counts_storages_once(work: Callable[[], object], peak: int
     del kept
 
 
+def test_storage_peak_names_devices_as_their_tensors_do() -> None:
+    with StoragePeak() as tracker:
+        kept = torch.empty(256, device="cpu")
+    assert tracker.peak_bytes("cpu") == tracker.peak_bytes(torch.device("cpu")) == 1024
+    del kept
+
+
 def test_storage_peak_ignores_storages_from_before_and_resets() -> None:
     p = torch.ones(MIB // 4)
     with StoragePeak() as tracker:
@@ -71,45 +79,8 @@ def test_storage_peak_ignores_storages_from_before_and_resets() -> None:
     del small
 
 
-def _bf16_layer() -> QuantLoRALinear:
-    torch.manual_seed(0)
-    dense = torch.nn.Linear(64, 96)
-    layer = QuantLoRALinear.from_linear(dense, bits=4, rank=8, group_size=32, loftq_iters=0)
-    with torch.no_grad():
-        layer.lora_B.normal_()
-    layer.bias.data = layer.bias.data.to(torch.bfloat16)
-    return layer
-
-
-def _reference_grads(layer: QuantLoRALinear, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The same layer's output and gradients with the adapter in plain ops (``x`` cast to fp32 first)."""
-    x = x.detach().requires_grad_(True)
-    a = layer.lora_A.detach().requires_grad_(True)
-    b = layer.lora_B.detach().requires_grad_(True)
-    base = layer._base_forward(x)
-    y = base + (F.linear(F.linear(x.float(), a), b) * layer.scaling).to(base.dtype) + layer.bias
-    y.float().square().sum().backward()
-    return y, x.grad, a.grad, b.grad
-
-
 def test_bf16_input_adapter_matches_plain_ops_and_keeps_no_fp32_copy_of_the_input() -> None:
-    layer = _bf16_layer()
-    x = torch.randn(2, 5, 64).to(torch.bfloat16).requires_grad_(True)
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = layer(x)
-    y.float().square().sum().backward()
-    ref_y, ref_x, ref_a, ref_b = _reference_grads(layer, x)
-    assert y.dtype == torch.bfloat16
-    assert torch.equal(y, ref_y)
-    assert torch.allclose(x.grad.float(), ref_x.float(), rtol=1e-2, atol=1e-2)
-    assert torch.allclose(layer.lora_A.grad, ref_a, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(layer.lora_B.grad, ref_b, rtol=1e-5, atol=1e-5)
-    # the input is kept as given (bf16, its own storage), never as an fp32 copy of its size
-    copies = [t for t in saved if t.dtype == torch.float32 and t.numel() == x.numel()
-              and not isinstance(t, torch.nn.Parameter)]
-    assert copies == []
-    assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)
+    check_bf16_adapter_keeps_the_input("cpu")
 
 
 def test_bf16_model_step_needs_less_than_the_fp32_copies_would() -> None:
