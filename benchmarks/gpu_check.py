@@ -11,12 +11,12 @@ costs against the usual baselines, measured in one process on one device, one ta
 3. **Fine-tuning memory**: ``--steps`` steps (4 × 256 tokens of the Lee calibration split, AdamW lr 5e-4,
    the same batches for every row) of: the autoqra-compiled model (uniform 4-bit r8, adapters in fp32) from
    the fp32 and from the bf16 model; peft LoRA r8 on the fp32 base; peft LoRA r8 on the bf16 base; QLoRA
-   (peft LoRA r16 on bitsandbytes nf4, CUDA only); each with the full fp32 logits, and the bf16 rows also
-   with the loss in token chunks (what ``autoqra.finetune`` does by default), and with activation
-   checkpointing on top. Peak
+   (peft LoRA r16 on bitsandbytes nf4, when bitsandbytes is installed; it runs on a CPU too, slowly); each
+   with the full fp32 logits, the bf16 rows and QLoRA also with the loss in token chunks (what
+   ``autoqra.finetune`` does by default), the bf16 rows also with activation checkpointing on top. Peak
    ``torch.cuda.max_memory_allocated`` (CUDA), the peak of live tensor storages (`autoqra.peak_memory`,
    every device: the model's bytes plus what the first two steps created), each against the bf16-base LoRA
-   with the same loss, and tokens/s after those two steps. Goals: autoqra's peak ≤ 0.5× the bf16-base
+   and QLoRA with the same loss, and tokens/s after those two steps. Goals: autoqra's peak ≤ 0.5× the bf16-base
    LoRA's and ≤ QLoRA's; tokens/s ≥ QLoRA's.
 4. **Decoding**: greedy decoding with the KV cache, time per token in eager PyTorch: the bf16 model against the
    uniform 4-bit r8 compile (scale/offset derived per call, kept with ``kernel_cache``, packed codes).
@@ -289,6 +289,7 @@ FINETUNE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("QLoRA (peft r16 on bnb nf4)", "qlora", "full"),
     ("autoqra uniform 4-bit r8, bf16 model, chunked loss", "autoqra-bf16", "chunked"),
     ("peft LoRA r8, bf16 base, chunked loss", "peft-bf16", "chunked"),
+    ("QLoRA (peft r16 on bnb nf4), chunked loss", "qlora", "chunked"),
     ("autoqra uniform 4-bit r8, bf16 model, chunked loss, checkpointing", "autoqra-bf16", "chunked+ckpt"),
     ("peft LoRA r8, bf16 base, chunked loss, checkpointing", "peft-bf16", "chunked+ckpt"),
 )
@@ -313,7 +314,7 @@ def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device
     }
     rows = []
     for label, key, loss in FINETUNE_ROWS:
-        if key == "qlora" and not (HAS_BNB and device.type == "cuda"):
+        if key == "qlora" and not HAS_BNB:
             continue
         if only is not None and row_key(key, loss) not in only:
             continue
@@ -323,12 +324,12 @@ def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device
         del work
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for r in rows:  # against the bf16-base LoRA that computes its loss the same way
-        ref = next((x for x in rows if x["row"].startswith("peft LoRA r8, bf16 base") and
-                    x["loss_mode"] == r["loss_mode"]),
-                   {"peak_bytes": None, "tensor_peak_bytes": None})
-        for key, ratio in (("peak_bytes", "peak vs bf16 LoRA"), ("tensor_peak_bytes", "tensor peak vs bf16 LoRA")):
-            r[ratio] = None if r[key] is None or not ref[key] else r[key] / ref[key]
+    none = {"peak_bytes": None, "tensor_peak_bytes": None}
+    for r in rows:  # against the bf16-base LoRA and QLoRA that compute their loss the same way
+        for prefix, name in (("peft LoRA r8, bf16 base", "bf16 LoRA"), ("QLoRA", "QLoRA")):
+            ref = next((x for x in rows if x["row"].startswith(prefix) and x["loss_mode"] == r["loss_mode"]), none)
+            for key, label in (("peak_bytes", "peak"), ("tensor_peak_bytes", "tensor peak")):
+                r[f"{label} vs {name}"] = None if r[key] is None or not ref[key] else r[key] / ref[key]
     return rows
 
 
@@ -435,8 +436,8 @@ def main() -> None:
     if "ddp" in sections:
         rows += ddp(device, args.quick or args.synthetic)
         write_json(name, payload)
-    keys = ["seconds", "vs bf16", "vs cpu", "peak_bytes", "peak vs bf16 LoRA", "tensor_peak_bytes",
-            "tensor peak vs bf16 LoRA", "tokens_per_s", "ok"]
+    keys = ["seconds", "vs bf16", "vs cpu", "peak_bytes", "peak vs bf16 LoRA", "peak vs QLoRA", "tensor_peak_bytes",
+            "tensor peak vs bf16 LoRA", "tensor peak vs QLoRA", "tokens_per_s", "ok"]
 
     def cell(value: Any) -> str:
         if value is None:

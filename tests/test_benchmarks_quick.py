@@ -218,7 +218,7 @@ def test_qlora_parity_quick() -> None:
 def test_gpu_check_quick_on_cpu() -> None:
     """The GPU check's benchmark steps on CPU (a tiny Llama): the layer, fine-tuning and decoding rows;
     on a machine without CUDA its default device is refused with the fix."""
-    from benchmarks.gpu_check import FINETUNE_ROWS
+    from benchmarks.gpu_check import FINETUNE_ROWS, HAS_BNB
 
     path = Path(os.environ["AUTOQRA_BENCH_RESULTS"]) / "gpu_check_quick.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick",
@@ -229,7 +229,7 @@ def test_gpu_check_quick_on_cpu() -> None:
     rows = {r["row"]: r for r in data["rows"]}
     assert {"bf16 nn.Linear, forward, 1 tokens", "packed 4-bit r8, forward+backward, 4096 tokens"} <= set(rows)
     finetune = [r for r in data["rows"] if r["section"] == "finetune"]
-    assert [r["row"] for r in finetune] == [label for label, key, _ in FINETUNE_ROWS if key != "qlora"]
+    assert [r["row"] for r in finetune] == [label for label, key, _ in FINETUNE_ROWS if key != "qlora" or HAS_BNB]
     assert all(r["tokens_per_s"] > 0 and r["tensor_peak_bytes"] > 0 and r["peak_bytes"] is None for r in finetune)
     # each row against the bf16-base LoRA with the same loss; the bf16 compile holds less than it at either
     assert rows["peft LoRA r8, bf16 base, chunked loss"]["tensor peak vs bf16 LoRA"] == 1
@@ -237,6 +237,11 @@ def test_gpu_check_quick_on_cpu() -> None:
     assert rows["autoqra uniform 4-bit r8, bf16 model, chunked loss"]["tensor peak vs bf16 LoRA"] < 1
     ckpt = "autoqra uniform 4-bit r8, bf16 model, chunked loss, checkpointing"
     assert rows[ckpt]["loss_mode"] == "chunked+ckpt" and rows[ckpt]["tensor peak vs bf16 LoRA"] < 1
+    if HAS_BNB:  # QLoRA (bitsandbytes on the CPU) is each row's second reference, with the same loss
+        qlora = rows["QLoRA (peft r16 on bnb nf4), chunked loss"]
+        assert qlora["tensor peak vs QLoRA"] == 1 and qlora["tensor peak vs bf16 LoRA"] > 0
+        own = rows["autoqra uniform 4-bit r8, bf16 model, chunked loss"]
+        assert own["tensor peak vs QLoRA"] == own["tensor_peak_bytes"] / qlora["tensor_peak_bytes"]
     # checkpointing holds less than the same loss without it
     assert rows[ckpt]["tensor_peak_bytes"] < rows["autoqra uniform 4-bit r8, bf16 model, chunked loss"]["tensor_peak_bytes"]
     decode = [r for r in data["rows"] if r["section"] == "decode"]
