@@ -18,7 +18,7 @@ Example::
     with StoragePeak() as peak:
         loss = model(ids).logits.float().logsumexp(-1).mean()
         loss.backward()
-    print(peak.peak_bytes("cpu"))
+    step_bytes = peak.peak_bytes("cpu")  # the highest live total of what the step created
 """
 
 from __future__ import annotations
