@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoqra.analysis import analyze, min_feasible_bytes, uniform_costs, untouched_bytes
 from autoqra.config import SearchSpace
@@ -22,6 +23,9 @@ from autoqra.report import fmt_bytes, table
 from autoqra.search.estimators import available_estimators
 from autoqra.search.registry import available_solvers
 
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_MODEL = "smollm2-135m"
 #: ``--dtype`` names
 DTYPES = ("float32", "bfloat16", "float16")
@@ -33,11 +37,12 @@ def _add_placement(p: argparse.ArgumentParser, dtype_help: str) -> None:
                    help="where the model runs: cpu (default), cuda or cuda:N (needs a CUDA build of torch)")
 
 
-def _placement(args: argparse.Namespace, default_dtype: str = "float32") -> tuple[object, object]:
-    """``(torch dtype, torch device)`` of ``--dtype`` / ``--device``, checked before any model is loaded."""
+def _placement(args: argparse.Namespace, default_dtype: torch.dtype | None = None) -> tuple[torch.dtype, torch.device]:
+    """``(dtype, device)`` of ``--dtype`` (else ``default_dtype``, else float32) / ``--device``, checked before any
+    model is loaded."""
     import torch
 
-    dtype = getattr(torch, args.dtype or default_dtype)
+    dtype = getattr(torch, args.dtype) if args.dtype else (default_dtype or torch.float32)
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -435,8 +440,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_text_file(args.eval_data, "--eval-data", ("lee", "none"))
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    saved = saved_model_dtype(args.compiled_dir)
-    dtype, device = _placement(args, str(saved or "float32").removeprefix("torch."))
+    dtype, device = _placement(args, saved_model_dtype(args.compiled_dir))
     base, tokenizer = load_model(args.base, dtype=dtype)
     model = load(args.compiled_dir, base.to(device))
     if args.data == "lee":
