@@ -1,7 +1,8 @@
 """The GPU check in one run (`scripts/gpu_check.sh` calls it after the CUDA-marked tests): what the GPU path
 costs against the usual baselines, measured in one process on one device, one table and one json.
 
-1. **Layer speed**: packed 4-bit ``QuantLoRALinear`` (rank 8) against a bf16 ``nn.Linear`` and
+1. **Layer speed**: packed 4-bit ``QuantLoRALinear`` (rank 8; eager, and under ``torch.compile``: CUDA graphs on a
+   GPU) against a bf16 ``nn.Linear`` and
    bitsandbytes nf4 ``Linear4bit`` (when installed; CUDA only), forward at batch 1 and forward+backward
    at 4096 tokens, bf16 inputs; medians of ``--rounds`` interleaved rounds (synchronized timings).
    Goals: forward ≤ 1× bf16 at batch 1, forward+backward ≤ 1.5× at 4096 tokens.
@@ -18,8 +19,9 @@ costs against the usual baselines, measured in one process on one device, one ta
    every device: the model's bytes plus what the first two steps created), each against the bf16-base LoRA
    and QLoRA with the same loss, and tokens/s after those two steps. Goals: autoqra's peak ≤ 0.5× the bf16-base
    LoRA's and ≤ QLoRA's; tokens/s ≥ QLoRA's.
-4. **Decoding**: greedy decoding with the KV cache, time per token in eager PyTorch: the bf16 model against the
-   uniform 4-bit r8 compile (scale/offset derived per call, kept with ``kernel_cache``, packed codes).
+4. **Decoding**: greedy decoding with a static KV cache, time per token: the model as loaded (bf16 on a GPU, fp32
+   on a CPU) against the uniform 4-bit r8 compile (scale/offset derived per call, kept with ``kernel_cache``,
+   packed codes), eager, and the model and the 4-bit compile under ``torch.compile`` (CUDA graphs on a GPU).
 5. **DDP**: ``torchrun --nproc_per_node 2 scripts/finetune_ddp.py`` (NCCL) when two GPUs are visible, else
    the single-process path of the same script.
 
@@ -103,9 +105,11 @@ def _layers(size: int, device: torch.device) -> dict[str, nn.Module]:
     return layers
 
 
-def layer_speed(device: torch.device, size: int, rounds: int) -> list[dict[str, Any]]:
+def layer_speed(device: torch.device, size: int, rounds: int, quick: bool = False) -> list[dict[str, Any]]:
     rows = []
     layers = _layers(size, device)
+    torch._dynamo.reset()
+    layers["packed 4-bit r8, torch.compile"] = torch.compile(layers["packed 4-bit r8"], **_compile_options(device, quick))
     for tokens, mode in ((1, "forward"), (4096, "forward+backward")):
         x = torch.randn(tokens, size, device=device, dtype=torch.bfloat16)
         base = None
@@ -334,40 +338,81 @@ def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device
 
 
 # -- 4. decoding ----------------------------------------------------------------------------------
-def decode_speed(model: nn.Module, calib: torch.Tensor, device: torch.device, tokens: int) -> list[dict[str, Any]]:
-    """Greedy decoding with the KV cache after a 64-token prompt, seconds per token (eager PyTorch): the model
-    as loaded in bf16 against uniform 4-bit r8 with the scale/offset pairs derived per call (default) and kept
-    (``kernel_cache=True``), and with packed codes (``fast_path=False``)."""
+def _compile_options(device: torch.device, quick: bool) -> dict[str, Any]:
+    """``torch.compile`` settings of the compiled decoding rows: CUDA graphs on a GPU (the batch-1 step is
+    launch-bound), inductor's defaults on a CPU, and only the trace (``aot_eager``) in the quick smoke run."""
+    if quick:
+        return {"backend": "aot_eager"}
+    return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+
+
+def _generate(work: nn.Module, prompt: torch.Tensor, new: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    """Seconds and tokens of greedy ``generate`` of exactly ``new`` tokens with a static KV cache (fixed
+    shapes: what ``torch.compile`` and CUDA graphs need); transformers' own automatic compile is off, so an
+    eager row stays eager."""
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = work.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                            cache_implementation="static", disable_compile=True)
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def decode_speed(model: nn.Module, calib: torch.Tensor, device: torch.device, tokens: int,
+                 quick: bool = False) -> list[dict[str, Any]]:
+    """Greedy decoding after a 64-token prompt with a static KV cache, seconds per token (the time of
+    ``tokens + 1`` new tokens less the time of 1, so the prompt is not counted): the model as loaded (bf16 on
+    a GPU, fp32 on a CPU, which lacks fast bf16 matmuls) against the uniform 4-bit r8 compile with the
+    scale/offset pairs derived per call (default) and kept (``kernel_cache=True``), with packed codes
+    (``fast_path=False``), and both the model and the 4-bit compile under ``torch.compile``
+    (`_compile_options`; ``compile_s``: the first call, compilation included). ``same tokens`` compares a
+    compiled row's tokens with its eager row's."""
     prompt = calib[:1, :64].to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    options = _compile_options(device, quick)
 
-    def per_token(work: nn.Module) -> float:
-        with torch.no_grad():
-            out = work(prompt, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            for step in range(tokens + 2):
-                if step == 2:  # two warm-up tokens
-                    _sync(device)
-                    start = time.perf_counter()
-                out = work(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            _sync(device)
-        return (time.perf_counter() - start) / tokens
+    def torch_compiled(work: nn.Module) -> nn.Module:
+        work.forward = torch.compile(work.forward, **options)
+        return work
 
-    builds: dict[str, Callable[[], nn.Module]] = {
-        "bf16 model": lambda: copy.deepcopy(model).to(device, torch.bfloat16),
-        "autoqra uniform 4-bit r8": lambda: _compiled(model, device),
-        "autoqra uniform 4-bit r8, kernel_cache": lambda: _compiled(model, device, kernel_cache=True),
-        "autoqra uniform 4-bit r8, fast_path=False": lambda: _compiled(model, device, fast_path=False),
+    builds: dict[str, tuple[Callable[[], nn.Module], bool]] = {
+        f"{dtype_name(dtype)} model": (lambda: copy.deepcopy(model).to(device, dtype), False),
+        f"{dtype_name(dtype)} model, torch.compile": (lambda: torch_compiled(copy.deepcopy(model).to(device, dtype)),
+                                                      True),
+        "autoqra uniform 4-bit r8": (lambda: _compiled(model, device), False),
+        "autoqra uniform 4-bit r8, kernel_cache": (lambda: _compiled(model, device, kernel_cache=True), False),
+        "autoqra uniform 4-bit r8, fast_path=False": (lambda: _compiled(model, device, fast_path=False), False),
+        "autoqra uniform 4-bit r8, torch.compile": (lambda: torch_compiled(_compiled(model, device)), True),
     }
-    rows = []
-    for label, build in builds.items():
+    rows: list[dict[str, Any]] = []
+    eager_tokens: dict[str, torch.Tensor] = {}
+    for label, (build, compiled) in builds.items():
+        torch._dynamo.reset()
         work = build().eval()
-        rows.append({"section": "decode", "row": f"{label}, per token", "seconds": per_token(work)})
+        # warm-up (compilation for the compiled rows), the longest call first: transformers then keeps its cache
+        # length for the later calls, so no shape changes and no recompilation
+        compile_s, _ = _generate(work, prompt, tokens + 1, device)
+        one, _ = _generate(work, prompt, 1, device)
+        many, out = _generate(work, prompt, tokens + 1, device)
+        row = {"section": "decode", "row": f"{label}, per token", "seconds": (many - one) / tokens}
+        stem = label.removesuffix(", torch.compile")
+        if compiled:
+            row["compile_s"] = compile_s
+            row["same tokens"] = torch.equal(out.cpu(), eager_tokens[stem])
+        else:
+            eager_tokens[stem] = out.cpu()
+        rows.append(row)
         del work
+    torch._dynamo.reset()
     base = rows[0]["seconds"]
     for r in rows:
-        r["vs bf16"] = r["seconds"] / base
+        r["vs model"] = r["seconds"] / base
     return rows
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
 # -- 5. DDP --------------------------------------------------------------------------------------
@@ -416,7 +461,7 @@ def main() -> None:
     name = args.out or ("gpu_check_quick" if args.quick else "gpu_check")
     rows = payload["rows"]
     if "layer" in sections:
-        rows += layer_speed(device, 256 if args.quick else 4096, 2 if args.quick else 20)
+        rows += layer_speed(device, 256 if args.quick else 4096, 2 if args.quick else 20, args.quick)
         write_json(name, payload)
     if sections & {"compile", "finetune", "decode"}:
         model, calib, tokens = _model_and_tokens(args.quick, args.synthetic, args.shape)
@@ -428,7 +473,7 @@ def main() -> None:
             rows += finetune_memory(model, tokens, device, steps, args.seq_len or (32 if args.quick else 256), only)
             write_json(name, payload)
         if "decode" in sections:
-            rows += decode_speed(model, calib, device, 4 if args.quick else 32)
+            rows += decode_speed(model, calib, device, 4 if args.quick else 32, args.quick)
             write_json(name, payload)
         if "compile" in sections:
             rows += compile_time(model, calib, device, args.quick)
@@ -436,7 +481,7 @@ def main() -> None:
     if "ddp" in sections:
         rows += ddp(device, args.quick or args.synthetic)
         write_json(name, payload)
-    keys = ["seconds", "vs bf16", "vs cpu", "peak_bytes", "peak vs bf16 LoRA", "peak vs QLoRA", "tensor_peak_bytes",
+    keys = ["seconds", "vs bf16", "vs model", "vs cpu", "compile_s", "same tokens", "peak_bytes", "peak vs bf16 LoRA", "peak vs QLoRA", "tensor_peak_bytes",
             "tensor peak vs bf16 LoRA", "tensor peak vs QLoRA", "tokens_per_s", "ok"]
 
     def cell(value: Any) -> str:

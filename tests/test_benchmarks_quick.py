@@ -246,9 +246,12 @@ def test_gpu_check_quick_on_cpu() -> None:
     assert rows[ckpt]["tensor_peak_bytes"] < rows["autoqra uniform 4-bit r8, bf16 model, chunked loss"]["tensor_peak_bytes"]
     decode = [r for r in data["rows"] if r["section"] == "decode"]
     assert [r["row"] for r in decode] == [f"{label}, per token" for label in (
-        "bf16 model", "autoqra uniform 4-bit r8", "autoqra uniform 4-bit r8, kernel_cache",
-        "autoqra uniform 4-bit r8, fast_path=False")]
-    assert decode[0]["vs bf16"] == 1 and all(r["seconds"] > 0 for r in decode)
+        "fp32 model", "fp32 model, torch.compile", "autoqra uniform 4-bit r8", "autoqra uniform 4-bit r8, kernel_cache",
+        "autoqra uniform 4-bit r8, fast_path=False", "autoqra uniform 4-bit r8, torch.compile")]
+    # a compiled row decodes its eager row's tokens; every row has a time and a ratio to the model as loaded
+    assert [r["same tokens"] for r in decode if "torch.compile" in r["row"]] == [True, True]
+    assert all(r["seconds"] > 0 and r["vs model"] > 0 for r in decode) and decode[0]["vs model"] == 1
+    assert rows["packed 4-bit r8, torch.compile, forward, 1 tokens"]["seconds"] > 0
     unknown = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--sections",
                               "finetune", "--finetune-rows", "peft-bf16,nope"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)

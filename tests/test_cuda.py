@@ -8,7 +8,11 @@ import copy
 
 import pytest
 import torch
-from layer_checks import check_bf16_adapter_keeps_the_input, check_bf16_autocast
+from layer_checks import (
+    check_bf16_adapter_keeps_the_input,
+    check_bf16_autocast,
+    check_compiled_layer_keeps_the_int4_kernel,
+)
 from tiny_models import tiny_llama
 
 import autoqra
@@ -128,3 +132,10 @@ def test_storage_peak_counts_cuda_storages_under_the_current_device() -> None:
         del a
     assert tracker.peak_bytes("cuda") == tracker.peak_bytes(f"cuda:{torch.cuda.current_device()}") == 2**20
     assert tracker.peak_bytes("cpu") == 0
+
+
+def test_compiled_layers_keep_the_int4_kernel_under_cuda_graphs() -> None:
+    """``torch.compile(mode="reduce-overhead")``: CUDA graphs replay the int4 kernel (the batch-1 layer is
+    launch-bound in eager mode), bit-equal to eager."""
+    torch._dynamo.reset()
+    check_compiled_layer_keeps_the_int4_kernel("cuda", torch.bfloat16, mode="reduce-overhead")

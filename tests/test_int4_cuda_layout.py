@@ -12,8 +12,9 @@ from autoqra.quant import int4_cuda
 
 
 def _clear_caches() -> None:
-    for fn in (int4_cuda._tile_order, int4_cuda._inverse_order, int4_cuda._check):
+    for fn in (int4_cuda._tile_order, int4_cuda._check):
         fn.cache_clear()
+    int4_cuda._INVERSE_ORDERS.clear()
 
 
 def _stand_in(order: dict[int, torch.Tensor]):
@@ -86,3 +87,20 @@ def test_rows_of_a_layer_holding_the_cuda_layout(stand_in) -> None:
     layer.layout = "int4_cuda"
     for ids in (torch.tensor([5]), torch.tensor([[63, 0, 17], [9, 9, 40]]), torch.tensor([], dtype=torch.long)):
         assert torch.equal(layer.rows(ids), reference[ids.reshape(-1)])
+
+
+def test_compiled_dequantization_of_the_cuda_layout_traces_in_one_graph(stand_in) -> None:
+    """Under ``torch.compile`` the learned order is read as a constant, not learned again inside the graph
+    (``fullgraph=True`` fails on any break), and the dequantized weight is the eager one."""
+    from autoqra.modules.quant_lora_linear import QuantLoRALinear
+
+    torch.manual_seed(0)
+    layer = QuantLoRALinear.from_linear(torch.nn.Linear(128, 64, bias=False), 4, 0)
+    layer.fast_path = False
+    reference = layer.dequantized_weight()
+    layer._buffers["qweight"] = int4_cuda.encode(layer._codes(0, layer.out_features))
+    layer.layout = "int4_cuda"
+    layer.dequantized_weight()  # fills the memo, as placing a layer on a GPU does
+    torch._dynamo.reset()
+    compiled = torch.compile(layer.dequantized_weight, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(), reference)

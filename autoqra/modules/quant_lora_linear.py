@@ -40,9 +40,12 @@ Choices made here:
   ``fast_path=False``) the weight is
   dequantized in row chunks of at most 16M elements (64 MB of float32: one chunk for every
   layer of a small model, a bounded transient for a large one), each multiplied at once, in the
-  input's dtype. While tracing / exporting to ONNX / ``torch.compile``-ing, the forward is the
-  plain ``F.linear(x, dequantized_weight())``. Gradients reach the input on every path; the
-  backward recomputes the dequantized rows chunk by chunk instead of saving the weight.
+  input's dtype. While tracing / exporting (``torch.jit``, ONNX, ``torch.export``) the forward is the
+  plain ``F.linear(x, dequantized_weight())``. Under ``torch.compile`` too, except a grad-free product
+  that eager mode would give the int4 kernel (a layout above, few rows: decoding), which keeps it as
+  the opaque op :mod:`autoqra.quant.int4_op` (CUDA graphs can then replay a decoding step).
+  Gradients reach the input on every path; the backward recomputes the dequantized rows chunk by
+  chunk instead of saving the weight.
 * **Adapter product.** On an input of the adapters' dtype: ``addmm`` into the base output. On another dtype
   (a bf16 / fp16 model, fp32 adapters) or under autocast: ``_LoRAProduct``, in the adapters' dtype with the
   input saved as given (not an fp32 / autocast copy per layer) and cast again in the backward.
@@ -60,10 +63,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from autoqra.errors import ConfigError, MergeError, QuantizationError, UnsupportedLayerError
 from autoqra.ir.cost import DENSE_BITS, PACKED_BITS, packed_nbytes
-from autoqra.quant import int4_cuda, int4_layout
+from autoqra.quant import int4_cuda, int4_layout, int4_op
 from autoqra.quant.base import (
     QuantBackend,
     QuantizedWeight,
@@ -100,11 +104,16 @@ KERNEL_MAX_ROWS = 256
 CUDA_KERNEL_MAX_ROWS = 256
 
 
+def _exporting() -> bool:
+    """Tracing for an exported graph (``torch.jit.trace``, ONNX, ``torch.export``): plain standard ops only."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting
+
+
 def _tracing() -> bool:
-    """Tracing, exporting or compiling: use plain differentiable ops (dequantize, then linear)."""
-    compiler = torch.compiler
-    exporting = getattr(compiler, "is_exporting", lambda: False)()
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiler.is_compiling() or exporting
+    """Exporting or ``torch.compile``-ing: plain differentiable ops (dequantize, then linear), except
+    the grad-free int4 kernel product under ``torch.compile`` (:meth:`QuantLoRALinear._compiled_kernel`)."""
+    return _exporting() or torch.compiler.is_compiling()
 
 
 def _version_of(t: torch.Tensor) -> int:
@@ -622,7 +631,7 @@ class QuantLoRALinear(nn.Module):
         at 4 bits (scale/offset derived per call, or kept with ``kernel_cache``), else a cached
         4-bit copy (``kernel_cache``)."""
         if self.layout in ("int4_cpu", "int4_cuda"):
-            if not self.kernel_cache:
+            if not self.kernel_cache or torch.compiler.is_compiling():  # the cache's key is not traceable
                 return self.qweight, self._scale_offset()
             key = tuple(v for t in (self.scale, self.zero) for v in (t.data_ptr(), _version_of(t)))
             if self._kernel_cache is None or self._kernel_cache[0] != key:
@@ -646,7 +655,9 @@ class QuantLoRALinear(nn.Module):
         pad = self.scale.shape[1] * self.group_size - self.in_features
         if pad:
             xb = F.pad(xb, (0, pad))
-        if self.layout == "int4_cuda":
+        if torch.compiler.is_compiling():  # one opaque op for inductor (see autoqra.quant.int4_op)
+            y = int4_op.int4_mm(xb.contiguous(), packed, self.group_size, scale_offset)
+        elif self.layout == "int4_cuda":
             y = int4_cuda.kernel_mm(xb.contiguous(), packed, self.group_size, scale_offset)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, self.group_size, scale_offset)
@@ -701,9 +712,13 @@ class QuantLoRALinear(nn.Module):
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == DENSE_BITS:
             return F.linear(x, self.weight.to(x.dtype))
-        if _tracing():
-            return F.linear(x, self.dequantized_weight(x.dtype))
         x2 = x.reshape(-1, self.in_features)
+        if _tracing() and not self._compiled_kernel(x2):
+            if torch.is_grad_enabled() and x.requires_grad and not _exporting():
+                # torch.compile would save the dequantized weight for the backward (a float copy of the
+                # base per layer); checkpointed, the backward dequantizes again, as in eager mode
+                return checkpoint(self._plain_product, x, use_reentrant=False)
+            return self._plain_product(x)
         device_type = x2.device.type
         if torch.is_autocast_enabled(device_type):  # the base product in autocast's dtype (bf16 / fp16)
             x2 = x2.to(torch.get_autocast_dtype(device_type))
@@ -712,6 +727,23 @@ class QuantLoRALinear(nn.Module):
         else:
             y2 = self._packed_product(x2)
         return y2.reshape(*x.shape[:-1], self.out_features)
+
+    def _plain_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_q^T`` in plain differentiable ops: the weight dequantized whole, then a float matmul."""
+        return F.linear(x, self.dequantized_weight(x.dtype))
+
+    def _compiled_kernel(self, x2: torch.Tensor) -> bool:
+        """Under ``torch.compile`` (not export): whether the int4 kernel computes the base product. It
+        does where it would in eager mode and no gradient is asked for; the kernel then runs as the
+        opaque op :func:`autoqra.quant.int4_op.int4_mm`, with the scale/offset pairs derived in the
+        graph (inductor fuses that into one kernel)."""
+        return (
+            torch.compiler.is_compiling()
+            and not _exporting()
+            and self.layout in ("int4_cpu", "int4_cuda")
+            and not (torch.is_grad_enabled() and x2.requires_grad)
+            and self._kernel_eligible(x2)
+        )
 
     def _packed_product(self, x2: torch.Tensor) -> torch.Tensor:
         """``x2 @ W_q^T``, differentiable in ``x2`` when it requires grad (the base never trains)."""

@@ -85,10 +85,18 @@ def _tile_order(t: int, device: str) -> torch.Tensor:
     return order
 
 
-@functools.cache
+#: `_inverse_order`'s answers. A plain memo rather than ``functools.cache``: ``torch.compile`` traces through a
+#: cache wrapper (it would learn the order inside the graph) but reads a filled global as a constant. Filled
+#: before any compile: placing a layer in the layout checks it (`available`), which decodes once
+_INVERSE_ORDERS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def _inverse_order(t: int, device: torch.device) -> torch.Tensor:
     """For each tile position, the nibble slot that holds it (the inverse of `_tile_order`), on ``device``."""
-    return torch.argsort(_tile_order(t, _learning_device())).to(device)
+    key = (t, torch.device(device))
+    if key not in _INVERSE_ORDERS:
+        _INVERSE_ORDERS[key] = torch.argsort(_tile_order(t, _learning_device())).to(device)
+    return _INVERSE_ORDERS[key]
 
 
 def encode(codes: torch.Tensor) -> torch.Tensor:

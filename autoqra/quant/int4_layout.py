@@ -16,8 +16,6 @@ so a change of layout in a future torch disables the path instead of computing g
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 __all__ = ["block_n", "decode", "encode", "kernel_available", "layout_matches_torch"]
@@ -41,10 +39,20 @@ def _encode(codes: torch.Tensor, block: int) -> torch.Tensor:
     return (lo | (hi << 4)).reshape(n, k // 2).contiguous()
 
 
-@functools.cache
+#: the probe's answer, once known. A plain memo rather than ``functools.cache``: ``torch.compile`` traces
+#: through a cache wrapper (it would run the probe inside the graph) but reads a filled global as a constant
+_PROBED: dict[str, int | None] = {}
+
+
 def _probed_block() -> int | None:
     """The block size whose encoding reproduces torch's converter on this CPU (probed once on a
     128 × 192 weight), or None when the converter is missing or matches no known layout."""
+    if "block" not in _PROBED:
+        _PROBED["block"] = _probe()
+    return _PROBED["block"]
+
+
+def _probe() -> int | None:
     if not kernel_available():
         return None
     codes = torch.randint(0, 16, (128, 192), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
