@@ -14,7 +14,8 @@ costs against the usual baselines, measured in one process on one device, one ta
    the fp32 and from the bf16 model; peft LoRA r8 on the fp32 base; peft LoRA r8 on the bf16 base; QLoRA
    (peft LoRA r16 on bitsandbytes nf4, when bitsandbytes is installed; it runs on a CPU too, slowly); each
    with the full fp32 logits, the bf16 rows and QLoRA also with the loss in token chunks (what
-   ``autoqra.finetune`` does by default), the bf16 rows also with activation checkpointing on top. Peak
+   ``autoqra.finetune`` does by default), the bf16 rows also with activation checkpointing on top, and the bf16
+   compile under ``torch.compile`` (full logits; no tensor peak: compiled code allocates outside the dispatcher). Peak
    ``torch.cuda.max_memory_allocated`` (CUDA), the peak of live tensor storages (`autoqra.peak_memory`,
    every device: the model's bytes plus what the first two steps created), each against the bf16-base LoRA
    and QLoRA with the same loss, and tokens/s after those two steps. Goals: autoqra's peak ≤ 0.5× the bf16-base
@@ -224,18 +225,19 @@ def _qlora(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _train(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int, seq_len: int,
-           chunked: bool, checkpointing: bool = False) -> dict[str, Any]:
+           chunked: bool, checkpointing: bool = False, track: bool = True) -> dict[str, Any]:
     """``steps`` AdamW steps on the same batches; the first two run under `StoragePeak` (the second sees the
     optimizer state the first created), the rest are timed. ``chunked``: the loss as ``autoqra.finetune`` computes
     it by default (`autoqra.loss.auto_chunk_tokens`: the full logits never exist), else the full fp32 logits.
     ``checkpointing``: the model's activation checkpointing on, as ``finetune(gradient_checkpointing=True)``
-    turns it on (non-reentrant)."""
+    turns it on (non-reentrant). ``track=False``: the first two steps are not watched (``tensor_peak_bytes``
+    None)."""
     with _gradient_checkpointing(model, checkpointing):
-        return _train_loop(model, tokens, device, steps, seq_len, chunked)
+        return _train_loop(model, tokens, device, steps, seq_len, chunked, track)
 
 
 def _train_loop(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int, seq_len: int,
-                chunked: bool) -> dict[str, Any]:
+                chunked: bool, track: bool = True) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-4)
     windows = tokens[: (tokens.numel() // seq_len) * seq_len].view(-1, seq_len)
@@ -251,7 +253,7 @@ def _train_loop(model: nn.Module, tokens: torch.Tensor, device: torch.device, st
     for step in range(steps):
         idx = order[(torch.arange(4) + 4 * step) % windows.shape[0]]
         batch = {"input_ids": windows[idx].to(device)}
-        with tracker if step < tracked else contextlib.nullcontext():
+        with tracker if track and step < tracked else contextlib.nullcontext():
             loss, _ = causal_lm_loss(model, batch, use_cache_flag=True, chunk_tokens=chunk)
             loss.backward()
             optimizer.step()
@@ -263,7 +265,7 @@ def _train_loop(model: nn.Module, tokens: torch.Tensor, device: torch.device, st
             counted += batch["input_ids"].numel()
     seconds = time.perf_counter() - start if start is not None else 0.0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"peak_bytes": peak, "tensor_peak_bytes": tracker.peak_with(device, before),
+    return {"peak_bytes": peak, "tensor_peak_bytes": tracker.peak_with(device, before) if track else None,
             "tokens_per_s": counted / seconds if seconds and counted else None, "loss": float(loss)}
 
 
@@ -296,6 +298,7 @@ FINETUNE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("QLoRA (peft r16 on bnb nf4), chunked loss", "qlora", "chunked"),
     ("autoqra uniform 4-bit r8, bf16 model, chunked loss, checkpointing", "autoqra-bf16", "chunked+ckpt"),
     ("peft LoRA r8, bf16 base, chunked loss, checkpointing", "peft-bf16", "chunked+ckpt"),
+    ("autoqra uniform 4-bit r8, bf16 model, torch.compile", "autoqra-bf16-compiled", "full"),
 )
 
 
@@ -305,13 +308,17 @@ def row_key(key: str, loss: str) -> str:
 
 
 def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device, steps: int,
-                    seq_len: int, only: set[str] | None = None) -> list[dict[str, Any]]:
+                    seq_len: int, only: set[str] | None = None, quick: bool = False) -> list[dict[str, Any]]:
     """The `FINETUNE_ROWS` (``only``: those whose `row_key` is in it; each row's reference, the bf16-base LoRA
-    with the same loss, should be among them, or its ratios are None)."""
+    with the same loss, should be among them, or its ratios are None). A ``torch.compile`` row (inductor's
+    default mode; ``aot_eager`` when ``quick``) has no tensor peak: compiled code allocates outside the dispatcher
+    that `StoragePeak` watches, so only ``max_memory_allocated`` (CUDA) and tokens/s count there."""
+    train_options = {"backend": "aot_eager"} if quick else {}
     builders: dict[str, Callable[[], nn.Module]] = {
         "autoqra": lambda: _compiled(model, device),
         "autoqra-slow": lambda: _compiled(model, device, fast_path=False),
         "autoqra-bf16": lambda: _compiled(model, device, torch.bfloat16),
+        "autoqra-bf16-compiled": lambda: torch.compile(_compiled(model, device, torch.bfloat16), **train_options),
         "peft-fp32": lambda: _peft(copy.deepcopy(model).to(device), 8),
         "peft-bf16": lambda: _peft(copy.deepcopy(model).to(device, torch.bfloat16), 8),
         "qlora": lambda: _qlora(copy.deepcopy(model), device),
@@ -322,9 +329,12 @@ def finetune_memory(model: nn.Module, tokens: torch.Tensor, device: torch.device
             continue
         if only is not None and row_key(key, loss) not in only:
             continue
+        torch._dynamo.reset()
         work = builders[key]()
+        compiled = key.endswith("-compiled")
         rows.append({"section": "finetune", "row": label, "loss_mode": loss,
-                     **_train(work, tokens, device, steps, seq_len, loss != "full", loss == "chunked+ckpt")})
+                     **_train(work, tokens, device, steps, seq_len, loss != "full", loss == "chunked+ckpt",
+                              track=not compiled)})
         del work
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -470,7 +480,8 @@ def main() -> None:
             known = {row_key(key, loss) for _, key, loss in FINETUNE_ROWS}
             if only is not None and not only <= known:
                 parser.error(f"--finetune-rows: unknown {sorted(only - known)}; known: {', '.join(sorted(known))}")
-            rows += finetune_memory(model, tokens, device, steps, args.seq_len or (32 if args.quick else 256), only)
+            rows += finetune_memory(model, tokens, device, steps, args.seq_len or (32 if args.quick else 256), only,
+                                    args.quick)
             write_json(name, payload)
         if "decode" in sections:
             rows += decode_speed(model, calib, device, 4 if args.quick else 32, args.quick)

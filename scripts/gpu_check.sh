@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, on a machine with a CUDA GPU (aim: under 8 minutes): the CUDA-marked tests, then
-# benchmarks/gpu_check.py (packed layer vs bf16 nn.Linear vs bitsandbytes nf4; a SmolLM2 compile on the GPU
-# against the CPU figure; fine-tuning peak memory of autoqra vs peft LoRA on fp32 / bf16 bases vs QLoRA;
-# scripts/finetune_ddp.py on 2 GPUs with NCCL when there are two). One table; benchmarks/results/gpu_check.json.
+# benchmarks/gpu_check.py (packed layer, eager and under torch.compile with CUDA graphs, vs bf16 nn.Linear vs
+# bitsandbytes nf4; a SmolLM2 compile on the GPU against the CPU figure; fine-tuning peak memory of autoqra vs
+# peft LoRA on fp32 / bf16 bases vs QLoRA; decoding, eager and compiled; scripts/finetune_ddp.py on 2 GPUs with
+# NCCL when there are two). One table; benchmarks/results/gpu_check.json. The torch.compile rows add their
+# compile times (about a minute each on a CPU, warm cache): --sections picks parts when time is short.
 #
 # It uses the Python on PATH (or $PYTHON) with its CUDA build of torch and autoqra's dependencies
 # installed (scripts/setup_venv.sh installs the CPU build of torch, so it is not used here), and this

@@ -230,7 +230,10 @@ def test_gpu_check_quick_on_cpu() -> None:
     assert {"bf16 nn.Linear, forward, 1 tokens", "packed 4-bit r8, forward+backward, 4096 tokens"} <= set(rows)
     finetune = [r for r in data["rows"] if r["section"] == "finetune"]
     assert [r["row"] for r in finetune] == [label for label, key, _ in FINETUNE_ROWS if key != "qlora" or HAS_BNB]
-    assert all(r["tokens_per_s"] > 0 and r["tensor_peak_bytes"] > 0 and r["peak_bytes"] is None for r in finetune)
+    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] is None for r in finetune)
+    # compiled code allocates outside the dispatcher: no tensor peak for the torch.compile row
+    assert all((r["tensor_peak_bytes"] is None) == ("torch.compile" in r["row"]) for r in finetune)
+    assert rows["autoqra uniform 4-bit r8, bf16 model, torch.compile"]["loss"] > 0
     # each row against the bf16-base LoRA with the same loss; the bf16 compile holds less than it at either
     assert rows["peft LoRA r8, bf16 base, chunked loss"]["tensor peak vs bf16 LoRA"] == 1
     assert rows["autoqra uniform 4-bit r8, bf16 model"]["tensor peak vs bf16 LoRA"] < 1
