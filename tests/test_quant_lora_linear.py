@@ -441,3 +441,30 @@ def test_deepcopy_keeps_the_layout_without_repacking(monkeypatch) -> None:
     assert twin.qweight.data_ptr() != layer.qweight.data_ptr() and twin.lora_A is not layer.lora_A
     twin.lora_A.data.zero_()
     assert layer.lora_A.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("dtype", "autocast"), [(torch.float32, False), (torch.bfloat16, False),
+                                                  (torch.float32, True)])
+def test_dense_base_keeps_its_fp16_weight_for_the_backward_not_a_cast_copy(dtype, autocast) -> None:
+    """A 16-bit layer's backward reads the held fp16 weight (cast again there), not a copy cast in the forward
+    (fp32: twice the layer's bytes kept per 16-bit layer until the backward); output and input gradient are
+    the plain ops'."""
+    torch.manual_seed(0)
+    layer = QuantLoRALinear.from_linear(nn.Linear(96, 64), 16, 0)
+    x = torch.randn(5, 96, dtype=dtype, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+    assert not [t for t in saved if t.shape == (64, 96) and t.dtype != torch.float16]
+    assert any(t.data_ptr() == layer.weight.data_ptr() for t in saved)
+    xr = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        reference = nn.functional.linear(xr, layer.weight.to(dtype))
+        reference = reference + layer.bias.to(reference.dtype)
+    assert y.dtype == reference.dtype
+    torch.testing.assert_close(y, reference, rtol=0, atol=0)
+    y.float().square().sum().backward()
+    reference.float().square().sum().backward()
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=0)

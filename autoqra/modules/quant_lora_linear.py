@@ -45,7 +45,8 @@ Choices made here:
   that eager mode would give the int4 kernel (a layout above, few rows: decoding), which keeps it as
   the opaque op :mod:`autoqra.quant.int4_op` (CUDA graphs can then replay a decoding step).
   Gradients reach the input on every path; the backward recomputes the dequantized rows chunk by
-  chunk instead of saving the weight.
+  chunk instead of saving the weight (a 16-bit base: its fp16 weight, cast again in the backward,
+  not a cast copy; under ``torch.compile`` the product is checkpointed to the same effect).
 * **Adapter product.** On an input of the adapters' dtype: ``addmm`` into the base output. On another dtype
   (a bf16 / fp16 model, fp32 adapters) or under autocast: ``_LoRAProduct``, in the adapters' dtype with the
   input saved as given (not an fp32 / autocast copy per layer) and cast again in the backward.
@@ -156,6 +157,30 @@ class _PackedLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         return ctx.layer._packed_mm_t(grad), None
+
+
+class _DenseProduct(torch.autograd.Function):
+    """``x @ W^T`` from a 16-bit layer's fp16 ``weight`` in ``dtype`` (the input's, or autocast's), saving the
+    fp16 buffer itself for the backward: the plain ``F.linear(x, weight.to(dtype))`` keeps the cast copy
+    alive until the backward (an fp32 model: twice the layer's bytes, per 16-bit layer). The input is not
+    saved (the base never trains); the backward casts the weight again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x.to(dtype), weight.to(dtype))
+        ctx.save_for_backward(weight)
+        ctx.input_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        with torch.autocast(grad.device.type, enabled=False):
+            return (grad @ weight.to(grad.dtype)).to(ctx.input_dtype), None, None
 
 
 class _LoRAProduct(torch.autograd.Function):
@@ -710,15 +735,19 @@ class QuantLoRALinear(nn.Module):
         return out
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits == DENSE_BITS:
-            return F.linear(x, self.weight.to(x.dtype))
         x2 = x.reshape(-1, self.in_features)
-        if _tracing() and not self._compiled_kernel(x2):
+        if _tracing() and (self.bits == DENSE_BITS or not self._compiled_kernel(x2)):
             if torch.is_grad_enabled() and x.requires_grad and not _exporting():
-                # torch.compile would save the dequantized weight for the backward (a float copy of the
-                # base per layer); checkpointed, the backward dequantizes again, as in eager mode
+                # torch.compile would save the dequantized (or cast) weight for the backward (a float copy
+                # of the base per layer); checkpointed, the backward dequantizes again, as in eager mode
                 return checkpoint(self._plain_product, x, use_reentrant=False)
             return self._plain_product(x)
+        if self.bits == DENSE_BITS:
+            device_type = x.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+            if dtype != self.weight.dtype and torch.is_grad_enabled() and x.requires_grad:
+                return _DenseProduct.apply(x, self.weight, dtype)
+            return F.linear(x, self.weight.to(x.dtype))
         device_type = x2.device.type
         if torch.is_autocast_enabled(device_type):  # the base product in autocast's dtype (bf16 / fp16)
             x2 = x2.to(torch.get_autocast_dtype(device_type))
@@ -729,7 +758,7 @@ class QuantLoRALinear(nn.Module):
         return y2.reshape(*x.shape[:-1], self.out_features)
 
     def _plain_product(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W_q^T`` in plain differentiable ops: the weight dequantized whole, then a float matmul."""
+        """``x @ W_q^T`` in plain differentiable ops: the weight dequantized (or cast) whole, then a float matmul."""
         return F.linear(x, self.dequantized_weight(x.dtype))
 
     def _compiled_kernel(self, x2: torch.Tensor) -> bool:
