@@ -497,14 +497,16 @@ def _restore(params: list[nn.Parameter], snapshot: list[torch.Tensor]) -> None:
 def _trim_after_blocks(model: nn.Module, enabled: bool) -> Iterator[None]:
     """While entered, return the heap's free pages after every block's forward (`trim_heap`; nothing
     under jemalloc): glibc otherwise keeps the forward's transient blocks between the activations it
-    holds for the backward. Blocks: `autoqra.recompute.find_blocks` of the compiled layers."""
+    holds for the backward. Blocks: `autoqra.recompute.find_blocks` of the compiled layers. Under
+    ``torch.compile`` the hook traces to nothing (a trim inside the graph would break it per block)."""
     if not enabled:
         yield
         return
     from autoqra.recompute import find_blocks
 
     def trim(*_: object) -> None:  # a forward hook that returns None leaves the output as it is
-        trim_heap()
+        if not torch.compiler.is_compiling():  # traced by torch.compile: no side effect in the graph
+            trim_heap()
 
     layers = [m for m in model.modules() if isinstance(m, QuantLoRALinear)]
     handles = [block.register_forward_hook(trim) for block in find_blocks(model, layers)]
