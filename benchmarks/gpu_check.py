@@ -379,7 +379,7 @@ def decode_speed(model: nn.Module, calib: torch.Tensor, device: torch.device, to
     (`_compile_options`; ``compile_s``: the first call, compilation included). ``same tokens`` compares a
     compiled row's tokens with its eager row's."""
     prompt = calib[:1, :64].to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype, dtype_label = (torch.bfloat16, "bf16") if device.type == "cuda" else (torch.float32, "fp32")
     options = _compile_options(device, quick)
 
     def torch_compiled(work: nn.Module) -> nn.Module:
@@ -387,8 +387,8 @@ def decode_speed(model: nn.Module, calib: torch.Tensor, device: torch.device, to
         return work
 
     builds: dict[str, tuple[Callable[[], nn.Module], bool]] = {
-        f"{dtype_name(dtype)} model": (lambda: copy.deepcopy(model).to(device, dtype), False),
-        f"{dtype_name(dtype)} model, torch.compile": (lambda: torch_compiled(copy.deepcopy(model).to(device, dtype)),
+        f"{dtype_label} model": (lambda: copy.deepcopy(model).to(device, dtype), False),
+        f"{dtype_label} model, torch.compile": (lambda: torch_compiled(copy.deepcopy(model).to(device, dtype)),
                                                       True),
         "autoqra uniform 4-bit r8": (lambda: _compiled(model, device), False),
         "autoqra uniform 4-bit r8, kernel_cache": (lambda: _compiled(model, device, kernel_cache=True), False),
@@ -419,10 +419,6 @@ def decode_speed(model: nn.Module, calib: torch.Tensor, device: torch.device, to
     for r in rows:
         r["vs model"] = r["seconds"] / base
     return rows
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
 # -- 5. DDP --------------------------------------------------------------------------------------

@@ -680,13 +680,9 @@ class QuantLoRALinear(nn.Module):
         pad = self.scale.shape[1] * self.group_size - self.in_features
         if pad:
             xb = F.pad(xb, (0, pad))
-        if torch.compiler.is_compiling():  # one opaque op for inductor (see autoqra.quant.int4_op)
-            y = int4_op.int4_mm(xb.contiguous(), packed, self.group_size, scale_offset)
-        elif self.layout == "int4_cuda":
-            y = int4_cuda.kernel_mm(xb.contiguous(), packed, self.group_size, scale_offset)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, self.group_size, scale_offset)
-        return y.to(x2.dtype)
+        # under torch.compile one opaque op for inductor; eager, the kernel itself (see autoqra.quant.int4_op)
+        mm = int4_op.int4_mm if torch.compiler.is_compiling() else int4_op.product
+        return mm(xb.contiguous(), packed, self.group_size, scale_offset).to(x2.dtype)
 
     def _row_chunks(self) -> range:
         rows = max(1, _CHUNK_ELEMENTS // (self.scale.shape[1] * self.group_size))

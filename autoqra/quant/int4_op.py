@@ -21,17 +21,22 @@ import torch
 
 from autoqra.quant import int4_cuda
 
-__all__ = ["int4_mm"]
+__all__ = ["int4_mm", "product"]
+
+
+def product(x: torch.Tensor, layout: torch.Tensor, group_size: int, scale_offset: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] (bf16) @ W^T`` from 4-bit codes held in torch's int4 kernel layout of the layout's
+    device (CPU: ``uint8 [N, K / 2]``; CUDA: ``int32 [N / 8, K / (16 t), 32, t / 2]``) with bf16
+    ``[groups, N, 2]`` (scale, offset) pairs; returns ``[M, N]`` in ``x``'s dtype. The eager call."""
+    if layout.device.type == "cuda":
+        return int4_cuda.kernel_mm(x, layout, group_size, scale_offset)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layout, group_size, scale_offset)
 
 
 @torch.library.custom_op("autoqra::int4_mm", mutates_args=())
 def int4_mm(x: torch.Tensor, layout: torch.Tensor, group_size: int, scale_offset: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] (bf16) @ W^T`` from 4-bit codes held in torch's int4 kernel layout of the layout's
-    device (CPU: ``uint8 [N, K / 2]``; CUDA: ``int32 [N / 8, K / (16 t), 32, t / 2]``) with bf16
-    ``[groups, N, 2]`` (scale, offset) pairs; returns ``[M, N]`` in ``x``'s dtype."""
-    if layout.device.type == "cuda":
-        return int4_cuda.kernel_mm(x, layout, group_size, scale_offset)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layout, group_size, scale_offset)
+    """:func:`product` as one opaque op (what a layer calls while ``torch.compile`` traces it)."""
+    return product(x, layout, group_size, scale_offset)
 
 
 @int4_mm.register_fake
